@@ -1,0 +1,269 @@
+"""The ``mmfusion`` command: a thin layer that parses configs and calls the library.
+
+Every training option is a field of :class:`mmfusion.train.RunConfig`; give it in a YAML file
+(``--config run.yaml``) or on the command line as ``--train.lr=1e-3`` / ``--model.vision.layers=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, format_help, from_dict, load_yaml, merge, parse_override
+
+log = logging.getLogger("mmfusion")
+
+EXAMPLES_TRAIN = """
+examples:
+  mmfusion train clip --out runs/clip --time 3m
+  mmfusion train clip --data my_photos/ --preset clip-tiny --epochs 10 --train.lr=5e-4
+  mmfusion train clip --config run.yaml --model.vision.layers=3 --train.loss=siglip
+  mmfusion train clip --out runs/clip --time 3m --resume      # continue an interrupted run
+
+every option (YAML keys have the same dotted names):
+"""
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """``--a.b=v`` and ``--a.b v`` from argparse's leftovers, as ``a.b=v``."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {tok!r}; config options look like --train.lr=1e-3 "
+                              f"(see --help for the list)")
+        if "=" in tok:
+            out.append(tok[2:])
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{tok[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"{tok} needs a value, like {tok}=VALUE")
+    return out
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    """Merge ``new`` into ``base``, nested mappings key by key."""
+    for k, v in new.items():
+        base[k] = _deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def build_run_config(args: argparse.Namespace, extra: list[str]):
+    """Defaults <- stored run (with --resume) <- YAML file <- named flags <- dotted overrides."""
+    from ..train import RunConfig
+    from ..train.checkpoint import latest_checkpoint, read_state
+
+    data: dict[str, Any] = {}
+    if args.resume and args.out:
+        ckpt = latest_checkpoint(Path(args.out) / "checkpoints")
+        if ckpt is not None:
+            data = read_state(ckpt)["run"]
+    if args.config:
+        data = _deep_update(data, load_yaml(args.config))
+    named = {"data": {"source": args.data} if args.data else {}, "preset": args.preset, "out": args.out}
+    length = {k: getattr(args, k) for k in ("steps", "epochs", "time") if getattr(args, k) is not None}
+    if length:  # one length replaces the others (a resumed run may be extended)
+        named["train"] = {"steps": None, "epochs": None, "time": None, **length}
+    data = _deep_update(data, {k: v for k, v in named.items() if v})
+    for text in _overrides(extra):
+        data = _deep_update(data, parse_override(text))
+    data["task"] = args.task
+    cfg = from_dict(RunConfig, data)
+    from ..models.registry import model_config
+
+    model_config(cfg.preset, cfg.model)  # fail now, not after loading data, on a bad model override
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..train import train
+
+    cfg = build_run_config(args, extra)
+    result = train(cfg, resume=args.resume)
+    print(f"trained {result.steps} steps ({result.samples:,} samples) in {result.elapsed_s:.0f}s")
+    print(f"model:   {result.out / 'model'}   (mmfusion.load('{result.out}'))")
+    print(f"metrics: {result.out / 'metrics.jsonl'}")
+    print(f"plot:    {result.out / 'plots' / 'training.png'}")
+    return 0
+
+
+def _eval_out(model_path: str, out: str | None) -> Path:
+    if out:
+        return Path(out)
+    p = Path(model_path)
+    return (p / "eval") if (p / "model").is_dir() else p.parent / f"{p.name}-eval"
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import mmfusion
+
+    from ..eval.report import evaluate_retrieval, evaluate_zeroshot, summary_lines, write_report
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {extra}; see mmfusion eval --help")
+    model = mmfusion.load(args.model)
+    out = _eval_out(args.model, args.out)
+    kinds = ["retrieval", "zeroshot"] if args.kind == "all" else [args.kind]
+    templates = None
+    if args.templates:
+        p = Path(args.templates)
+        templates = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else \
+            [t.strip() for t in args.templates.split("|") if t.strip()]
+    for kind in kinds:
+        if kind == "retrieval":
+            report = evaluate_retrieval(model, args.data, n=args.n, split=args.split, out=out,
+                                        progress=not args.quiet)
+        else:
+            report = evaluate_zeroshot(model, args.data, per_class=args.per_class, templates=templates, out=out,
+                                       progress=not args.quiet)
+        path = Path(args.json) if args.json and len(kinds) == 1 else \
+            (Path(args.json).with_name(f"{Path(args.json).stem}_{kind}.json") if args.json else out / f"{kind}.json")
+        write_report(report, path)
+        print("\n".join(summary_lines(report)))
+        print(f"  report: {path}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..data.export import export_shapes
+    from ..data.shapes import ShapesConfig, ShapesWorld
+
+    cfg = ShapesConfig()
+    for text in _overrides(extra):
+        override = parse_override(text)
+        if "shapes" not in override:
+            raise ConfigError(f"unknown option {text!r}; world options look like --shapes.seed=1")
+        cfg = merge(cfg, override["shapes"], prefix="shapes.")
+    counts = {"train": args.train, "val": args.val, "test": args.test, "heldout": args.heldout}
+    out = export_shapes(ShapesWorld(cfg), args.out, counts, args.zeroshot_per_class, progress=not args.quiet)
+    print(f"ShapesWorld written to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+          + (f", zeroshot {args.zeroshot_per_class} per class" if args.zeroshot_per_class else ""))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..models.registry import describe_models, model_config
+
+    for name, family, desc in describe_models():
+        _, cfg = model_config(name)
+        print(f"{name:12s} {family:6s} {desc}")
+        if args.verbose:
+            print("   ", asdict(cfg))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    """Generate ShapesWorld, train the tiny preset, evaluate, and say where everything is."""
+    import mmfusion
+
+    from ..data.export import export_shapes
+    from ..data.shapes import ShapesWorld
+    from ..eval.report import evaluate_retrieval, evaluate_zeroshot, summary_lines, write_report
+    from ..train import RunConfig, TrainConfig, train
+
+    out = Path(args.out)
+    data_dir, run_dir = out / "shapesworld", out / "clip"
+    print(f"[1/3] generating ShapesWorld in {data_dir}")
+    export_shapes(ShapesWorld(), data_dir, {"train": 2000, "test": 1000, "heldout": 500}, 20,
+                  progress=not args.quiet)
+    print(f"[2/3] training clip-tiny on the ShapesWorld stream for {args.time} (progress below)")
+    cfg = RunConfig(preset="clip-tiny", out=str(run_dir), train=TrainConfig(time=args.time, progress=not args.quiet))
+    train(cfg, resume=(run_dir / "checkpoints").is_dir())
+    print("[3/3] evaluating on the exported test split and zero-shot classes")
+    model = mmfusion.load(run_dir)
+    ev = run_dir / "eval"
+    for name, report in (("retrieval", evaluate_retrieval(model, str(data_dir), n=1000, out=ev, progress=False)),
+                         ("zeroshot", evaluate_zeroshot(model, str(data_dir), out=ev, progress=False))):
+        write_report(report, ev / f"{name}.json")
+        print("\n".join(summary_lines(report)))
+    print(f"\nreports: {ev}/retrieval.json, {ev}/zeroshot.json")
+    print(f"plots:   {run_dir}/plots/training.png, {ev}/similarity.png, {ev}/retrieval.png, "
+          f"{ev}/zeroshot_confusion.png")
+    print(f"model:   {run_dir}/model   (python: mmfusion.load('{run_dir}'))")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from ..train import RunConfig
+
+    p = argparse.ArgumentParser(prog="mmfusion", description="Align, fuse, search and answer across images, text, "
+                                "audio and video: train, measure and use multimodal models.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="generate datasets (ShapesWorld) on disk",
+                       description="Write ShapesWorld in the on-disk formats: images/ + captions.jsonl, scenes.jsonl "
+                                   "and qa.jsonl per split, and zero-shot class folders. World options: "
+                                   "--shapes.seed, --shapes.image_size, --shapes.heldout, ...")
+    d.add_argument("what", choices=["shapes"], help="which dataset")
+    d.add_argument("--out", required=True, help="destination folder")
+    d.add_argument("--train", type=int, default=20000, help="training scenes (default 20000)")
+    d.add_argument("--val", type=int, default=0, help="validation scenes (default 0)")
+    d.add_argument("--test", type=int, default=1000, help="test scenes (default 1000)")
+    d.add_argument("--heldout", type=int, default=1000, help="scenes with held-out shape-colour combinations")
+    d.add_argument("--zeroshot-per-class", type=int, default=50, help="zero-shot images per class (0: none)")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a model. Length: exactly one of --steps, --epochs, --time.",
+                       epilog=EXAMPLES_TRAIN + format_help(RunConfig()))
+    t.add_argument("task", choices=["clip"], help="what to train")
+    t.add_argument("--config", help="YAML file with any of the options below")
+    t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")
+    t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny")
+    t.add_argument("--out", help="output directory (default runs/clip)")
+    t.add_argument("--steps", type=int, help="optimiser steps")
+    t.add_argument("--epochs", type=float, help="passes over a folder dataset")
+    t.add_argument("--time", help="wall-clock budget: 90s, 3m, 1h")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="measure a model", description="Evaluate a checkpoint; prints the metrics and "
+                       "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).")
+    e.add_argument("kind", choices=["retrieval", "zeroshot", "all"], help="which evaluation")
+    e.add_argument("--model", required=True, help="checkpoint directory or training run directory")
+    e.add_argument("--data", default="shapes", help="'shapes' (in memory) or a folder (captions.jsonl for "
+                   "retrieval; class folders root/<class>/ for zero-shot)")
+    e.add_argument("--n", type=int, default=1000, help="retrieval: images to rank (0 = all in a folder)")
+    e.add_argument("--split", default="test", help="retrieval on ShapesWorld: test or heldout")
+    e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")
+    e.add_argument("--templates", help="zero-shot prompts: a file (one per line) or 'a photo of a {}.|a {}'")
+    e.add_argument("--json", help="where to write the JSON report")
+    e.add_argument("--out", help="folder for the report and plots")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("models", help="list model presets")
+    m.set_defaults(func=cmd_models)
+
+    demo = sub.add_parser("demo", help="generate data, train, evaluate: the whole loop in a few minutes")
+    demo.add_argument("--out", default="runs/demo", help="where everything goes")
+    demo.add_argument("--time", default="2m30s", help="training budget")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args, extra)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mmfusion: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

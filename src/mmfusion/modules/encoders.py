@@ -1,0 +1,108 @@
+"""Encoders: a Vision Transformer (Dosovitskiy et al., 2021) and CLIP's causal text transformer
+(Radford et al., 2021), each ``forward_features`` (tokens) + ``forward_head`` (pooled, projected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import field
+from .layers import Transformer
+
+
+@dataclass
+class VisionConfig:
+    """A ViT image tower."""
+
+    image_size: int = field(64, "side of the square input image")
+    patch_size: int = field(8, "side of the square patches; image_size must be a multiple")
+    width: int = field(128, "token width")
+    layers: int = field(4, "transformer blocks")
+    heads: int = field(4, "attention heads")
+    mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
+    pool: Literal["cls", "mean"] = field("cls", "pool the class token or the mean of patch tokens")
+
+
+@dataclass
+class TextConfig:
+    """A causal text transformer pooled at the end-of-text token."""
+
+    vocab_size: int = field(1024, "rows of the token embedding (at least the tokenizer's vocabulary)")
+    context_length: int = field(32, "tokens per text, <sot> and <eot> included")
+    width: int = field(128, "token width")
+    layers: int = field(2, "transformer blocks")
+    heads: int = field(4, "attention heads")
+    mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
+    eot_id: int = field(3, "id of the end-of-text token, whose features are pooled")
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        scale = cfg.width**-0.5
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
+        self.pos_embed = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        self.transformer.init_weights(cfg.width)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> tokens (B, 1 + N, W), class token first."""
+        x = self.patch_embed(images)  # (B, W, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, W)
+        return self.transformer(self.ln_pre(x))
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + N, W) -> embedding (B, D)."""
+        pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, W)
+        return self.ln_post(pooled) @ self.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.proj, std=cfg.width**-0.5)
+        self.transformer.init_weights(cfg.width)
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> features (B, L, W); position t sees only positions <= t."""
+        L = tokens.shape[1]
+        if self.cfg.context_length < L:
+            raise ValueError(f"{L} tokens exceed the context length {self.cfg.context_length}")
+        x = self.token_embed(tokens) + self.pos_embed[:L]  # (B, L, W)
+        return self.ln_final(self.transformer(x, causal=True))
+
+    def forward_head(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Features (B, L, W) pooled at each text's <eot> -> embedding (B, D)."""
+        eot = (tokens == self.cfg.eot_id).int().argmax(dim=-1)  # (B,) first <eot>
+        pooled = features[torch.arange(features.shape[0], device=features.device), eot]  # (B, W)
+        return pooled @ self.proj
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(tokens), tokens)

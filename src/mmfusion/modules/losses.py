@@ -1,0 +1,141 @@
+"""Contrastive losses as pure functions, and the small module that owns the learnable temperature.
+
+- :func:`clip_loss`: symmetric InfoNCE of CLIP (Radford et al., 2021).
+- :func:`siglip_loss`: the pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
+- :func:`triplet_loss`: hinge loss with the hardest in-batch negatives of VSE++ (Faghri et al., 2018).
+
+All take L2-normalised embeddings ``(B, D)`` where row ``i`` of each side is a matching pair, and an
+optional ``positives`` mask ``(B, B)`` marking other pairs that also match (such as two images in one
+batch whose captions are the same string). Unmarked off-diagonal pairs are negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ContrastiveOutput:
+    loss: torch.Tensor  # scalar
+    i2t_acc: torch.Tensor  # fraction of images whose best-scoring text is a positive
+    t2i_acc: torch.Tensor  # fraction of texts whose best-scoring image is a positive
+
+
+def positives_from_ids(ids: torch.Tensor) -> torch.Tensor:
+    """(B,) ids (equal id = same caption) -> (B, B) bool mask of matching pairs."""
+    return ids[:, None] == ids[None, :]
+
+
+def _check(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+    if image.ndim != 2 or text.ndim != 2 or image.shape != text.shape:
+        raise ValueError(f"expected two (B, D) embeddings of equal shape, got {tuple(image.shape)} and "
+                         f"{tuple(text.shape)}")
+    B = image.shape[0]
+    if positives is None:
+        return torch.eye(B, dtype=torch.bool, device=image.device)
+    if positives.shape != (B, B) or not bool(positives.diagonal().all()):
+        raise ValueError("positives must be a (B, B) bool mask whose diagonal is all True")
+    return positives
+
+
+def _accuracies(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        i2t = pos[rows, logits.argmax(dim=1)].float().mean()
+        t2i = pos[logits.argmax(dim=0), rows].float().mean()
+    return i2t, t2i
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
+              positives: torch.Tensor | None = None) -> ContrastiveOutput:
+    """Symmetric InfoNCE: cross-entropy over texts for each image and over images for each text.
+
+    With several positives in a row, the loss is ``-log`` of the total probability given to them
+    (a caption repeated in the batch is not pushed away from its own image).
+
+    Args:
+        image, text: (B, D) normalised embeddings; row i of each is a pair.
+        logit_scale: the inverse temperature (already exponentiated), scalar.
+        positives: optional (B, B) mask of matching pairs beyond the diagonal.
+    """
+    pos = _check(image, text, positives)
+    logits = logit_scale * image @ text.t()  # (B_img, B_txt)
+    if positives is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    else:
+        neg_inf = torch.finfo(logits.dtype).min
+        pos_logits = logits.masked_fill(~pos, neg_inf)
+        i2t = torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)  # (B,)
+        t2i = torch.logsumexp(logits, dim=0) - torch.logsumexp(pos_logits, dim=0)  # (B,)
+        loss = (i2t.mean() + t2i.mean()) / 2
+    return ContrastiveOutput(loss, *_accuracies(logits, pos))
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
+                logit_bias: torch.Tensor | float, positives: torch.Tensor | None = None) -> ContrastiveOutput:
+    """Sigmoid loss: every (image, text) pair is an independent binary match / no-match decision.
+
+    The sum over all B x B pairs is divided by B, as in the paper.
+    """
+    pos = _check(image, text, positives)
+    logits = logit_scale * image @ text.t() + logit_bias  # (B, B)
+    signs = pos.to(logits.dtype) * 2 - 1  # +1 for matches, -1 otherwise
+    loss = -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+    return ContrastiveOutput(loss, *_accuracies(logits, pos))
+
+
+def triplet_loss(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2, hardest: bool = True,
+                 positives: torch.Tensor | None = None) -> ContrastiveOutput:
+    """Hinge on cosine similarity: each positive must beat negatives by ``margin``, in both directions.
+
+    Args:
+        hardest: use only the hardest negative of each anchor (VSE++); otherwise the mean over negatives.
+    """
+    pos = _check(image, text, positives)
+    sim = image @ text.t()  # (B_img, B_txt)
+    diag = sim.diagonal()
+    cost_txt = (margin + sim - diag[:, None]).clamp(min=0).masked_fill(pos, 0)  # image anchors, text negatives
+    cost_img = (margin + sim - diag[None, :]).clamp(min=0).masked_fill(pos, 0)  # text anchors, image negatives
+    if hardest:
+        loss = (cost_txt.max(dim=1).values.mean() + cost_img.max(dim=0).values.mean()) / 2
+    else:
+        n_neg = (~pos).sum(dim=1).clamp(min=1)
+        loss = (cost_txt.sum(dim=1) / n_neg).mean() / 2 + (cost_img.sum(dim=0) / n_neg).mean() / 2
+    return ContrastiveOutput(loss, *_accuracies(sim, pos))
+
+
+class LogitScale(nn.Module):
+    """Owns the temperature (in log space, clamped) and, for SigLIP, the logit bias.
+
+    Args:
+        init: initial log of the logit scale, ln(1/0.07) for CLIP, ln(10) for SigLIP.
+        max_log: the clamp, ln(100), so the temperature never falls below 0.01.
+        learnable: a parameter if True, a fixed buffer if False.
+        init_bias: SigLIP's bias (-10); None for no bias.
+    """
+
+    def __init__(self, init: float = math.log(1 / 0.07), max_log: float = math.log(100), learnable: bool = True,
+                 init_bias: float | None = None):
+        super().__init__()
+        self.max_log = max_log
+        value = torch.tensor(float(init))
+        if learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
+
+    def forward(self) -> torch.Tensor:
+        """The logit scale exp(clamp(log_scale, max=max_log))."""
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the stored value inside the clamp, so the gradient never stops at the boundary for good."""
+        self.log_scale.clamp_(max=self.max_log)

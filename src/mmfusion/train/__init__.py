@@ -1,0 +1,50 @@
+"""Training: the loop, checkpoints, and one task adapter per model family."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, RunConfig, TrainConfig, parse_duration
+from .trainer import Trainer, TrainResult, pick_device, set_threads
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "TrainResult", "Trainer", "parse_duration", "train"]
+
+
+def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
+    """Train a model as ``cfg`` says; with ``resume``, continue from the newest checkpoint in ``cfg.out``.
+
+    Returns:
+        Where the run wrote its model, how many steps and samples it took, and the last metrics.
+    """
+    from ..data.tokenizer import Tokenizer
+    from .checkpoint import latest_checkpoint
+    from .clip_task import ClipTask
+
+    if cfg.task != "clip":
+        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip")
+    set_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"{out} already holds a run (checkpoint {ckpt.name}): add --resume to continue it, "
+                              f"or choose another --out")
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = None
+    if resume and ckpt is not None:
+        from ..models.registry import model_config
+
+        _, mcfg = model_config(cfg.preset, cfg.model)
+        tokenizer = Tokenizer.load(ckpt, mcfg.text.context_length)
+    elif resume:
+        log.warning("nothing to resume in %s: starting a new run", out)
+    task = ClipTask.build(cfg, device, tokenizer)
+    trainer = Trainer(cfg, task, out, device)
+    if resume:
+        trainer.resume()
+    return trainer.run()

@@ -1,0 +1,188 @@
+"""Training adapter for CLIP-style dual encoders.
+
+Gradient accumulation for a contrastive loss must keep every pair of the effective batch as a
+negative for every other. Averaging per-micro-batch losses would not (each micro-batch would only
+see its own negatives), so accumulation follows Gao et al., "Scaling Deep Contrastive Learning Batch
+Size under Memory Limited Setup" (GradCache, 2021): embed all micro-batches without a graph, compute
+the loss over the whole batch and its gradient with respect to the embeddings, then re-run each
+micro-batch with a graph and back-propagate those cached gradients. The result equals one big-batch
+step, using the memory of one micro-batch. RNG state is replayed so stochastic layers see the same
+draws in both passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import CaptionFolder, DataFormatError
+from ..data.images import normalize_batch
+from ..data.pairs import FolderPairs, PairSampler, PairSource, ShapesPairs, unique_ids
+from ..data.shapes import ShapesWorld
+from ..data.tokenizer import PAD_ID, Tokenizer
+from ..models.clip import CLIP
+from ..models.registry import build_model, model_config, save_model
+from ..modules.losses import ContrastiveOutput, clip_loss, positives_from_ids, siglip_loss, triplet_loss
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairBatch:
+    images: torch.Tensor  # (B, 3, S, S) normalised
+    tokens: torch.Tensor  # (B, L) token ids, L trimmed to the longest text
+    positives: torch.Tensor | None  # (B, B) bool, or None for diagonal-only
+
+
+def resolve_caption_folder(source: str) -> Path:
+    """The folder holding captions.jsonl for a data source path (itself, or its train/ split)."""
+    path = Path(source)
+    for candidate in (path, path / "train"):
+        if (candidate / "captions.jsonl").is_file():
+            return candidate
+    raise DataFormatError(f"no captions.jsonl in {path} or {path / 'train'}: point --data at a folder with "
+                          f"images/ and captions.jsonl, or use --data shapes")
+
+
+def build_pair_source(cfg: RunConfig, image_size: int) -> PairSource:
+    if cfg.data.source == "shapes":
+        return ShapesPairs(ShapesWorld(cfg.data.shapes), image_size)
+    folder = CaptionFolder(resolve_caption_folder(cfg.data.source), image_size, cfg.data.max_pixels)
+    log.info("training on %d images from %s (%d skipped)", len(folder), folder.root, len(folder.report.skipped))
+    return FolderPairs(folder, image_size)
+
+
+def trained_on(cfg: RunConfig) -> dict:
+    """What a checkpoint records of its data, so evaluation can rebuild the same world and split."""
+    if cfg.data.source == "shapes":
+        return {"source": "shapes", "shapes": asdict(cfg.data.shapes)}
+    return {"source": str(Path(cfg.data.source).resolve())}
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns; a causal model pooled at <eot> gives the same result."""
+    length = int((tokens != PAD_ID).sum(dim=1).max())
+    return tokens[:, : max(length, 1)]
+
+
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: CLIP,
+                     positives: torch.Tensor | None, margin: float = 0.2) -> ContrastiveOutput:
+    if kind == "clip":
+        return clip_loss(image, text, model.logit(), positives)
+    if kind == "siglip":
+        if model.logit.bias is None:
+            raise ValueError("the SigLIP loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
+        return siglip_loss(image, text, model.logit(), model.logit.bias, positives)
+    if kind == "triplet":
+        return triplet_loss(image, text, margin, hardest=True, positives=positives)
+    raise ValueError(f"unknown loss {kind!r}; choose clip, siglip or triplet")
+
+
+class ClipTask:
+    """Batches, loss and checkpoints of a CLIP run (see :class:`mmfusion.train.trainer.Trainer`)."""
+
+    name = "clip"
+
+    def __init__(self, cfg: RunConfig, model: CLIP, sampler: PairSampler, device: torch.device):
+        self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> ClipTask:
+        family, mcfg = model_config(cfg.preset, cfg.model)
+        if family != "clip":
+            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train clip` needs a clip preset")
+        if cfg.train.loss == "siglip" and mcfg.init_logit_bias is None:
+            # SigLIP's initialisation: t' = ln 10, b = -10, so early logits say "no match" to most pairs
+            mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0
+        source = build_pair_source(cfg, mcfg.vision.image_size)
+        if tokenizer is None:
+            corpus = source.caption_corpus(cfg.data.tokenizer_captions)
+            tokenizer = Tokenizer.train(corpus, mcfg.text.vocab_size, mcfg.text.context_length)
+            log.info("trained a BPE tokenizer of %d tokens on %d captions", tokenizer.vocab_size, len(corpus))
+        if tokenizer.vocab_size > mcfg.text.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+                             f"{mcfg.text.vocab_size}; raise model.text.vocab_size")
+        model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
+        model.meta = {"trained_on": trained_on(cfg)}
+        return cls(cfg, model, PairSampler(source, cfg.train.seed, cfg.data.augment), device)
+
+    def dataset_size(self) -> int:
+        return len(self.sampler.source)
+
+    def prepare(self, step: int) -> PairBatch:
+        """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
+        B = self.cfg.train.batch_size
+        images, captions = self.sampler.batch(step * B, B)
+        tokens = trim_padding(self.model.tokenizer.encode(captions))
+        positives = positives_from_ids(torch.from_numpy(unique_ids(captions))) if self.cfg.train.multi_positive \
+            else None
+        return PairBatch(normalize_batch(torch.from_numpy(images), self.model.cfg.image_mean,
+                                         self.model.cfg.image_std), tokens, positives)
+
+    def _loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> ContrastiveOutput:
+        return contrastive_loss(self.cfg.train.loss, image.float(), text.float(), self.model, positives,
+                                self.cfg.train.triplet_margin)
+
+    def train_step(self, batch: PairBatch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]
+                   ) -> dict[str, float]:
+        """Forward and backward of one optimiser step; gradients are left in the parameters."""
+        images, tokens = batch.images.to(self.device), batch.tokens.to(self.device)
+        positives = batch.positives.to(self.device) if batch.positives is not None else None
+        if accum <= 1:
+            with autocast():
+                out = self.model(images, tokens)
+            res = self._loss(out.image_embeds, out.text_embeds, positives)
+            res.loss.backward()
+        else:
+            res = self._grad_cache_step(images, tokens, positives, accum, autocast)
+        return {"loss": res.loss.item(), "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item()}
+
+    def _grad_cache_step(self, images: torch.Tensor, tokens: torch.Tensor, positives: torch.Tensor | None,
+                         accum: int, autocast: Callable[[], contextlib.AbstractContextManager]) -> ContrastiveOutput:
+        if images.shape[0] % accum:
+            raise ValueError(f"batch_size {images.shape[0]} must be divisible by accum_steps {accum}")
+        img_chunks, txt_chunks = images.chunk(accum), tokens.chunk(accum)
+        rng_states, img_parts, txt_parts = [], [], []
+        with torch.no_grad():  # pass 1: embeddings of the whole batch, no graph kept
+            for ci, ct in zip(img_chunks, txt_chunks):
+                rng_states.append(torch.get_rng_state())
+                with autocast():
+                    img_parts.append(self.model.encode_image(ci).float())
+                    txt_parts.append(self.model.encode_text(trim_padding(ct)).float())
+        end_state = torch.get_rng_state()
+        img = torch.cat(img_parts).requires_grad_()
+        txt = torch.cat(txt_parts).requires_grad_()
+        res = self._loss(img, txt, positives)
+        res.loss.backward()  # gradients w.r.t. the embeddings, and the logit scale's own gradient
+        offset = 0
+        for k, (ci, ct) in enumerate(zip(img_chunks, txt_chunks)):  # pass 2: replay each chunk with a graph
+            torch.set_rng_state(rng_states[k])
+            n = ci.shape[0]
+            with autocast():
+                zi = self.model.encode_image(ci).float()
+                zt = self.model.encode_text(trim_padding(ct)).float()
+            torch.autograd.backward([zi, zt], [img.grad[offset: offset + n], txt.grad[offset: offset + n]])
+            offset += n
+        torch.set_rng_state(end_state)
+        res.loss = res.loss.detach()
+        return res
+
+    def after_optimizer_step(self) -> None:
+        self.model.logit.clamp_()
+
+    @torch.no_grad()
+    def status(self) -> dict[str, float]:
+        scale = float(self.model.logit())
+        out = {"logit_scale": scale, "temperature": 1.0 / scale}
+        if self.model.logit.bias is not None:
+            out["logit_bias"] = float(self.model.logit.bias)
+        return out
+
+    def save_model(self, path: Path) -> Path:
+        return save_model(self.model, path)

@@ -1,0 +1,86 @@
+"""The configuration of a training run: what data, which model, how long, how to optimise.
+
+A run is described by :class:`RunConfig`; a YAML file and ``--a.b=value`` overrides fill it, and the
+resolved config is written beside the results as ``run.yaml``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..config import field
+from ..data.images import AugmentConfig
+from ..data.shapes import ShapesConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the training pairs come from."""
+
+    source: str = field("shapes", "'shapes' for the in-memory ShapesWorld stream, or a folder with captions.jsonl "
+                                  "(or with train/captions.jsonl, as `mmfusion data shapes` writes)")
+    shapes: ShapesConfig = field(factory=ShapesConfig, help="ShapesWorld generation (source: shapes)")
+    augment: AugmentConfig = field(factory=AugmentConfig, help="train-time augmentation")
+    tokenizer_captions: int = field(20000, "scenes (or images) whose captions train the BPE tokenizer")
+    max_pixels: int = field(100_000_000, "images over this many pixels are skipped before decoding")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to optimise."""
+
+    steps: int | None = field(None, "optimiser steps; or give epochs or time")
+    epochs: float | None = field(None, "passes over a folder dataset (not for the endless ShapesWorld stream)")
+    time: str | None = field(None, "wall-clock budget such as 90s, 3m or 1h; the schedule is fitted to it")
+    batch_size: int = field(256, "pairs per optimiser step (the contrastive batch: every other pair is a negative)")
+    accum_steps: int = field(1, "split each step into this many micro-batches (same result, less memory)")
+    loss: Literal["clip", "siglip", "triplet"] = field("clip", "symmetric InfoNCE, SigLIP sigmoid, or hardest-"
+                                                               "negative triplet loss")
+    multi_positive: bool = field(True, "pairs in a batch whose captions are the same string count as matches, "
+                                       "not negatives")
+    triplet_margin: float = field(0.2, "margin of the triplet loss")
+    lr: float = field(2e-3, "peak learning rate of AdamW")
+    min_lr_ratio: float = field(0.0, "final learning rate as a fraction of lr (cosine decay)")
+    warmup_steps: int = field(100, "linear warm-up steps (at most a tenth of the run)")
+    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices (not on gains, biases, temperature)")
+    betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
+    eps: float = field(1e-6, "AdamW epsilon")
+    grad_clip: float | None = field(1.0, "clip the global gradient norm to this; null to disable")
+    precision: Literal["fp32", "bf16"] = field("fp32", "bf16 autocast (a speed-up on GPUs and CPUs with AMX)")
+    device: str = field("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
+    threads: int | None = field(None, "torch CPU threads; default: all cores")
+    seed: int = field(0, "seed of initialisation and data order")
+    log_every: int = field(10, "write metrics every N steps")
+    save_every: int = field(500, "write a resumable checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = field(2, "resumable checkpoints kept; older ones are deleted")
+    progress: bool = field(True, "show a progress bar")
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    task: str = field("clip", "what is trained (clip)")
+    preset: str = field("clip-tiny", "model preset (mmfusion models lists them)")
+    model: dict[str, Any] = field(factory=dict, help="overrides of the preset's config, e.g. vision.layers")
+    data: DataConfig = field(factory=DataConfig, help="training data")
+    train: TrainConfig = field(factory=TrainConfig, help="optimisation")
+    out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)?", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s' -> 90.0; '3m' -> 180.0; '2m30s' -> 150.0; '1.5h' -> 5400.0 (seconds)."""
+    s = str(text).strip().replace(" ", "")
+    parts = list(_DURATION_PART.finditer(s))
+    if not s or not parts or "".join(m.group(0) for m in parts) != s:
+        raise ValueError(f"cannot read the duration {text!r}; write it like 90s, 3m, 2m30s or 1h")
+    units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    total = sum(float(m.group(1)) * units[(m.group(2) or "s").lower()] for m in parts)
+    if total <= 0:
+        raise ValueError(f"the duration {text!r} must be longer than zero")
+    return total

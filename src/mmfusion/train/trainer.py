@@ -1,0 +1,290 @@
+"""The training loop shared by every task: AdamW with linear warm-up and cosine decay, gradient
+clipping, optional bf16 autocast, accumulation, a progress bar, a metrics log, atomic resumable
+checkpoints and a wall-clock budget.
+
+A task adapter (such as :class:`~mmfusion.train.clip_task.ClipTask`) owns the model, makes the batch of
+a given step (a pure function of the step, so resuming is exact) and runs forward and backward. The
+trainer owns everything else.
+
+Output directory::
+
+    run.yaml            the resolved run config
+    metrics.jsonl       one line per logged step
+    checkpoints/        resumable checkpoints (step-NNNNNN/)
+    model/              the final model, loadable with mmfusion.load(OUT)
+    plots/training.png  loss, accuracy, learning rate and temperature curves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..utils.io import atomic_write_text
+from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .config import RunConfig, parse_duration
+
+log = logging.getLogger(__name__)
+CALIBRATION_STEPS = 8  # steps timed (after two warm-up steps) to fit a time budget
+
+
+class Task(Protocol):
+    name: str
+    model: torch.nn.Module
+
+    def dataset_size(self) -> int: ...  # 0 for an endless stream
+
+    def prepare(self, step: int) -> Any: ...
+
+    def train_step(self, batch: Any, accum: int, autocast: Any) -> dict[str, float]: ...
+
+    def after_optimizer_step(self) -> None: ...
+
+    def status(self) -> dict[str, float]: ...
+
+    def save_model(self, path: Path) -> Path: ...
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    samples: int
+    elapsed_s: float
+    last: dict[str, float]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but no CUDA GPU is available; use --train.device=cpu")
+    return dev
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: gains, biases and the temperature are left alone (as in CLIP)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int | None, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base``, then cosine decay to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if total is None or total <= warmup:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    """Runs a task to completion, resuming from the newest checkpoint in ``out`` when asked.
+
+    Args:
+        cfg: the run config (its ``train`` part is used here).
+        task: the task adapter, already holding its model on the right device.
+        out: output directory.
+        resume_state: trainer state of the checkpoint being resumed (None for a fresh run).
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, out: Path, device: torch.device):
+        self.cfg, self.task, self.out, self.device = cfg, task, Path(out), device
+        t = cfg.train
+        if sum(x is not None for x in (t.steps, t.epochs, t.time)) != 1:
+            raise ValueError("say how long to train with exactly one of --steps, --epochs or --time")
+        if t.epochs is not None and task.dataset_size() == 0:
+            raise ValueError("the ShapesWorld stream has no epochs (it never repeats): use --steps or --time")
+        if t.batch_size % max(1, t.accum_steps):
+            raise ValueError(f"batch_size {t.batch_size} must be divisible by accum_steps {t.accum_steps}")
+        self.budget_s = parse_duration(t.time) if t.time is not None else None
+        self.opt = torch.optim.AdamW(param_groups(task.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                     eps=t.eps, fused=device.type == "cuda" or None)
+        self.step, self.elapsed_before = 0, 0.0
+        self.total: int | None = self._planned_steps()
+
+    def _planned_steps(self) -> int | None:
+        t = self.cfg.train
+        if t.steps is not None:
+            return t.steps
+        if t.epochs is not None:
+            return max(1, math.ceil(t.epochs * self.task.dataset_size() / t.batch_size))
+        return None  # fitted to the time budget after calibration
+
+    def warmup(self) -> int:
+        w = self.cfg.train.warmup_steps
+        return max(1, min(w, self.total // 10)) if self.total else w
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint in ``out/checkpoints``; False when there is none."""
+        ckpt = latest_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            return False
+        state = restore_checkpoint(ckpt, self.task.model, self.opt)
+        self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+        if self.total is None or self.budget_s is not None:
+            self.total = state.get("total_steps") or self.total
+        self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total, "elapsed_s": self._elapsed(),
+                "samples": self.step * self.cfg.train.batch_size, "task": self.task.name, "run": asdict(self.cfg)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.task.model, self.opt, self._state(),
+                               self.cfg.train.keep_checkpoints)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def _calibrate(self, step_times: list[float]) -> None:
+        """Fit the schedule length to the time budget from the measured step time."""
+        per_step = sorted(step_times)[len(step_times) // 2]
+        remaining = self.budget_s - self._elapsed() - 3.0  # keep a few seconds for the final save
+        self.total = max(self.step + 1, self.step + int(remaining / per_step))
+        log.info("time budget %.0fs: %.3fs per step -> %d steps", self.budget_s, per_step, self.total)
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "run.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+        self._t0 = time.perf_counter()
+        metrics_file = open(self.out / "metrics.jsonl", "a")
+        bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.task.name}", unit="step",
+                   disable=not t.progress, dynamic_ncols=True)
+        step_times: list[float] = []
+        last: dict[str, float] = {}
+        interrupted = False
+        pool = ThreadPoolExecutor(1, thread_name_prefix="batch")
+        previous_handler = _install_sigterm()
+        try:
+            pending = pool.submit(self.task.prepare, self.step)
+            while self.total is None or self.step < self.total:
+                tic = time.perf_counter()
+                batch = pending.result()
+                pending = pool.submit(self.task.prepare, self.step + 1)
+                last = self._one_step(batch)
+                self.step += 1
+                step_times.append(time.perf_counter() - tic)
+                if self.budget_s is not None and self.total is None and len(step_times) == CALIBRATION_STEPS + 2:
+                    self._calibrate(step_times[2:])
+                    bar.total = self.total
+                    bar.refresh()
+                last.update(samples_per_s=t.batch_size / step_times[-1])
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['i2t_acc']:.2f}", lr=f"{last['lr']:.1e}",
+                                T=f"{last['temperature']:.4f}", refresh=False)
+                if self.step % t.log_every == 0 or self.step == self.total:
+                    self._log(metrics_file, last)
+                if self.step % t.save_every == 0 and self.step != self.total:
+                    self.save()
+                if self.budget_s is not None and self._elapsed() > self.budget_s:
+                    self.total = self.step  # the budget is spent: end here, whatever the estimate said
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            metrics_file.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            _restore_sigterm(previous_handler)
+        if self.step > 0:
+            ckpt = self.save()
+        if interrupted:
+            raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint {ckpt if self.step else 'none'}. "
+                                    f"Continue with the same command and --resume")
+        self.task.save_model(self.out / "model")
+        self._plot()
+        return TrainResult(self.out, self.step, self.step * t.batch_size, self._elapsed(), last)
+
+    def _one_step(self, batch: Any) -> dict[str, float]:
+        t = self.cfg.train
+        lr = lr_at(self.step, self.total, t.lr, self.warmup(), t.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        metrics = self.task.train_step(batch, t.accum_steps, self.autocast)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower --train.lr "
+                                     f"(now {t.lr}) or keep --train.grad_clip on, and --resume from the last "
+                                     f"checkpoint")
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if t.grad_clip is not None:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+        self.opt.step()
+        self.task.after_optimizer_step()
+        return {**metrics, "lr": lr, **self.task.status()}
+
+    def _log(self, f: Any, metrics: dict[str, float]) -> None:
+        row = {"step": self.step, "samples": self.step * self.cfg.train.batch_size,
+               "elapsed_s": round(self._elapsed(), 3), **{k: _round(v) for k, v in metrics.items()}}
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+    def _plot(self) -> None:
+        try:
+            from ..eval.plots import plot_training_curves
+
+            plot_training_curves(self.out / "metrics.jsonl", self.out / "plots" / "training.png")
+        except Exception as e:  # a plot must never cost the user a finished run
+            log.warning("could not draw the training curves: %s", e)
+
+
+def _round(v: Any) -> Any:
+    return float(f"{v:.6g}") if isinstance(v, float) else v
+
+
+def _install_sigterm() -> Any:
+    """Treat SIGTERM like Ctrl-C, so a stopped job still writes its checkpoint."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm(handler: Any) -> None:
+    with contextlib.suppress(ValueError, TypeError):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    elif os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(os.cpu_count() or 1)
