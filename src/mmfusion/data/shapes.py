@@ -44,6 +44,9 @@ DEFAULT_HELDOUT: tuple[str, ...] = (
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 SPATIAL_WORDS = ("left", "right")  # words a horizontal flip would contradict
+# How often a caption names an object by shape alone or by colour alone: shape-only mentions cannot be
+# matched by colour, which is what makes a model learn shape instead of stopping at colour.
+P_SHAPE_ONLY, P_COLOUR_ONLY = 0.10, 0.08
 RELATION_MARGIN = 0.15  # centres must differ by this much (fraction of the side) for a caption to state a relation
 
 
@@ -266,11 +269,11 @@ PREFIXES = ["", "", "", "a picture of ", "an image of ", "a drawing of ", "there
 
 def _ref(o: Obj, rng: np.random.Generator, full: bool = False) -> dict:
     """Which attributes a caption mentions for this object (mostly colour and shape, sometimes fewer)."""
-    r = 0.0 if full else rng.random()
+    r = 1.0 if full else rng.random()
     ref = {"shape": o.shape, "colour": o.colour, "size": o.size if rng.random() < 0.35 else None}
-    if r > 0.9:
+    if r < P_SHAPE_ONLY:
         ref["colour"] = None
-    elif r > 0.82:
+    elif r < P_SHAPE_ONLY + P_COLOUR_ONLY:
         ref["shape"] = None
     return ref
 

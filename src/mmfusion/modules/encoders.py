@@ -26,6 +26,8 @@ class VisionConfig:
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
     pool: Literal["cls", "mean"] = field("cls", "pool the class token or the mean of patch tokens")
+    stem: Literal["patch", "conv"] = field("patch", "patchify with one strided conv, or a stack of stride-2 3x3 "
+                                                    "convs (Xiao et al., 2021); patch_size must be a power of 2")
 
 
 @dataclass
@@ -42,6 +44,21 @@ class TextConfig:
     eot_id: int = field(3, "id of the end-of-text token, whose features are pooled")
 
 
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """log2(patch) stride-2 3x3 convs (channels doubling up to width/2), then a 1x1 conv to the width."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch_size, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for k in range(n):
+        c_out = max(16, width // 2 ** (n - k))
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, width, 1))
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
@@ -50,7 +67,8 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         scale = cfg.width**-0.5
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = conv_stem(cfg.patch_size, cfg.width) if cfg.stem == "conv" else \
+            nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
         self.pos_embed = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)

@@ -89,6 +89,16 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_partial(directory: Path) -> int:
+    """Delete temporary directories left by a checkpoint write that was killed; returns how many."""
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(".step-")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None

@@ -43,7 +43,7 @@ class TrainConfig:
     triplet_margin: float = field(0.2, "margin of the triplet loss")
     lr: float = field(2e-3, "peak learning rate of AdamW")
     min_lr_ratio: float = field(0.0, "final learning rate as a fraction of lr (cosine decay)")
-    warmup_steps: int = field(100, "linear warm-up steps (at most a tenth of the run)")
+    warmup_steps: int = field(100, "linear warm-up steps (at most a tenth of a run given in steps or epochs)")
     weight_decay: float = field(0.1, "AdamW weight decay on weight matrices (not on gains, biases, temperature)")
     betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
     eps: float = field(1e-6, "AdamW epsilon")

@@ -129,8 +129,10 @@ class Trainer:
         return None  # fitted to the time budget after calibration
 
     def warmup(self) -> int:
+        """Warm-up steps: at most a tenth of a run of known length. A time budget keeps the configured
+        value, since its length is only known after calibration and a shorter warm-up then would jump."""
         w = self.cfg.train.warmup_steps
-        return max(1, min(w, self.total // 10)) if self.total else w
+        return max(1, min(w, self.total // 10)) if self.total and self.budget_s is None else max(1, w)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.train.precision == "bf16":
@@ -141,6 +143,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest checkpoint in ``out/checkpoints``; False when there is none."""
+        remove_partial(self.out / "checkpoints")
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
@@ -161,10 +164,18 @@ class Trainer:
                                self.cfg.train.keep_checkpoints)
 
     def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past the checkpoint (and a line cut short by a kill) before continuing."""
         path = self.out / "metrics.jsonl"
-        if path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     # -- the loop --------------------------------------------------------------------------------
 

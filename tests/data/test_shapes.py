@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+
+from mmfusion.data.shapes import (
+    COLOURS, SHAPES, Obj, Scene, ShapesConfig, ShapesWorld, make_questions, satisfies,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld()
+
+
+def test_world_has_enough_shapes_colours_and_sizes(world):
+    assert len(SHAPES) >= 6 and len(COLOURS) >= 8
+    assert len(world.combos("all")) == len(SHAPES) * len(COLOURS)
+    assert set(world.combos("seen")).isdisjoint(world.combos("heldout"))
+
+
+def test_scenes_are_deterministic_per_seed_and_split(world):
+    assert world.scene("train", 5) == ShapesWorld().scene("train", 5)
+    assert world.scene("train", 5) != world.scene("test", 5)
+    assert world.scene("train", 5) != ShapesWorld(ShapesConfig(seed=1)).scene("train", 5)
+    a, b = world.sample("train", 3), ShapesWorld().sample("train", 3)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert [c.text for c in a.captions] == [c.text for c in b.captions]
+
+
+def test_heldout_combinations_never_in_training_and_always_in_heldout(world):
+    held = set(world.cfg.heldout)
+    for i in range(500):
+        assert not any(o.name in held for o in world.scene("train", i).objects)
+        assert any(o.name in held for o in world.scene("heldout", i).objects)
+
+
+def test_objects_inside_the_frame_and_not_overlapping(world):
+    counts = set()
+    for i in range(500):
+        objs = world.scene("train", i).objects
+        counts.add(len(objs))
+        for o in objs:
+            assert o.radius <= o.x <= 1 - o.radius and o.radius <= o.y <= 1 - o.radius
+        for a in objs:
+            for b in objs:
+                if a is not b:
+                    assert np.hypot(a.x - b.x, a.y - b.y) > a.radius + b.radius
+    assert counts == {1, 2, 3}
+
+
+def test_every_caption_is_true_of_its_scene_and_mentions_attributes(world):
+    for i in range(300):
+        s = world.sample("test", i)
+        assert len(s.captions) >= 3
+        for c in s.captions:
+            assert satisfies(s.scene, c.meaning), (c.text, s.scene)
+        assert all(o.colour in s.captions[0].text and o.shape in s.captions[0].text for o in s.scene.objects)
+
+
+def test_captions_use_spatial_relations(world):
+    texts = [c.text for i in range(300) for c in world.captions(world.scene("train", i))]
+    for word in ("left", "right", "above", "below"):
+        assert any(word in t for t in texts), word
+
+
+def _scene(*objs):
+    return Scene(tuple(Obj(*o) for o in objs), 40)
+
+
+def test_satisfies_hand_checked():
+    s = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "large", 0.8, 0.5))
+    red_left_of_blue = {"objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
+                        "relations": [[0, "left_of", 1]], "count": None}
+    assert satisfies(s, red_left_of_blue)
+    red_left_of_blue["relations"] = [[0, "right_of", 1]]
+    assert not satisfies(s, red_left_of_blue)
+    assert satisfies(s, {"objects": [{"shape": "circle", "colour": None}], "relations": [], "count": 2})
+    assert not satisfies(s, {"objects": [{"shape": "circle"}], "relations": [], "count": 1})
+    assert not satisfies(s, {"objects": [{"shape": "circle", "colour": "blue"}], "relations": [], "count": None})
+    # one object cannot stand for two references
+    assert not satisfies(s, {"objects": [{"shape": "circle"}, {"shape": "circle"}], "relations": [], "count": None})
+    assert satisfies(s, {"objects": [{"shape": "circle", "region": "left"}], "relations": [], "count": None})
+    assert not satisfies(s, {"objects": [{"shape": "circle", "region": "right"}], "relations": [], "count": None})
+
+
+def test_questions_have_the_right_answers():
+    s = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "large", 0.8, 0.5))
+    qas = make_questions(s, np.random.default_rng(0))
+    by_q = {q.question: q.answer for q in qas}
+    assert {q.type for q in qas} >= {"size", "count", "exist", "relation"}
+    if "what colour is the circle?" in by_q:
+        assert by_q["what colour is the circle?"] == "red"
+    if "what shape is the blue object?" in by_q:
+        assert by_q["what shape is the blue object?"] == "square"
+    relation = [q for q in qas if q.type == "relation"]
+    for q in relation:
+        assert (q.question, q.answer) in {("what is to the left of the square?", "red circle"),
+                                          ("what is to the right of the circle?", "blue square")}
+    for q in qas:
+        if q.question == "how many objects are there?":
+            assert q.answer == "2"
+
+
+def test_question_types_cover_the_issue(world):
+    types = {q.type for i in range(200) for q in world.questions(world.scene("train", i))}
+    assert types == {"colour", "shape", "count", "exist", "relation", "size"}
+
+
+def test_render_size_and_colours(world):
+    s = _scene(("square", "red", "large", 0.5, 0.5))
+    img = np.asarray(world.render(s, 64))
+    assert img.shape == (64, 64, 3)
+    assert tuple(img[32, 32]) == COLOURS["red"]
+    assert tuple(img[1, 1]) == (40, 40, 40)
+    assert world.render(s, 32).size == (32, 32)
+
+
+def test_classification_set_is_single_objects_of_the_class(world):
+    items = world.classification_set("heldout", 3)
+    assert len(items) == 3 * len(world.cfg.heldout)
+    for scene, label in items:
+        assert len(scene.objects) == 1 and scene.objects[0].name == label
+
+
+def test_bad_config_is_explained():
+    with pytest.raises(ValueError, match="colour shape"):
+        ShapesWorld(ShapesConfig(heldout=("triangle red",)))
+    with pytest.raises(ValueError, match="unknown split"):
+        ShapesWorld().scene("training", 0)

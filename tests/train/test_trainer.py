@@ -1,0 +1,132 @@
+"""The training loop: schedule, gradient accumulation, checkpoints, exact resume."""
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+
+import mmfusion
+from mmfusion.train import train
+from mmfusion.train.checkpoint import list_checkpoints
+from mmfusion.train.clip_task import ClipTask
+from mmfusion.train.config import parse_duration
+from mmfusion.train.trainer import Trainer, lr_at
+from tests.utils import tiny_run
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 100, 1.0, 10, 0.0) == pytest.approx(0.5)
+
+
+def test_durations():
+    assert parse_duration("90") == 90 and parse_duration("3m") == 180 and parse_duration("2m30s") == 150
+    assert parse_duration("1.5h") == 5400
+    for bad in ("soon", "3 minutes", "", "0s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def _grads(cfg, accum, loss):
+    torch.manual_seed(0)
+    cfg.train.loss = loss
+    task = ClipTask.build(cfg, torch.device("cpu"))
+    batch = task.prepare(0)
+    task.model.zero_grad()
+    metrics = task.train_step(batch, accum, contextlib.nullcontext)
+    return metrics, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip", "triplet"])
+def test_accumulated_step_equals_one_big_batch(tmp_path, loss):
+    cfg = tiny_run(tmp_path, batch_size=16)
+    big_metrics, big = _grads(cfg, 1, loss)
+    acc_metrics, acc = _grads(cfg, 4, loss)
+    assert big_metrics["loss"] == pytest.approx(acc_metrics["loss"], rel=1e-5)
+    assert big.keys() == acc.keys() and len(big) > 10
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-6, rtol=1e-4), name
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, monkeypatch):
+    straight = train(tiny_run(tmp_path / "a", steps=8, save_every=3))
+    assert straight.steps == 8
+    # interrupt the second run during step 6: the checkpoint of step 5 (and 3) remain
+    original = ClipTask.train_step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ClipTask, "train_step", flaky)
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        train(tiny_run(tmp_path / "b", steps=8, save_every=3))
+    monkeypatch.setattr(ClipTask, "train_step", original)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000003", "step-000005"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_run(tmp_path / "b", steps=8, save_every=3))
+    resumed = train(tiny_run(tmp_path / "b", steps=8, save_every=3), resume=True)
+    assert resumed.steps == 8
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    a, b = mmfusion.load(tmp_path / "a"), mmfusion.load(tmp_path / "b")
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), na
+
+
+def test_run_outputs_and_checkpoint_pruning(tmp_path):
+    res = train(tiny_run(tmp_path, steps=7, save_every=2, keep_checkpoints=2))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006", "step-000007"]
+    for f in ("run.yaml", "metrics.jsonl", "plots/training.png", "model/model.safetensors", "model/tokenizer.json"):
+        assert (tmp_path / f).is_file(), f
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert {"loss", "lr", "temperature", "i2t_acc", "t2i_acc", "grad_norm", "samples_per_s"} <= rows[0].keys()
+    assert res.samples == 7 * 8
+    meta = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert meta["trained_on"]["source"] == "shapes" and "heldout" in meta["trained_on"]["shapes"]
+    model = mmfusion.load(tmp_path)
+    assert model.logit().item() <= 100.0 + 1e-4
+
+
+def test_time_budget_fits_the_schedule(tmp_path):
+    res = train(tiny_run(tmp_path, steps=None, time="4s", save_every=1000, log_every=5))
+    assert res.steps >= 12  # calibration takes 10
+    assert res.elapsed_s < 8
+    state = json.loads((tmp_path / "checkpoints" / f"step-{res.steps:06d}" / "trainer_state.json").read_text())
+    assert state["total_steps"] == res.steps
+
+
+def test_training_learns_on_shapesworld(tmp_path):
+    res = train(tiny_run(tmp_path, steps=60, batch_size=32, lr=3e-3, save_every=1000, log_every=10))
+    losses = _losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert res.last["loss"] < math.log(32)
+
+
+def test_length_must_be_given_once_and_epochs_need_a_finite_dataset(tmp_path):
+    cfg = tiny_run(tmp_path, steps=None)
+    task = ClipTask.build(cfg, torch.device("cpu"))
+    with pytest.raises(ValueError, match="exactly one"):
+        Trainer(cfg, task, tmp_path, torch.device("cpu"))
+    cfg.train.epochs = 1.0
+    with pytest.raises(ValueError, match="no epochs"):
+        Trainer(cfg, task, tmp_path, torch.device("cpu"))
+
+
+def test_diverging_loss_is_stopped_with_advice(tmp_path, monkeypatch):
+    monkeypatch.setattr(ClipTask, "train_step", lambda self, *a, **k: {"loss": float("nan"), "i2t_acc": 0.0,
+                                                                        "t2i_acc": 0.0})
+    with pytest.raises(FloatingPointError, match="lower --train.lr"):
+        train(tiny_run(tmp_path))
