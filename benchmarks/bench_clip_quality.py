@@ -42,7 +42,8 @@ def one_run(out: Path, budget: str, seed: int, source: str, overrides: list[str]
     model = mmfusion.load(out)
     r = evaluate_retrieval(model, "shapes", n=1000, out=out / "eval", progress=False)
     z = evaluate_zeroshot(model, "shapes", per_class=50, out=out / "eval", progress=False)
-    m = {**r["metrics"], "zs_seen_top1": z["groups"]["seen"]["top1"], "zs_heldout_top1": z["groups"]["heldout"]["top1"],
+    g = z["groups"]
+    m = {**r["metrics"], "zs_seen_top1": g["seen"]["top1"], "zs_heldout_top1": g["heldout"]["top1"],
          "zs_seen_top5": z["groups"]["seen"]["top5"], "zs_heldout_top5": z["groups"]["heldout"]["top5"],
          "zs_seen_shape_acc": z["groups"]["seen"]["shape_acc"], "captions_unique": r["captions_unique_fraction"]}
     return {"seed": seed, "source": source, "steps": res.steps, "samples": res.samples,
@@ -51,8 +52,8 @@ def one_run(out: Path, budget: str, seed: int, source: str, overrides: list[str]
 
 def show(run: dict) -> str:
     m = run["metrics"]
-    return (f"seed {run['seed']} {Path(run['source']).name:12s} {run['steps']:4d} steps {run['samples_per_s']:5.0f}/s | "
-            + " ".join(f"{k} {m[k]:.3f}" for k in KEYS))
+    head = f"seed {run['seed']} {Path(run['source']).name:12s} {run['steps']:4d} steps {run['samples_per_s']:5.0f}/s"
+    return (head + " | " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS))
 
 
 def main() -> None:

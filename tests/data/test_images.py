@@ -4,7 +4,13 @@ import torch
 from PIL import Image
 
 from mmfusion.data.images import (
-    AugmentConfig, ImageDecodeError, ImageTransform, augment, caption_allows_hflip, load_image, normalize_batch,
+    AugmentConfig,
+    ImageDecodeError,
+    ImageTransform,
+    augment,
+    caption_allows_hflip,
+    load_image,
+    normalize_batch,
     resize_center_crop,
 )
 from tests.utils import write_png, write_truncated_png

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from mmfusion.data.shapes import (
-    COLOURS, SHAPES, Obj, Scene, ShapesConfig, ShapesWorld, make_questions, satisfies,
+    COLOURS,
+    SHAPES,
+    Obj,
+    Scene,
+    ShapesConfig,
+    ShapesWorld,
+    make_questions,
+    satisfies,
 )
 
 

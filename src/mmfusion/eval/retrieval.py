@@ -30,7 +30,8 @@ def embed_images(embedder: Embedder, images: np.ndarray | Sequence[Image.Image],
                  progress: bool = False) -> torch.Tensor:
     """(N, D) normalised embeddings of uint8 arrays (N, H, W, 3) or PIL images, in batches."""
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="embedding images", disable=not progress or len(images) < 20 * batch_size, leave=False):
+    quiet = not progress or len(images) < 20 * batch_size
+    for i in tqdm(range(0, len(images), batch_size), desc="embedding images", disable=quiet, leave=False):
         chunk = images[i: i + batch_size]
         pil = [Image.fromarray(a) if isinstance(a, np.ndarray) else a for a in chunk]
         out.append(embedder.encode_image(pil).float().cpu())

@@ -34,7 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..utils.io import atomic_write_text
-from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, remove_partial, restore_checkpoint, save_checkpoint
 from .config import RunConfig, parse_duration
 
 log = logging.getLogger(__name__)
