@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 
-from mmfusion.data.pairs import PairSampler, ShapesPairs, unique_ids
-from mmfusion.data.shapes import ShapesWorld
+from mmfusion.data.pairs import Pair, PairSampler, ShapesPairs, matches, unique_ids
+from mmfusion.data.shapes import Obj, Scene, ShapesWorld
 
 
 class _Finite:
@@ -12,7 +13,7 @@ class _Finite:
         return self.n
 
     def pair(self, index, rng):
-        return np.full((2, 2, 3), index, np.uint8), f"caption {index} {rng.integers(1000)}"
+        return Pair(np.full((2, 2, 3), index, np.uint8), f"caption {index} {rng.integers(1000)}")
 
 
 def test_each_epoch_is_a_permutation_and_positions_are_pure():
@@ -21,17 +22,63 @@ def test_each_epoch_is_a_permutation_and_positions_are_pure():
     epoch1 = [s.index(p)[1] for p in range(10, 20)]
     assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
     again = PairSampler(_Finite(10), seed=3)
-    assert [again.sample(p)[1] for p in (17, 2, 17)] == [s.sample(17)[1], s.sample(2)[1], s.sample(17)[1]]
+    assert [again.sample(p).caption for p in (17, 2, 17)] == [s.sample(17).caption, s.sample(2).caption,
+                                                             s.sample(17).caption]
 
 
 def test_stream_position_is_scene_index():
     world = ShapesWorld()
     s = PairSampler(ShapesPairs(world, 32), seed=0)
-    img, caption = s.sample(42)
-    assert img.shape == (32, 32, 3)
-    assert caption in [c.text for c in world.captions(world.scene("train", 42))]
-    images, captions = s.batch(40, 4)
-    assert images.shape == (4, 32, 32, 3) and captions[2] == caption
+    p = s.sample(42)
+    assert p.image.shape == (32, 32, 3) and p.scene == world.scene("train", 42)
+    assert p.caption in [c.text for c in world.captions(p.scene)]
+    batch = s.batch(40, 4)
+    assert len(batch) == 4 and batch[2].caption == p.caption
+
+
+def _pair(caption, objs, meaning_objs, count=None):
+    scene = Scene(tuple(Obj(*o) for o in objs), 40)
+    meaning = {"objects": [dict(zip(("shape", "colour"), m)) for m in meaning_objs], "relations": [], "count": count}
+    return Pair(np.zeros((2, 2, 3), np.uint8), caption, scene, meaning)
+
+
+def test_positive_modes():
+    red_small = _pair("a red circle", [("circle", "red", "small", .5, .5)], [("circle", "red")])
+    red_large = _pair("a picture of a red circle", [("circle", "red", "large", .5, .5)], [("circle", "red")])
+    red_and_blue = _pair("a red circle and a blue star", [("circle", "red", "small", .2, .5),
+                                                          ("star", "blue", "small", .8, .5)],
+                         [("circle", "red"), ("star", "blue")])
+    same_text = _pair("A red circle", [("circle", "red", "large", .3, .3)], [("circle", "red")])
+    batch = [red_small, red_large, red_and_blue, same_text]
+    assert matches(batch, "pair") is None
+    assert matches(batch, "caption").astype(int).tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                               [1, 0, 0, 1]]
+    # "a red circle" describes both single red circles, but not the scene that also has a blue star
+    assert matches(batch, "meaning").astype(int).tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0],
+                                                               [1, 1, 0, 1]]
+    no_meaning = [Pair(p.image, p.caption) for p in batch]
+    assert (matches(no_meaning, "meaning") == matches(batch, "caption")).all()
+    with pytest.raises(ValueError, match="positives"):
+        matches(batch, "soft")
+
+
+def test_a_curriculum_export_is_read_in_stream_order_first(tmp_path):
+    from mmfusion.data.datasets import CaptionFolder
+    from mmfusion.data.export import export_shapes
+    from mmfusion.data.pairs import FolderPairs
+    from mmfusion.data.shapes import ShapesConfig
+
+    world = ShapesWorld(ShapesConfig(curriculum=6))
+    export_shapes(world, tmp_path, {"train": 20}, zeroshot_per_class=0, progress=False)
+    source = FolderPairs(CaptionFolder(tmp_path / "train", 64), 64)
+    assert source.ordered_stream
+    folder = PairSampler(source, seed=1, first_epoch_in_order=True)
+    stream = PairSampler(ShapesPairs(world, 64), seed=1)
+    for p in (0, 7, 19):
+        a, b = folder.sample(p), stream.sample(p)
+        assert a.caption == b.caption and a.scene == b.scene and np.array_equal(a.image, b.image)
+    second_epoch = [folder.index(p)[1] for p in range(20, 40)]
+    assert sorted(second_epoch) == list(range(20)) and second_epoch != list(range(20))
 
 
 def test_unique_ids_ignore_case_and_spaces():

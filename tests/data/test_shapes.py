@@ -133,3 +133,13 @@ def test_bad_config_is_explained():
         ShapesWorld(ShapesConfig(heldout=("triangle red",)))
     with pytest.raises(ValueError, match="unknown split"):
         ShapesWorld().scene("training", 0)
+
+
+def test_curriculum_holds_single_objects_then_ramps_to_the_mix():
+    world = ShapesWorld(ShapesConfig(curriculum=300))
+    counts = [len(world.scene("train", i).objects) for i in range(1200)]
+    assert set(counts[:300]) == {1}
+    ramp = counts[300:600]
+    assert 1 < np.mean(ramp[150:]) and np.mean(ramp[:100]) < np.mean(ramp[200:])
+    assert abs(np.mean([c == 1 for c in counts[600:]]) - 0.4) < 0.1  # object_weights afterwards
+    assert {len(world.scene("test", i).objects) for i in range(100)} == {1, 2, 3}  # only training is ramped

@@ -44,9 +44,13 @@ DEFAULT_HELDOUT: tuple[str, ...] = (
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 SPATIAL_WORDS = ("left", "right")  # words a horizontal flip would contradict
-# How often a caption names an object by shape alone or by colour alone: shape-only mentions cannot be
-# matched by colour, which is what makes a model learn shape instead of stopping at colour.
-P_SHAPE_ONLY, P_COLOUR_ONLY = 0.10, 0.08
+# How often a caption names an object by shape alone ("a circle") or colour alone ("a red object").
+# Off by default: such captions fit many images, so they cap retrieval, and in training they let a
+# model match on colour alone; with them at 10% and 8%, a tiny CLIP learned shape about 3x slower.
+P_SHAPE_ONLY, P_COLOUR_ONLY = 0.0, 0.0
+P_SIZE = 0.35  # a caption names an object's size
+P_REGION, P_SINGLE = 0.30, 0.12  # single-object captions: "... on the left", "a single ..."
+P_RELATION, P_LIST = 0.45, 0.35  # multi-object captions: a relation, a list of all objects, else a count
 RELATION_MARGIN = 0.15  # centres must differ by this much (fraction of the side) for a caption to state a relation
 
 
@@ -61,6 +65,9 @@ class ShapesConfig:
     heldout: tuple[str, ...] = field(DEFAULT_HELDOUT, "'colour shape' combinations never seen in training")
     captions_per_scene: int = field(5, "captions written for each scene")
     supersample: int = field(2, "render at this multiple of the size, then downsample (anti-aliasing)")
+    curriculum: int = field(0, "training split only: the first N scenes hold one object, and over the next N the "
+                               "mix of object counts moves linearly to object_weights, so shape and colour are "
+                               "learned before scenes get crowded (a small model learns shape several times faster)")
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Obj:
 
     def to_dict(self) -> dict:
         return {"shape": self.shape, "colour": self.colour, "size": self.size,
-                "x": round(self.x, 4), "y": round(self.y, 4)}
+                "x": self.x, "y": self.y}
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,21 @@ def _place(rng: np.random.Generator, radii: list[float], tries: int = 200) -> li
     return pos
 
 
+def object_count_weights(cfg: ShapesConfig, split: str, index: int) -> np.ndarray:
+    """Relative frequency of 1..max_objects objects for one scene (the curriculum ramps training scenes)."""
+    weights = np.asarray(cfg.object_weights[: cfg.max_objects], dtype=float)
+    weights = weights / weights.sum()
+    if split == "train" and index < 2 * cfg.curriculum:
+        a = max(0.0, index / cfg.curriculum - 1.0)  # 0 while holding single objects, then up to 1
+        weights = a * weights + (1 - a) * np.eye(len(weights))[0]
+    return weights
+
+
 def sample_scene(rng: np.random.Generator, cfg: ShapesConfig, split: str = "train", index: int = 0) -> Scene:
     """Draw one scene. Training scenes avoid held-out combinations; held-out scenes contain at least one."""
     heldout = list(cfg.heldout)
     seen = [c for c in all_combos() if c not in set(heldout)]
-    weights = np.asarray(cfg.object_weights[: cfg.max_objects], dtype=float)
+    weights = object_count_weights(cfg, split, index)
     while True:
         n = int(rng.choice(len(weights), p=weights / weights.sum())) + 1
         if split == "heldout":
@@ -270,7 +287,7 @@ PREFIXES = ["", "", "", "a picture of ", "an image of ", "a drawing of ", "there
 def _ref(o: Obj, rng: np.random.Generator, full: bool = False) -> dict:
     """Which attributes a caption mentions for this object (mostly colour and shape, sometimes fewer)."""
     r = 1.0 if full else rng.random()
-    ref = {"shape": o.shape, "colour": o.colour, "size": o.size if rng.random() < 0.35 else None}
+    ref = {"shape": o.shape, "colour": o.colour, "size": o.size if rng.random() < P_SIZE else None}
     if r < P_SHAPE_ONLY:
         ref["colour"] = None
     elif r < P_SHAPE_ONLY + P_COLOUR_ONLY:
@@ -303,13 +320,13 @@ def _relation(a: Obj, b: Obj) -> list[str]:
 def _caption_single(o: Obj, rng: np.random.Generator) -> Caption:
     ref = _ref(o, rng)
     kind = rng.random()
-    if kind < 0.3 and _region(o):
+    if kind < P_REGION and _region(o):
         region = _region(o)
         ref["region"] = region
         phrases = REGION_PHRASES[region]
         text = f"{_np(ref)} {phrases[rng.integers(len(phrases))]}"
         return Caption(text, {"objects": [ref], "relations": [], "count": None})
-    if kind < 0.42:
+    if kind < P_REGION + P_SINGLE:
         text = ["a single ", "just one ", "only one "][rng.integers(3)] + _np(ref, article="")
         return Caption(text, {"objects": [ref], "relations": [], "count": 1})
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
@@ -320,7 +337,7 @@ def _caption_multi(objs: tuple[Obj, ...], rng: np.random.Generator) -> Caption:
     n = len(objs)
     kind = rng.random()
     pairs = [(i, j, rel) for i, j in itertools.permutations(range(n), 2) for rel in _relation(objs[i], objs[j])]
-    if kind < 0.45 and pairs:
+    if kind < P_RELATION and pairs:
         i, j, rel = pairs[rng.integers(len(pairs))]
         a, b = _ref(objs[i], rng), _ref(objs[j], rng)
         phrase = RELATION_PHRASES[rel][rng.integers(len(RELATION_PHRASES[rel]))]
@@ -330,7 +347,7 @@ def _caption_multi(objs: tuple[Obj, ...], rng: np.random.Generator) -> Caption:
             text = f"{_np(a)} {phrase} {_np(b)}"
         return Caption(text, {"objects": [a, b], "relations": [[0, rel, 1]], "count": None})
     order = list(rng.permutation(n))
-    if kind < 0.8:  # list every object, sometimes with the count
+    if kind < P_RELATION + P_LIST:  # list every object, sometimes with the count
         refs = [_ref(objs[k], rng) for k in order]
         nps = [_np(r) for r in refs]
         listed = nps[0] if n == 1 else ", ".join(nps[:-1]) + " and " + nps[-1]
@@ -397,6 +414,22 @@ def satisfies(scene: Scene, meaning: dict) -> bool:
                       for i, rel, j in meaning.get("relations", [])):
             return True
     return False
+
+
+def describes(scene: Scene, meaning: dict) -> bool:
+    """Whether the caption with this meaning could have been written for this scene.
+
+    Stricter than :func:`satisfies`: the caption must be true, and of a form ShapesWorld writes for a
+    scene like this one. A bare phrase or a list of objects names every object of the scene ("a red
+    circle" is written for a scene holding only a red circle, not for one that also holds a blue star);
+    captions with a relation or a count may leave objects out. Used to tell which pairs of a training
+    batch match, so that two captions of the same kind of scene are not pushed apart as negatives.
+    """
+    if not satisfies(scene, meaning):
+        return False
+    if meaning.get("relations") or meaning.get("count") is not None:
+        return True
+    return len(meaning.get("objects", [])) == len(scene.objects)
 
 
 # ---------------------------------------------------------------------------------------------------

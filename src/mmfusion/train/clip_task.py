@@ -18,16 +18,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.datasets import CaptionFolder, DataFormatError
 from ..data.images import normalize_batch
-from ..data.pairs import FolderPairs, PairSampler, PairSource, ShapesPairs, unique_ids
+from ..data.pairs import FolderPairs, PairSampler, PairSource, ShapesPairs, matches
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import PAD_ID, Tokenizer
 from ..models.clip import CLIP
 from ..models.registry import build_model, model_config, save_model
-from ..modules.losses import ContrastiveOutput, clip_loss, positives_from_ids, siglip_loss, triplet_loss
+from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class ClipTask:
                              f"{mcfg.text.vocab_size}; raise model.text.vocab_size")
         model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg)}
-        return cls(cfg, model, PairSampler(source, cfg.train.seed, cfg.data.augment), device)
+        in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
+        return cls(cfg, model, PairSampler(source, cfg.train.seed, cfg.data.augment, in_order), device)
 
     def dataset_size(self) -> int:
         return len(self.sampler.source)
@@ -118,12 +120,12 @@ class ClipTask:
     def prepare(self, step: int) -> PairBatch:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
         B = self.cfg.train.batch_size
-        images, captions = self.sampler.batch(step * B, B)
-        tokens = trim_padding(self.model.tokenizer.encode(captions))
-        positives = positives_from_ids(torch.from_numpy(unique_ids(captions))) if self.cfg.train.multi_positive \
-            else None
-        return PairBatch(normalize_batch(torch.from_numpy(images), self.model.cfg.image_mean,
-                                         self.model.cfg.image_std), tokens, positives)
+        pairs = self.sampler.batch(step * B, B)
+        tokens = trim_padding(self.model.tokenizer.encode([p.caption for p in pairs]))
+        mask = matches(pairs, self.cfg.train.positives)
+        images = torch.from_numpy(np.stack([p.image for p in pairs]))
+        return PairBatch(normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens,
+                         torch.from_numpy(mask) if mask is not None else None)
 
     def _loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> ContrastiveOutput:
         return contrastive_loss(self.cfg.train.loss, image.float(), text.float(), self.model, positives,
