@@ -118,6 +118,14 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _unknown_key_message(key: str, names: set[str], prefix: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    return f"unknown config key {prefix}{key}; {hint}valid keys: {', '.join(prefix + n for n in sorted(names))}"
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build the dataclass ``cls`` from a (nested) dict, checking keys and types.
 
@@ -127,8 +135,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys: "
-                          f"{', '.join(prefix + n for n in sorted(names))}")
+        raise ConfigError(_unknown_key_message(unknown[0], names, prefix))
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -140,8 +147,7 @@ def merge(cfg: T, data: dict[str, Any], prefix: str = "") -> T:
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix + key}; valid keys: "
-                              f"{', '.join(prefix + n for n in sorted(names))}")
+            raise ConfigError(_unknown_key_message(key, names, prefix))
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = merge(current, value, prefix=f"{prefix}{key}.")

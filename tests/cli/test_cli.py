@@ -62,7 +62,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "clip", "--out", str(tmp_path / "x"), "--steps", "1", "--train.lr=fast"]) == 2
     assert "train.lr: expected a number, got 'fast'" in capsys.readouterr().err
     assert main(["train", "clip", "--out", str(tmp_path / "x"), "--steps", "1", "--train.lrr=1"]) == 2
-    assert "unknown config key train.lrr" in capsys.readouterr().err
+    assert "unknown config key train.lrr; did you mean train.lr?" in capsys.readouterr().err
     assert main(["train", "clip", "--out", str(tmp_path / "x"), "--steps", "1", "--data", str(tmp_path)]) == 2
     assert "no captions.jsonl" in capsys.readouterr().err
     assert main(["train", "clip", "--out", str(tmp_path / "x"), "--preset", "nope", "--steps", "1"]) == 2

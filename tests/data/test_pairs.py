@@ -12,8 +12,8 @@ class _Finite:
     def __len__(self):
         return self.n
 
-    def pair(self, index, rng):
-        return Pair(np.full((2, 2, 3), index, np.uint8), f"caption {index} {rng.integers(1000)}")
+    def pair(self, index, rng, k=1):
+        return Pair(np.full((2, 2, 3), index, np.uint8), [f"caption {index} {rng.integers(1000)}"] * k)
 
 
 def test_each_epoch_is_a_permutation_and_positions_are_pure():
@@ -39,7 +39,7 @@ def test_stream_position_is_scene_index():
 def _pair(caption, objs, meaning_objs, count=None):
     scene = Scene(tuple(Obj(*o) for o in objs), 40)
     meaning = {"objects": [dict(zip(("shape", "colour"), m)) for m in meaning_objs], "relations": [], "count": count}
-    return Pair(np.zeros((2, 2, 3), np.uint8), caption, scene, meaning)
+    return Pair(np.zeros((2, 2, 3), np.uint8), [caption], scene, [meaning])
 
 
 def test_positive_modes():
@@ -56,7 +56,7 @@ def test_positive_modes():
     # "a red circle" describes both single red circles, but not the scene that also has a blue star
     assert matches(batch, "meaning").astype(int).tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0],
                                                                [1, 1, 0, 1]]
-    no_meaning = [Pair(p.image, p.caption) for p in batch]
+    no_meaning = [Pair(p.image, p.captions) for p in batch]
     assert (matches(no_meaning, "meaning") == matches(batch, "caption")).all()
     with pytest.raises(ValueError, match="positives"):
         matches(batch, "soft")
@@ -79,6 +79,16 @@ def test_a_curriculum_export_is_read_in_stream_order_first(tmp_path):
         assert a.caption == b.caption and a.scene == b.scene and np.array_equal(a.image, b.image)
     second_epoch = [folder.index(p)[1] for p in range(20, 40)]
     assert sorted(second_epoch) == list(range(20)) and second_epoch != list(range(20))
+
+
+def test_several_captions_per_image():
+    world = ShapesWorld()
+    s = PairSampler(ShapesPairs(world, 32), seed=0, captions_per_image=3)
+    batch = s.batch(0, 4)
+    assert all(len(p.captions) == 3 and len(set(p.captions)) == 3 for p in batch)
+    own = matches(batch, "pair")
+    assert own.shape == (4, 12) and own.sum() == 12 and own[1, 3:6].all()
+    assert (matches(batch, "meaning") >= own).all() and (matches(batch, "caption") >= own).all()
 
 
 def test_unique_ids_ignore_case_and_spaces():

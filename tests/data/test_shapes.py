@@ -43,7 +43,7 @@ def test_heldout_combinations_never_in_training_and_always_in_heldout(world):
 def test_objects_inside_the_frame_and_not_overlapping(world):
     counts = set()
     for i in range(500):
-        objs = world.scene("train", i).objects
+        objs = world.scene("test", i).objects
         counts.add(len(objs))
         for o in objs:
             assert o.radius <= o.x <= 1 - o.radius and o.radius <= o.y <= 1 - o.radius
@@ -64,7 +64,7 @@ def test_every_caption_is_true_of_its_scene_and_mentions_attributes(world):
 
 
 def test_captions_use_spatial_relations(world):
-    texts = [c.text for i in range(300) for c in world.captions(world.scene("train", i))]
+    texts = [c.text for i in range(300) for c in world.captions(world.scene("test", i))]
     for word in ("left", "right", "above", "below"):
         assert any(word in t for t in texts), word
 
@@ -108,7 +108,7 @@ def test_questions_have_the_right_answers():
 
 
 def test_question_types_cover_the_issue(world):
-    types = {q.type for i in range(200) for q in world.questions(world.scene("train", i))}
+    types = {q.type for i in range(200) for q in world.questions(world.scene("test", i))}
     assert types == {"colour", "shape", "count", "exist", "relation", "size"}
 
 
@@ -136,6 +136,7 @@ def test_bad_config_is_explained():
 
 
 def test_curriculum_holds_single_objects_then_ramps_to_the_mix():
+    assert ShapesConfig().curriculum > 0  # on by default for the training split
     world = ShapesWorld(ShapesConfig(curriculum=300))
     counts = [len(world.scene("train", i).objects) for i in range(1200)]
     assert set(counts[:300]) == {1}
@@ -143,3 +144,30 @@ def test_curriculum_holds_single_objects_then_ramps_to_the_mix():
     assert 1 < np.mean(ramp[150:]) and np.mean(ramp[:100]) < np.mean(ramp[200:])
     assert abs(np.mean([c == 1 for c in counts[600:]]) - 0.4) < 0.1  # object_weights afterwards
     assert {len(world.scene("test", i).objects) for i in range(100)} == {1, 2, 3}  # only training is ramped
+
+
+def test_describes_matrix_equals_the_scalar_definition():
+    from mmfusion.data.shapes import describes, describes_matrix
+
+    world = ShapesWorld(ShapesConfig(seed=4))
+    scenes = [world.scene("test", i) for i in range(60)] + [world.scene("heldout", i) for i in range(20)]
+    meanings = [c.meaning for sc in scenes[:50] for c in world.captions(sc)]
+    meanings.append({"objects": [{"shape": "circle", "colour": None, "size": None, "region": "top left"}],
+                     "relations": [], "count": None})
+    meanings.append({"objects": [{"shape": "hexagon"}], "relations": [], "count": None})
+    fast = describes_matrix(scenes, meanings)
+    slow = np.array([[describes(sc, m) for m in meanings] for sc in scenes])
+    assert fast.shape == slow.shape and (fast == slow).all()
+    assert 0 < fast.sum() < fast.size
+
+
+def test_caption_kinds():
+    from mmfusion.data.shapes import caption_kind
+
+    one = {"shape": "circle", "colour": "red"}
+    assert caption_kind({"objects": [one], "relations": [], "count": None}) == "single"
+    assert caption_kind({"objects": [one], "relations": [], "count": 1}) == "single"
+    assert caption_kind({"objects": [{**one, "region": "left"}], "relations": [], "count": None}) == "region"
+    assert caption_kind({"objects": [one, one], "relations": [], "count": 2}) == "list"
+    assert caption_kind({"objects": [one, one], "relations": [[0, "above", 1]], "count": None}) == "relation"
+    assert caption_kind({"objects": [one], "relations": [], "count": 3}) == "count"

@@ -31,6 +31,9 @@ def test_retrieval_report_and_plots(model, tmp_path):
     write_report(rep, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["metrics"] == m
     assert any("semantic" in line for line in summary_lines(rep))
+    kinds = rep["by_caption_kind"]
+    assert set(kinds["semantic_P@1"]) <= {"single", "region", "list", "relation", "count"}
+    assert sum(kinds["texts"].values()) == rep["n_texts"]
 
 
 def test_zeroshot_report_ranks_all_classes(model, tmp_path):

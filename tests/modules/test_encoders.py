@@ -5,7 +5,7 @@ from mmfusion.modules.layers import Attention
 
 
 def test_vision_transformer_shapes_and_pooling():
-    for pool in ("cls", "mean"):
+    for pool in ("cls", "mean", "cls+mean"):
         vit = VisionTransformer(VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, pool=pool), 12)
         x = torch.randn(3, 3, 16, 16)
         assert vit.forward_features(x).shape == (3, 1 + 4, 32)

@@ -99,10 +99,35 @@ def test_accuracies_count_positive_hits():
 
 def test_bad_shapes_and_masks_are_rejected():
     img, txt = _emb()
-    with pytest.raises(ValueError, match="equal shape"):
+    with pytest.raises(ValueError, match="positives mask"):
         clip_loss(img, txt[:3], 1.0)
-    with pytest.raises(ValueError, match="diagonal"):
+    with pytest.raises(ValueError, match="every row and column"):
         clip_loss(img, txt, 1.0, torch.zeros(6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one caption per image"):
+        triplet_loss(img, torch.cat([txt, txt]), positives=torch.ones(6, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        clip_loss(img, txt[:, :3], 1.0)
+
+
+def _rect_reference(img, txt, scale, pos):
+    b, t = len(img), len(txt)
+    logits = [[scale * float(img[i] @ txt[j]) for j in range(t)] for i in range(b)]
+    rows = sum(-math.log(sum(math.exp(logits[i][j]) for j in range(t) if pos[i][j]) /
+                         sum(math.exp(v) for v in logits[i])) for i in range(b)) / b
+    cols = sum(-math.log(sum(math.exp(logits[i][j]) for i in range(b) if pos[i][j]) /
+                         sum(math.exp(logits[i][j]) for i in range(b))) for j in range(t)) / t
+    return (rows + cols) / 2
+
+
+def test_several_captions_per_image():
+    img, _ = _emb(n=4)
+    _, txt = _emb(n=8, seed=5)
+    pos = torch.zeros(4, 8, dtype=torch.bool)
+    for j in range(8):
+        pos[j // 2, j] = True  # captions 2i and 2i+1 belong to image i
+    out = clip_loss(img, txt, 7.0, pos)
+    assert out.loss.item() == pytest.approx(_rect_reference(img, txt, 7.0, pos.tolist()), rel=1e-5)
+    assert siglip_loss(img, txt, 7.0, -2.0, pos).loss.shape == ()
 
 
 def test_logit_scale_init_clamp_and_gradient():

@@ -144,6 +144,9 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     out = export_shapes(ShapesWorld(cfg), args.out, counts, args.zeroshot_per_class, progress=not args.quiet)
     print(f"ShapesWorld written to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
           + (f", zeroshot {args.zeroshot_per_class} per class" if args.zeroshot_per_class else ""))
+    if args.train and cfg.curriculum:
+        print(f"the train split starts with the curriculum: scenes 0-{cfg.curriculum - 1} hold one object, the next "
+              f"{cfg.curriculum} ramp to the full mix (read in this order first; --shapes.curriculum=0 for none)")
     return 0
 
 
@@ -170,8 +173,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.out)
     data_dir, run_dir = out / "shapesworld", out / "clip"
     print(f"[1/3] generating ShapesWorld in {data_dir}")
-    export_shapes(ShapesWorld(), data_dir, {"train": 2000, "test": 1000, "heldout": 500}, 20,
-                  progress=not args.quiet)
+    export_shapes(ShapesWorld(), data_dir, {"test": 1000, "heldout": 500}, 20, progress=not args.quiet)
     print(f"[2/3] training clip-tiny on the ShapesWorld stream for {args.time} (progress below)")
     cfg = RunConfig(preset="clip-tiny", out=str(run_dir), train=TrainConfig(time=args.time, progress=not args.quiet))
     train(cfg, resume=(run_dir / "checkpoints").is_dir())
@@ -187,6 +189,16 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
           f"{ev}/zeroshot_confusion.png")
     print(f"model:   {run_dir}/model   (python: mmfusion.load('{run_dir}'))")
     return 0
+
+
+def _train_options_help() -> str:
+    from ..models.registry import model_config
+    from ..train import RunConfig
+
+    run = "\n".join(line for line in format_help(RunConfig()).splitlines() if not line.lstrip().startswith("--model="))
+    _, tiny = model_config("clip-tiny")
+    return (run + "\n\nmodel options (override the preset; defaults shown are clip-tiny's):\n"
+            + format_help(tiny, prefix="model."))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -213,7 +225,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a model. Length: exactly one of --steps, --epochs, --time.",
-                       epilog=EXAMPLES_TRAIN + format_help(RunConfig()))
+                       epilog=EXAMPLES_TRAIN + _train_options_help())
     t.add_argument("task", choices=["clip"], help="what to train")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")

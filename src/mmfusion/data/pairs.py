@@ -17,21 +17,33 @@ import numpy as np
 
 from .datasets import CaptionFolder, read_jsonl
 from .images import AugmentConfig, augment, to_uint8
-from .shapes import Scene, ShapesWorld, describes
+from .shapes import Scene, ShapesWorld, describes_matrix
 
 
 @dataclass
 class Pair:
+    """An image with one or more of its captions."""
+
     image: np.ndarray  # (S, S, 3) uint8
-    caption: str
+    captions: list[str]
     scene: Scene | None = None  # what the image shows, when the data knows it (ShapesWorld)
-    meaning: dict | None = None  # what the caption says, likewise
+    meanings: list[dict | None] | None = None  # what each caption says, likewise
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
+
+
+def _draw(n: int, k: int, rng: np.random.Generator) -> list[int]:
+    """k indices into n captions: distinct while there are enough, then repeating."""
+    order = list(rng.permutation(n))
+    return [int(order[i % n]) for i in range(k)]
 
 
 class PairSource(Protocol):
     def __len__(self) -> int: ...  # number of images; 0 for an endless stream
 
-    def pair(self, index: int, rng: np.random.Generator) -> Pair: ...
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair: ...
 
     def caption_corpus(self, limit: int) -> list[str]: ...  # captions to train a tokenizer on
 
@@ -45,11 +57,12 @@ class ShapesPairs:
     def __len__(self) -> int:
         return 0
 
-    def pair(self, index: int, rng: np.random.Generator) -> Pair:
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair:
         scene = self.world.scene(self.split, index)
-        captions = self.world.captions(scene)
-        cap = captions[rng.integers(len(captions))]
-        return Pair(np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8), cap.text, scene, cap.meaning)
+        caps = self.world.captions(scene)
+        chosen = [caps[i] for i in _draw(len(caps), k, rng)]
+        return Pair(np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8), [c.text for c in chosen],
+                    scene, [c.meaning for c in chosen])
 
     def caption_corpus(self, limit: int) -> list[str]:
         texts = list(self.world.vocabulary_texts())
@@ -85,11 +98,12 @@ class FolderPairs:
     def __len__(self) -> int:
         return len(self.folder)
 
-    def pair(self, index: int, rng: np.random.Generator) -> Pair:
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair:
         rec = self.folder.records[index]
-        k = int(rng.integers(len(rec.captions)))
+        chosen = _draw(len(rec.captions), k, rng)
         scene = self.scenes[index] if self.scenes is not None else None
-        return Pair(self.folder.images[index], rec.captions[k], scene, rec.extras[k].get("meaning"))
+        return Pair(self.folder.images[index], [rec.captions[i] for i in chosen], scene,
+                    [rec.extras[i].get("meaning") for i in chosen])
 
     def caption_corpus(self, limit: int) -> list[str]:
         texts = list(ShapesWorld.vocabulary_texts()) if self.world is not None else []
@@ -123,8 +137,9 @@ class PairSampler:
     """
 
     def __init__(self, source: PairSource, seed: int, augment_cfg: AugmentConfig | None = None,
-                 first_epoch_in_order: bool = False):
+                 first_epoch_in_order: bool = False, captions_per_image: int = 1):
         self.source, self.seed, self.first_epoch_in_order = source, seed, first_epoch_in_order
+        self.k = captions_per_image
         self.augment = augment_cfg or AugmentConfig()
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -146,9 +161,9 @@ class PairSampler:
     def sample(self, position: int) -> Pair:
         _, idx = self.index(position)
         rng = np.random.default_rng([self.seed, 11, position])
-        pair = self.source.pair(idx, rng)
+        pair = self.source.pair(idx, rng, self.k)
         if self.augment.enabled:
-            pair.image = augment(pair.image, pair.caption, self.augment, rng)
+            pair.image = augment(pair.image, " ".join(pair.captions), self.augment, rng)
         return pair
 
     def batch(self, start: int, size: int) -> list[Pair]:
@@ -161,22 +176,29 @@ class PairSampler:
 
 
 def matches(pairs: Sequence[Pair], mode: str) -> np.ndarray | None:
-    """(B, B) bool: which images (rows) match which captions (columns) in a batch.
+    """(B, T) bool: which images (rows) match which captions (columns, all captions of all pairs in order).
 
     Args:
-        mode: ``pair`` (only the diagonal), ``caption`` (also any image whose own caption is the same
-            text), or ``meaning`` (also any image the caption describes, when the data says what images
-            show and captions mean; otherwise as ``caption``).
+        mode: ``pair`` (each image matches its own captions), ``caption`` (also any other image with a
+            caption of the same text), or ``meaning`` (also any image a caption describes, when the data
+            says what images show and captions mean; otherwise as ``caption``).
+
+    Returns:
+        The mask, or None when it would be the identity (one caption per image, ``pair``).
     """
-    if mode == "pair":
-        return None
-    if mode == "meaning" and all(p.scene is not None and p.meaning is not None for p in pairs):
-        return np.array([[describes(pi.scene, pj.meaning) for pj in pairs] for pi in pairs]) | \
-            np.eye(len(pairs), dtype=bool)
-    if mode not in ("caption", "meaning"):
+    if mode not in ("pair", "caption", "meaning"):
         raise ValueError(f"unknown positives mode {mode!r}; choose pair, caption or meaning")
-    ids = unique_ids([p.caption for p in pairs])
-    return ids[:, None] == ids[None, :]
+    owner = np.repeat(np.arange(len(pairs)), [len(p.captions) for p in pairs])  # (T,) image of each caption
+    own = owner[None, :] == np.arange(len(pairs))[:, None]  # (B, T)
+    if mode == "pair":
+        return None if len(owner) == len(pairs) else own
+    if mode == "meaning" and all(p.scene is not None and p.meanings and None not in p.meanings for p in pairs):
+        meanings = [m for p in pairs for m in p.meanings]
+        return describes_matrix([p.scene for p in pairs], meanings) | own
+    ids = unique_ids([c for p in pairs for c in p.captions])  # (T,)
+    image_has = np.zeros((len(pairs), int(ids.max()) + 1), dtype=bool)
+    image_has[owner, ids] = True
+    return image_has[:, ids]
 
 
 def unique_ids(texts: Sequence[str]) -> np.ndarray:

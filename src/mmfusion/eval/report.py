@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import CaptionFolder, ClassFolder, DataFormatError, read_jsonl
-from ..data.shapes import Scene, ShapesConfig, ShapesWorld, satisfies
+from ..data.shapes import Scene, ShapesConfig, ShapesWorld, caption_kind, satisfies
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
 from . import plots
@@ -99,8 +99,10 @@ def evaluate_retrieval(embedder: Embedder, data: str = "shapes", n: int = 1000, 
     metrics = retrieval_metrics(img_emb, txt_emb, text_image, ks)
     if ds.scenes is not None and ds.meanings is not None:
         flat_meanings = [m for ms in ds.meanings for m in ms]
-        metrics.update(semantic_precision(img_emb, txt_emb, lambda t, i: satisfies(ds.scenes[i], flat_meanings[t]),
-                                          ks))
+        sem = semantic_precision(img_emb, txt_emb, lambda t, i: satisfies(ds.scenes[i], flat_meanings[t]), ks,
+                                 groups=[caption_kind(m) for m in flat_meanings])
+        by_kind = {"semantic_P@1": sem.pop("semantic_P@1_by"), "texts": sem.pop("texts_by")}
+        metrics.update(sem)
     counts: dict[str, int] = {}
     for t in texts:
         counts[t] = counts.get(t, 0) + 1
@@ -108,6 +110,7 @@ def evaluate_retrieval(embedder: Embedder, data: str = "shapes", n: int = 1000, 
         "task": "retrieval", "model": getattr(embedder, "name", "?"), "data": ds.source,
         "n_images": len(ds.images), "n_texts": len(texts), "metrics": metrics,
         "captions_unique_fraction": sum(counts[t] == 1 for t in texts) / max(1, len(texts)),
+        **({"by_caption_kind": by_kind} if ds.scenes is not None and ds.meanings is not None else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:
@@ -207,6 +210,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if "semantic_P@1" in m:
             lines.append("  semantic  " + "".join(f"{m.get(f'semantic_P@{k}', float('nan')):7.3f}" for k in ks)
                          + "   (precision@K: retrieved images the caption is true of)")
+        if "by_caption_kind" in report:
+            kinds = report["by_caption_kind"]
+            lines.append("  semantic P@1 by caption kind: " + ", ".join(
+                f"{k} {v:.2f} (n={kinds['texts'][k]})" for k, v in kinds["semantic_P@1"].items()))
         lines.append(f"  {report['n_images']} images, {report['n_texts']} captions "
                      f"({report['captions_unique_fraction']:.0%} of captions unique: exact-pair R@1 is capped by it)")
     else:

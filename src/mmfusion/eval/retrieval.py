@@ -84,20 +84,23 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
 
 
 def semantic_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, holds: Callable[[int, int], bool],
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                       ks: Sequence[int] = (1, 5, 10), groups: Sequence[str] | None = None) -> dict:
     """Mean fraction of the top-K images for each text that the text truly describes.
 
     Args:
         holds: ``holds(text_index, image_index)`` says whether the image makes the text true.
+        groups: optional label per text (such as the kind of caption); adds ``semantic_P@1_by`` per label.
     """
     kmax = min(max(ks), image_emb.shape[0])
-    totals = dict.fromkeys(ks, 0.0)
+    per_text = np.zeros((text_emb.shape[0], len(ks)))
     for s in range(0, text_emb.shape[0], CHUNK):
         top = (text_emb[s: s + CHUNK] @ image_emb.t()).topk(kmax, dim=1).indices  # (chunk, kmax)
         for row, images in enumerate(top.tolist()):
             ok = np.cumsum([holds(s + row, i) for i in images])
-            for k in ks:
-                kk = min(k, kmax)
-                totals[k] += ok[kk - 1] / kk
-    n = max(1, text_emb.shape[0])
-    return {f"semantic_P@{k}": totals[k] / n for k in ks}
+            per_text[s + row] = [ok[min(k, kmax) - 1] / min(k, kmax) for k in ks]
+    out: dict = {f"semantic_P@{k}": float(per_text[:, n].mean()) if len(per_text) else 0.0 for n, k in enumerate(ks)}
+    if groups is not None:
+        labels = np.asarray(groups)
+        out["semantic_P@1_by"] = {g: float(per_text[labels == g, 0].mean()) for g in sorted(set(groups))}
+        out["texts_by"] = {g: int((labels == g).sum()) for g in sorted(set(groups))}
+    return out

@@ -25,7 +25,10 @@ class VisionConfig:
     heads: int = field(4, "attention heads")
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
-    pool: Literal["cls", "mean"] = field("cls", "pool the class token or the mean of patch tokens")
+    pool: Literal["cls", "mean", "cls+mean"] = field("cls", "pool the class token, the mean of patch tokens (a bag of "
+                                                            "local features), or both side by side")
+    pos_init: Literal["random", "sincos"] = field("random", "initial position embeddings: small random values, or "
+                                                            "2-D sine-cosine (spatial structure from the first step)")
     stem: Literal["patch", "conv"] = field("patch", "patchify with one strided conv, or a stack of stride-2 3x3 "
                                                     "convs (Xiao et al., 2021); patch_size must be a power of 2")
 
@@ -42,6 +45,19 @@ class TextConfig:
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
     eot_id: int = field(3, "id of the end-of-text token, whose features are pooled")
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(grid*grid, width) 2-D sine-cosine position embeddings: a quarter of the channels each for
+    sin(y), cos(y), sin(x), cos(x) at geometrically spaced frequencies (as in MAE)."""
+    if width % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {width}")
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    y = y.flatten()[:, None] * omega[None, :]  # (N, W/4)
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (N, W), row-major patch order
 
 
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
@@ -73,9 +89,14 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
-        self.ln_post = nn.LayerNorm(cfg.width)
-        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        pooled = 2 * cfg.width if cfg.pool == "cls+mean" else cfg.width
+        self.ln_post = nn.LayerNorm(pooled)
+        self.proj = nn.Parameter(pooled**-0.5 * torch.randn(pooled, embed_dim))
         self.transformer.init_weights(cfg.width)
+        if cfg.pos_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.zero_()
+                self.pos_embed[1:] = sincos_2d(cfg.image_size // cfg.patch_size, cfg.width)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> tokens (B, 1 + N, W), class token first."""
@@ -87,7 +108,12 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 1 + N, W) -> embedding (B, D)."""
-        pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, W)
+        if self.cfg.pool == "cls":
+            pooled = tokens[:, 0]  # (B, W)
+        elif self.cfg.pool == "mean":
+            pooled = tokens[:, 1:].mean(dim=1)  # (B, W)
+        else:
+            pooled = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)  # (B, 2W)
         return self.ln_post(pooled) @ self.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@
 - :func:`siglip_loss`: the pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
 - :func:`triplet_loss`: hinge loss with the hardest in-batch negatives of VSE++ (Faghri et al., 2018).
 
-All take L2-normalised embeddings ``(B, D)`` where row ``i`` of each side is a matching pair, and an
-optional ``positives`` mask ``(B, B)`` marking other pairs that also match (such as two images in one
-batch whose captions are the same string). Unmarked off-diagonal pairs are negatives.
+All take L2-normalised image embeddings ``(B, D)`` and text embeddings ``(T, D)``. Without a mask, B
+equals T and row ``i`` of each side is a matching pair. A ``positives`` mask ``(B, T)`` says which
+pairs match instead: several captions per image, or two images in a batch that one caption
+describes. Every image and every text needs at least one match; unmarked pairs are negatives.
 """
 
 from __future__ import annotations
@@ -32,22 +33,25 @@ def positives_from_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _check(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
-    if image.ndim != 2 or text.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"expected two (B, D) embeddings of equal shape, got {tuple(image.shape)} and "
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
+        raise ValueError(f"expected (B, D) image and (T, D) text embeddings, got {tuple(image.shape)} and "
                          f"{tuple(text.shape)}")
-    B = image.shape[0]
+    B, T = image.shape[0], text.shape[0]
     if positives is None:
+        if B != T:
+            raise ValueError(f"{B} images and {T} texts: say which match with a (B, T) positives mask")
         return torch.eye(B, dtype=torch.bool, device=image.device)
-    if positives.shape != (B, B) or not bool(positives.diagonal().all()):
-        raise ValueError("positives must be a (B, B) bool mask whose diagonal is all True")
+    if positives.shape != (B, T) or not bool(positives.any(dim=1).all() and positives.any(dim=0).all()):
+        raise ValueError(f"positives must be a ({B}, {T}) bool mask with a match in every row and column")
     return positives
 
 
 def _accuracies(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         rows = torch.arange(logits.shape[0], device=logits.device)
+        cols = torch.arange(logits.shape[1], device=logits.device)
         i2t = pos[rows, logits.argmax(dim=1)].float().mean()
-        t2i = pos[logits.argmax(dim=0), rows].float().mean()
+        t2i = pos[logits.argmax(dim=0), cols].float().mean()
     return i2t, t2i
 
 
@@ -59,12 +63,12 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     (a caption repeated in the batch is not pushed away from its own image).
 
     Args:
-        image, text: (B, D) normalised embeddings; row i of each is a pair.
+        image, text: (B, D) and (T, D) normalised embeddings.
         logit_scale: the inverse temperature (already exponentiated), scalar.
-        positives: optional (B, B) mask of matching pairs beyond the diagonal.
+        positives: (B, T) mask of matching pairs; without it, row i of each side is the only match.
     """
     pos = _check(image, text, positives)
-    logits = logit_scale * image @ text.t()  # (B_img, B_txt)
+    logits = logit_scale * image @ text.t()  # (B, T)
     if positives is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -72,7 +76,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
         neg_inf = torch.finfo(logits.dtype).min
         pos_logits = logits.masked_fill(~pos, neg_inf)
         i2t = torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)  # (B,)
-        t2i = torch.logsumexp(logits, dim=0) - torch.logsumexp(pos_logits, dim=0)  # (B,)
+        t2i = torch.logsumexp(logits, dim=0) - torch.logsumexp(pos_logits, dim=0)  # (T,)
         loss = (i2t.mean() + t2i.mean()) / 2
     return ContrastiveOutput(loss, *_accuracies(logits, pos))
 
@@ -81,10 +85,10 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
                 logit_bias: torch.Tensor | float, positives: torch.Tensor | None = None) -> ContrastiveOutput:
     """Sigmoid loss: every (image, text) pair is an independent binary match / no-match decision.
 
-    The sum over all B x B pairs is divided by B, as in the paper.
+    The sum over all B x T pairs is divided by the number of images B, as in the paper.
     """
     pos = _check(image, text, positives)
-    logits = logit_scale * image @ text.t() + logit_bias  # (B, B)
+    logits = logit_scale * image @ text.t() + logit_bias  # (B, T)
     signs = pos.to(logits.dtype) * 2 - 1  # +1 for matches, -1 otherwise
     loss = -F.logsigmoid(signs * logits).sum() / logits.shape[0]
     return ContrastiveOutput(loss, *_accuracies(logits, pos))
@@ -97,8 +101,10 @@ def triplet_loss(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2, h
     Args:
         hardest: use only the hardest negative of each anchor (VSE++); otherwise the mean over negatives.
     """
+    if image.shape[0] != text.shape[0]:
+        raise ValueError("the triplet loss pairs row i of images with row i of texts: give one caption per image")
     pos = _check(image, text, positives)
-    sim = image @ text.t()  # (B_img, B_txt)
+    sim = image @ text.t()  # (B, B)
     diag = sim.diagonal()
     cost_txt = (margin + sim - diag[:, None]).clamp(min=0).masked_fill(pos, 0)  # image anchors, text negatives
     cost_img = (margin + sim - diag[None, :]).clamp(min=0).masked_fill(pos, 0)  # text anchors, image negatives

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PairBatch:
     images: torch.Tensor  # (B, 3, S, S) normalised
-    tokens: torch.Tensor  # (B, L) token ids, L trimmed to the longest text
-    positives: torch.Tensor | None  # (B, B) bool, or None for diagonal-only
+    tokens: torch.Tensor  # (T, L) token ids of the k captions of each image in turn (T = k B), L trimmed
+    positives: torch.Tensor | None  # (B, T) bool, or None when each image matches only its own caption
 
 
 def resolve_caption_folder(source: str) -> Path:
@@ -112,7 +112,11 @@ class ClipTask:
         model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg)}
         in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
-        return cls(cfg, model, PairSampler(source, cfg.train.seed, cfg.data.augment, in_order), device)
+        k = cfg.train.captions_per_image
+        if k > 1 and cfg.train.loss == "triplet":
+            raise ValueError("the triplet loss takes one caption per image: set train.captions_per_image=1")
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=k)
+        return cls(cfg, model, sampler, device)
 
     def dataset_size(self) -> int:
         return len(self.sampler.source)
@@ -121,7 +125,7 @@ class ClipTask:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
         B = self.cfg.train.batch_size
         pairs = self.sampler.batch(step * B, B)
-        tokens = trim_padding(self.model.tokenizer.encode([p.caption for p in pairs]))
+        tokens = trim_padding(self.model.tokenizer.encode([c for p in pairs for c in p.captions]))
         mask = matches(pairs, self.cfg.train.positives)
         images = torch.from_numpy(np.stack([p.image for p in pairs]))
         return PairBatch(normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens,
@@ -149,7 +153,7 @@ class ClipTask:
                          accum: int, autocast: Callable[[], contextlib.AbstractContextManager]) -> ContrastiveOutput:
         if images.shape[0] % accum:
             raise ValueError(f"batch_size {images.shape[0]} must be divisible by accum_steps {accum}")
-        img_chunks, txt_chunks = images.chunk(accum), tokens.chunk(accum)
+        img_chunks, txt_chunks = images.chunk(accum), tokens.chunk(accum)  # k captions per image stay with it
         rng_states, img_parts, txt_parts = [], [], []
         with torch.no_grad():  # pass 1: embeddings of the whole batch, no graph kept
             for ci, ct in zip(img_chunks, txt_chunks):
@@ -162,15 +166,15 @@ class ClipTask:
         txt = torch.cat(txt_parts).requires_grad_()
         res = self._loss(img, txt, positives)
         res.loss.backward()  # gradients w.r.t. the embeddings, and the logit scale's own gradient
-        offset = 0
+        i0 = t0 = 0
         for k, (ci, ct) in enumerate(zip(img_chunks, txt_chunks)):  # pass 2: replay each chunk with a graph
             torch.set_rng_state(rng_states[k])
-            n = ci.shape[0]
             with autocast():
                 zi = self.model.encode_image(ci).float()
                 zt = self.model.encode_text(trim_padding(ct)).float()
-            torch.autograd.backward([zi, zt], [img.grad[offset: offset + n], txt.grad[offset: offset + n]])
-            offset += n
+            ni, nt = ci.shape[0], ct.shape[0]
+            torch.autograd.backward([zi, zt], [img.grad[i0: i0 + ni], txt.grad[t0: t0 + nt]])
+            i0, t0 = i0 + ni, t0 + nt
         torch.set_rng_state(end_state)
         res.loss = res.loss.detach()
         return res

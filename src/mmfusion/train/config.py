@@ -37,7 +37,9 @@ class TrainConfig:
     steps: int | None = field(None, "optimiser steps; or give epochs or time")
     epochs: float | None = field(None, "passes over a folder dataset (not for the endless ShapesWorld stream)")
     time: str | None = field(None, "wall-clock budget such as 90s, 3m or 1h; the schedule is fitted to it")
-    batch_size: int = field(256, "pairs per optimiser step (the contrastive batch: every other pair is a negative)")
+    batch_size: int = field(128, "pairs per optimiser step (the contrastive batch: every other pair is a negative)")
+    captions_per_image: int = field(1, "captions of each image in a batch: the image is encoded once, the text "
+                                       "tower sees k times the captions (cheap supervision for the text side)")
     accum_steps: int = field(1, "split each step into this many micro-batches (same result, less memory)")
     loss: Literal["clip", "siglip", "triplet"] = field("clip", "symmetric InfoNCE, SigLIP sigmoid, or hardest-"
                                                                "negative triplet loss")
@@ -48,7 +50,7 @@ class TrainConfig:
     triplet_margin: float = field(0.2, "margin of the triplet loss")
     lr: float = field(2e-3, "peak learning rate of AdamW")
     min_lr_ratio: float = field(0.0, "final learning rate as a fraction of lr (cosine decay)")
-    warmup_steps: int = field(100, "linear warm-up steps (at most a tenth of a run given in steps or epochs)")
+    warmup_steps: int = field(30, "linear warm-up steps (at most a tenth of a run given in steps or epochs)")
     weight_decay: float = field(0.1, "AdamW weight decay on weight matrices (not on gains, biases, temperature)")
     betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
     eps: float = field(1e-6, "AdamW epsilon")
