@@ -26,8 +26,18 @@ from mmfusion.data.shapes import ShapesWorld
 from mmfusion.eval import evaluate_retrieval, evaluate_zeroshot
 from mmfusion.train import RunConfig, TrainConfig, train
 
-KEYS = ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "semantic_P@1", "semantic_P@5", "zs_seen_top1",
-        "zs_heldout_top1", "zs_seen_top5", "zs_heldout_top5")
+KEYS = (
+    "i2t_R@1",
+    "i2t_R@10",
+    "t2i_R@1",
+    "t2i_R@10",
+    "semantic_P@1",
+    "semantic_P@5",
+    "zs_seen_top1",
+    "zs_heldout_top1",
+    "zs_seen_top5",
+    "zs_heldout_top5",
+)
 
 
 def one_run(out: Path, budget: str, seed: int, source: str, overrides: list[str]) -> dict:
@@ -43,17 +53,30 @@ def one_run(out: Path, budget: str, seed: int, source: str, overrides: list[str]
     r = evaluate_retrieval(model, "shapes", n=1000, out=out / "eval", progress=False)
     z = evaluate_zeroshot(model, "shapes", per_class=50, out=out / "eval", progress=False)
     g = z["groups"]
-    m = {**r["metrics"], "zs_seen_top1": g["seen"]["top1"], "zs_heldout_top1": g["heldout"]["top1"],
-         "zs_seen_top5": z["groups"]["seen"]["top5"], "zs_heldout_top5": z["groups"]["heldout"]["top5"],
-         "zs_seen_shape_acc": z["groups"]["seen"]["shape_acc"], "captions_unique": r["captions_unique_fraction"]}
-    return {"seed": seed, "source": source, "steps": res.steps, "samples": res.samples,
-            "train_s": round(train_s, 1), "samples_per_s": round(res.samples / res.elapsed_s, 1), "metrics": m}
+    m = {
+        **r["metrics"],
+        "zs_seen_top1": g["seen"]["top1"],
+        "zs_heldout_top1": g["heldout"]["top1"],
+        "zs_seen_top5": z["groups"]["seen"]["top5"],
+        "zs_heldout_top5": z["groups"]["heldout"]["top5"],
+        "zs_seen_shape_acc": z["groups"]["seen"]["shape_acc"],
+        "captions_unique": r["captions_unique_fraction"],
+    }
+    return {
+        "seed": seed,
+        "source": source,
+        "steps": res.steps,
+        "samples": res.samples,
+        "train_s": round(train_s, 1),
+        "samples_per_s": round(res.samples / res.elapsed_s, 1),
+        "metrics": m,
+    }
 
 
 def show(run: dict) -> str:
     m = run["metrics"]
     head = f"seed {run['seed']} {Path(run['source']).name:12s} {run['steps']:4d} steps {run['samples_per_s']:5.0f}/s"
-    return (head + " | " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS))
+    return head + " | " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS)
 
 
 def main() -> None:
@@ -74,8 +97,14 @@ def main() -> None:
         print(show(runs[-1]), flush=True)
     median = {k: statistics.median(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]}
     print("median over seeds: " + " ".join(f"{k} {median[k]:.3f}" for k in KEYS), flush=True)
-    result = {"date": date.today().isoformat(), "budget": args.budget, "torch_threads": torch.get_num_threads(),
-              "overrides": args.overrides, "runs": runs, "median": median}
+    result = {
+        "date": date.today().isoformat(),
+        "budget": args.budget,
+        "torch_threads": torch.get_num_threads(),
+        "overrides": args.overrides,
+        "runs": runs,
+        "median": median,
+    }
     if args.folder:
         data = out / "shapesworld"
         if not (data / "train" / "captions.jsonl").is_file():

@@ -32,14 +32,29 @@ def hf_clip(cfg, vocab: int):
 
     v, t = cfg.vision, cfg.text
     hf_cfg = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=vocab, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
-                                   num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                                   max_position_embeddings=t.context_length, hidden_act=t.act, eos_token_id=3,
-                                   pad_token_id=0, bos_token_id=2),
-        vision_config=CLIPVisionConfig(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
-                                       num_hidden_layers=v.layers, num_attention_heads=v.heads,
-                                       image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.act),
-        projection_dim=cfg.embed_dim)
+        text_config=CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=t.width,
+            intermediate_size=int(t.width * t.mlp_ratio),
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.context_length,
+            hidden_act=t.act,
+            eos_token_id=3,
+            pad_token_id=0,
+            bos_token_id=2,
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=v.width,
+            intermediate_size=int(v.width * v.mlp_ratio),
+            num_hidden_layers=v.layers,
+            num_attention_heads=v.heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            hidden_act=v.act,
+        ),
+        projection_dim=cfg.embed_dim,
+    )
     return CLIPModel(hf_cfg)
 
 
@@ -97,8 +112,15 @@ def train_step_comparison(preset: str, batch: int, reps: int) -> dict:
     ta, tb = min(a), min(b)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
-    return {"preset": preset, "batch": batch, "params_mmfusion": n_ours, "params_transformers": n_theirs,
-            "mmfusion_samples_per_s": batch / ta, "transformers_samples_per_s": batch / tb, "ratio": tb / ta}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "params_mmfusion": n_ours,
+        "params_transformers": n_theirs,
+        "mmfusion_samples_per_s": batch / ta,
+        "transformers_samples_per_s": batch / tb,
+        "ratio": tb / ta,
+    }
 
 
 def matmul_peak(n: int = 2048, reps: int = 20) -> float:
@@ -121,8 +143,14 @@ def vit_mfu(batch: int, reps: int) -> dict:
         t = time_steps(lambda: model.encode_image(x), 2, reps)
     peak = matmul_peak()
     achieved = flops / t
-    return {"batch": batch, "images_per_s": batch / t, "gflops_per_image": flops / batch / 1e9,
-            "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9, "mfu": achieved / peak}
+    return {
+        "batch": batch,
+        "images_per_s": batch / t,
+        "gflops_per_image": flops / batch / 1e9,
+        "achieved_gflops": achieved / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": achieved / peak,
+    }
 
 
 def main() -> None:
@@ -131,21 +159,29 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     reps = 2 if args.quick else 5
-    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "torch": torch.__version__, "train_step": []}
+    results = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "train_step": [],
+    }
     configs = [("clip-tiny", 256)] if args.quick else [("clip-tiny", 256), ("vit-b-32", 32)]
     for preset, batch in configs:
         r = train_step_comparison(preset, batch, reps)
         results["train_step"].append(r)
-        print(f"train step {preset:9s} batch {batch:3d}: mmfusion {r['mmfusion_samples_per_s']:7.1f} samples/s | "
-              f"transformers CLIPModel {r['transformers_samples_per_s']:7.1f} samples/s | ratio {r['ratio']:.2f}x",
-              flush=True)
+        print(
+            f"train step {preset:9s} batch {batch:3d}: mmfusion {r['mmfusion_samples_per_s']:7.1f} samples/s | "
+            f"transformers CLIPModel {r['transformers_samples_per_s']:7.1f} samples/s | ratio {r['ratio']:.2f}x",
+            flush=True,
+        )
     if not args.quick:
         m = vit_mfu(32, reps)
         results["vit_b_32_encode"] = m
-        print(f"ViT-B/32 image encoding, batch 32: {m['images_per_s']:.1f} images/s, {m['gflops_per_image']:.2f} "
-              f"GFLOPs/image -> {m['achieved_gflops']:.0f} GFLOP/s of a measured {m['matmul_peak_gflops']:.0f} GFLOP/s "
-              f"fp32 matmul peak: MFU {m['mfu']:.0%}")
+        print(
+            f"ViT-B/32 image encoding, batch 32: {m['images_per_s']:.1f} images/s, {m['gflops_per_image']:.2f} "
+            f"GFLOPs/image -> {m['achieved_gflops']:.0f} GFLOP/s of a measured {m['matmul_peak_gflops']:.0f} GFLOP/s "
+            f"fp32 matmul peak: MFU {m['mfu']:.0%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

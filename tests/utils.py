@@ -18,25 +18,47 @@ TINY_MODEL = {
     "text": {"vocab_size": 512, "context_length": 24, "width": 32, "layers": 1, "heads": 2},
 }
 TINY_OVERRIDES = [
-    "model.embed_dim=16", "model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.width=32",
-    "model.vision.layers=1", "model.vision.heads=2", "model.text.vocab_size=512", "model.text.context_length=24",
-    "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+    "model.embed_dim=16",
+    "model.vision.image_size=16",
+    "model.vision.patch_size=8",
+    "model.vision.width=32",
+    "model.vision.layers=1",
+    "model.vision.heads=2",
+    "model.text.vocab_size=512",
+    "model.text.context_length=24",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
 ]
 
 
 def shapes_tokenizer(context_length: int = 24, vocab_size: int = 512, scenes: int = 300) -> Tokenizer:
     world = ShapesWorld()
-    texts = ShapesWorld.vocabulary_texts() + [c.text for i in range(scenes)
-                                             for c in world.captions(world.scene("train", i))]
+    texts = ShapesWorld.vocabulary_texts() + [
+        c.text for i in range(scenes) for c in world.captions(world.scene("train", i))
+    ]
     return Tokenizer.train(texts, vocab_size, context_length)
 
 
 def tiny_run(out: Path, **train: object) -> RunConfig:
     """A run of the tiny model on the ShapesWorld stream."""
-    t = {"steps": 6, "batch_size": 8, "log_every": 1, "save_every": 3, "progress": False, "warmup_steps": 2,
-         "threads": 1, **train}
-    return RunConfig(preset="clip-tiny", model=TINY_MODEL, data=DataConfig(tokenizer_captions=200),
-                     train=TrainConfig(**t), out=str(out))
+    t = {
+        "steps": 6,
+        "batch_size": 8,
+        "log_every": 1,
+        "save_every": 3,
+        "progress": False,
+        "warmup_steps": 2,
+        "threads": 1,
+        **train,
+    }
+    return RunConfig(
+        preset="clip-tiny",
+        model=TINY_MODEL,
+        data=DataConfig(tokenizer_captions=200),
+        train=TrainConfig(**t),
+        out=str(out),
+    )
 
 
 def write_png(path: Path, size: tuple[int, int] = (20, 20), colour: tuple[int, int, int] = (200, 30, 30)) -> Path:

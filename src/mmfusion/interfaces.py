@@ -21,8 +21,9 @@ class Embedder(Protocol):
     @property
     def embed_dim(self) -> int: ...
 
-    def encode_image(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
-                     normalize: bool = True) -> torch.Tensor:
+    def encode_image(
+        self, images: Image.Image | Sequence[Image.Image] | torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         """(N, D) embeddings, L2-normalised unless ``normalize=False``."""
         ...
 

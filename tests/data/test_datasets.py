@@ -19,12 +19,19 @@ def _caption_folder(root, lines):
 def test_several_captions_per_image_are_grouped(tmp_path):
     write_png(tmp_path / "images/a.png")
     write_png(tmp_path / "images/b.png", colour=(0, 0, 255))
-    _caption_folder(tmp_path, [{"image": "images/a.png", "caption": "red"},
-                               {"image": "images/b.png", "caption": "blue"},
-                               {"image": "images/a.png", "caption": "a red square", "extra": 1}])
+    _caption_folder(
+        tmp_path,
+        [
+            {"image": "images/a.png", "caption": "red"},
+            {"image": "images/b.png", "caption": "blue"},
+            {"image": "images/a.png", "caption": "a red square", "extra": 1},
+        ],
+    )
     recs = read_captions(tmp_path)
-    assert [(r.image, r.captions) for r in recs] == [("images/a.png", ["red", "a red square"]),
-                                                     ("images/b.png", ["blue"])]
+    assert [(r.image, r.captions) for r in recs] == [
+        ("images/a.png", ["red", "a red square"]),
+        ("images/b.png", ["blue"]),
+    ]
     assert recs[0].extras[1] == {"extra": 1}
     folder = CaptionFolder(tmp_path, 16)
     assert folder.images.shape == (2, 16, 16, 3) and folder.images[1, 8, 8, 2] == 255

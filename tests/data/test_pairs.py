@@ -22,8 +22,11 @@ def test_each_epoch_is_a_permutation_and_positions_are_pure():
     epoch1 = [s.index(p)[1] for p in range(10, 20)]
     assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
     again = PairSampler(_Finite(10), seed=3)
-    assert [again.sample(p).caption for p in (17, 2, 17)] == [s.sample(17).caption, s.sample(2).caption,
-                                                             s.sample(17).caption]
+    assert [again.sample(p).caption for p in (17, 2, 17)] == [
+        s.sample(17).caption,
+        s.sample(2).caption,
+        s.sample(17).caption,
+    ]
 
 
 def test_stream_position_is_scene_index():
@@ -43,19 +46,19 @@ def _pair(caption, objs, meaning_objs, count=None):
 
 
 def test_positive_modes():
-    red_small = _pair("a red circle", [("circle", "red", "small", .5, .5)], [("circle", "red")])
-    red_large = _pair("a picture of a red circle", [("circle", "red", "large", .5, .5)], [("circle", "red")])
-    red_and_blue = _pair("a red circle and a blue star", [("circle", "red", "small", .2, .5),
-                                                          ("star", "blue", "small", .8, .5)],
-                         [("circle", "red"), ("star", "blue")])
-    same_text = _pair("A red circle", [("circle", "red", "large", .3, .3)], [("circle", "red")])
+    red_small = _pair("a red circle", [("circle", "red", "small", 0.5, 0.5)], [("circle", "red")])
+    red_large = _pair("a picture of a red circle", [("circle", "red", "large", 0.5, 0.5)], [("circle", "red")])
+    red_and_blue = _pair(
+        "a red circle and a blue star",
+        [("circle", "red", "small", 0.2, 0.5), ("star", "blue", "small", 0.8, 0.5)],
+        [("circle", "red"), ("star", "blue")],
+    )
+    same_text = _pair("A red circle", [("circle", "red", "large", 0.3, 0.3)], [("circle", "red")])
     batch = [red_small, red_large, red_and_blue, same_text]
     assert matches(batch, "pair") is None
-    assert matches(batch, "caption").astype(int).tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0],
-                                                               [1, 0, 0, 1]]
+    assert matches(batch, "caption").astype(int).tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
     # "a red circle" describes both single red circles, but not the scene that also has a blue star
-    assert matches(batch, "meaning").astype(int).tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0],
-                                                               [1, 1, 0, 1]]
+    assert matches(batch, "meaning").astype(int).tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 1]]
     no_meaning = [Pair(p.image, p.captions) for p in batch]
     assert (matches(no_meaning, "meaning") == matches(batch, "caption")).all()
     with pytest.raises(ValueError, match="positives"):

@@ -75,8 +75,11 @@ def _scene(*objs):
 
 def test_satisfies_hand_checked():
     s = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "large", 0.8, 0.5))
-    red_left_of_blue = {"objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
-                        "relations": [[0, "left_of", 1]], "count": None}
+    red_left_of_blue = {
+        "objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
+        "relations": [[0, "left_of", 1]],
+        "count": None,
+    }
     assert satisfies(s, red_left_of_blue)
     red_left_of_blue["relations"] = [[0, "right_of", 1]]
     assert not satisfies(s, red_left_of_blue)
@@ -100,8 +103,10 @@ def test_questions_have_the_right_answers():
         assert by_q["what shape is the blue object?"] == "square"
     relation = [q for q in qas if q.type == "relation"]
     for q in relation:
-        assert (q.question, q.answer) in {("what is to the left of the square?", "red circle"),
-                                          ("what is to the right of the circle?", "blue square")}
+        assert (q.question, q.answer) in {
+            ("what is to the left of the square?", "red circle"),
+            ("what is to the right of the circle?", "blue square"),
+        }
     for q in qas:
         if q.question == "how many objects are there?":
             assert q.answer == "2"
@@ -141,7 +146,7 @@ def test_curriculum_holds_single_objects_then_ramps_to_the_mix():
     counts = [len(world.scene("train", i).objects) for i in range(1200)]
     assert set(counts[:300]) == {1}
     ramp = counts[300:600]
-    assert 1 < np.mean(ramp[150:]) and np.mean(ramp[:100]) < np.mean(ramp[200:])
+    assert np.mean(ramp[150:]) > 1 and np.mean(ramp[:100]) < np.mean(ramp[200:])
     assert abs(np.mean([c == 1 for c in counts[600:]]) - 0.4) < 0.1  # object_weights afterwards
     assert {len(world.scene("test", i).objects) for i in range(100)} == {1, 2, 3}  # only training is ramped
 
@@ -152,8 +157,13 @@ def test_describes_matrix_equals_the_scalar_definition():
     world = ShapesWorld(ShapesConfig(seed=4))
     scenes = [world.scene("test", i) for i in range(60)] + [world.scene("heldout", i) for i in range(20)]
     meanings = [c.meaning for sc in scenes[:50] for c in world.captions(sc)]
-    meanings.append({"objects": [{"shape": "circle", "colour": None, "size": None, "region": "top left"}],
-                     "relations": [], "count": None})
+    meanings.append(
+        {
+            "objects": [{"shape": "circle", "colour": None, "size": None, "region": "top left"}],
+            "relations": [],
+            "count": None,
+        }
+    )
     meanings.append({"objects": [{"shape": "hexagon"}], "relations": [], "count": None})
     fast = describes_matrix(scenes, meanings)
     slow = np.array([[describes(sc, m) for m in meanings] for sc in scenes])

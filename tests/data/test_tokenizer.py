@@ -11,8 +11,12 @@ def tok():
 
 
 def test_round_trip(tok):
-    for text in ["a red circle to the left of a small blue square", "there is an orange star",
-                 "three shapes: a cyan cross, a white diamond and a purple triangle", "Zebra! ünïcode ok?"]:
+    for text in [
+        "a red circle to the left of a small blue square",
+        "there is an orange star",
+        "three shapes: a cyan cross, a white diamond and a purple triangle",
+        "Zebra! ünïcode ok?",
+    ]:
         ids = tok.encode(text)
         assert ids.shape == (1, 16)
         if (ids[0] == EOT_ID).any() and ids[0, -1] in (PAD_ID, EOT_ID) and len(tok.ids(text)) <= 14:
@@ -23,7 +27,7 @@ def test_layout_and_truncation(tok):
     ids = tok.encode(["a red circle", "a " * 40 + "circle"])
     assert ids[0, 0] == SOT_ID and ids[1, 0] == SOT_ID
     n = len(tok.ids("a red circle"))
-    assert ids[0, n + 1] == EOT_ID and (ids[0, n + 2:] == PAD_ID).all()
+    assert ids[0, n + 1] == EOT_ID and (ids[0, n + 2 :] == PAD_ID).all()
     assert ids[1, -1] == EOT_ID  # a long text is cut but still ends with <eot>
 
 

@@ -57,8 +57,10 @@ def test_folder_export_gives_the_same_numbers_as_the_stream(model, tmp_path):
 
 
 def test_training_curves_plot(tmp_path):
-    rows = [{"step": s, "loss": 5 - s / 10, "i2t_acc": s / 30, "t2i_acc": s / 40, "lr": 1e-3, "temperature": 0.07}
-            for s in range(1, 31)]
+    rows = [
+        {"step": s, "loss": 5 - s / 10, "i2t_acc": s / 30, "t2i_acc": s / 40, "lr": 1e-3, "temperature": 0.07}
+        for s in range(1, 31)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "p.png")
     assert out.stat().st_size > 10_000

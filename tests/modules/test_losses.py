@@ -112,10 +112,23 @@ def test_bad_shapes_and_masks_are_rejected():
 def _rect_reference(img, txt, scale, pos):
     b, t = len(img), len(txt)
     logits = [[scale * float(img[i] @ txt[j]) for j in range(t)] for i in range(b)]
-    rows = sum(-math.log(sum(math.exp(logits[i][j]) for j in range(t) if pos[i][j]) /
-                         sum(math.exp(v) for v in logits[i])) for i in range(b)) / b
-    cols = sum(-math.log(sum(math.exp(logits[i][j]) for i in range(b) if pos[i][j]) /
-                         sum(math.exp(logits[i][j]) for i in range(b))) for j in range(t)) / t
+    rows = (
+        sum(
+            -math.log(sum(math.exp(logits[i][j]) for j in range(t) if pos[i][j]) / sum(math.exp(v) for v in logits[i]))
+            for i in range(b)
+        )
+        / b
+    )
+    cols = (
+        sum(
+            -math.log(
+                sum(math.exp(logits[i][j]) for i in range(b) if pos[i][j])
+                / sum(math.exp(logits[i][j]) for i in range(b))
+            )
+            for j in range(t)
+        )
+        / t
+    )
     return (rows + cols) / 2
 
 

@@ -127,7 +127,8 @@ def test_length_must_be_given_once_and_epochs_need_a_finite_dataset(tmp_path):
 
 
 def test_diverging_loss_is_stopped_with_advice(tmp_path, monkeypatch):
-    monkeypatch.setattr(ClipTask, "train_step", lambda self, *a, **k: {"loss": float("nan"), "i2t_acc": 0.0,
-                                                                        "t2i_acc": 0.0})
+    monkeypatch.setattr(
+        ClipTask, "train_step", lambda self, *a, **k: {"loss": float("nan"), "i2t_acc": 0.0, "t2i_acc": 0.0}
+    )
     with pytest.raises(FloatingPointError, match="lower --train.lr"):
         train(tiny_run(tmp_path))

@@ -34,8 +34,9 @@ def _overrides(extra: list[str]) -> list[str]:
     while i < len(extra):
         tok = extra[i]
         if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
-            raise ConfigError(f"unrecognised argument {tok!r}; config options look like --train.lr=1e-3 "
-                              f"(see --help for the list)")
+            raise ConfigError(
+                f"unrecognised argument {tok!r}; config options look like --train.lr=1e-3 (see --help for the list)"
+            )
         if "=" in tok:
             out.append(tok[2:])
             i += 1
@@ -113,17 +114,25 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     templates = None
     if args.templates:
         p = Path(args.templates)
-        templates = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else \
-            [t.strip() for t in args.templates.split("|") if t.strip()]
+        templates = (
+            [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            if p.is_file()
+            else [t.strip() for t in args.templates.split("|") if t.strip()]
+        )
     for kind in kinds:
         if kind == "retrieval":
-            report = evaluate_retrieval(model, args.data, n=args.n, split=args.split, out=out,
-                                        progress=not args.quiet)
+            report = evaluate_retrieval(model, args.data, n=args.n, split=args.split, out=out, progress=not args.quiet)
         else:
-            report = evaluate_zeroshot(model, args.data, per_class=args.per_class, templates=templates, out=out,
-                                       progress=not args.quiet)
-        path = Path(args.json) if args.json and len(kinds) == 1 else \
-            (Path(args.json).with_name(f"{Path(args.json).stem}_{kind}.json") if args.json else out / f"{kind}.json")
+            report = evaluate_zeroshot(
+                model, args.data, per_class=args.per_class, templates=templates, out=out, progress=not args.quiet
+            )
+        path = (
+            Path(args.json)
+            if args.json and len(kinds) == 1
+            else (
+                Path(args.json).with_name(f"{Path(args.json).stem}_{kind}.json") if args.json else out / f"{kind}.json"
+            )
+        )
         write_report(report, path)
         print("\n".join(summary_lines(report)))
         print(f"  report: {path}")
@@ -142,11 +151,16 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = merge(cfg, override["shapes"], prefix="shapes.")
     counts = {"train": args.train, "val": args.val, "test": args.test, "heldout": args.heldout}
     out = export_shapes(ShapesWorld(cfg), args.out, counts, args.zeroshot_per_class, progress=not args.quiet)
-    print(f"ShapesWorld written to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-          + (f", zeroshot {args.zeroshot_per_class} per class" if args.zeroshot_per_class else ""))
+    print(
+        f"ShapesWorld written to {out}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        + (f", zeroshot {args.zeroshot_per_class} per class" if args.zeroshot_per_class else "")
+    )
     if args.train and cfg.curriculum:
-        print(f"the train split starts with the curriculum: scenes 0-{cfg.curriculum - 1} hold one object, the next "
-              f"{cfg.curriculum} ramp to the full mix (read in this order first; --shapes.curriculum=0 for none)")
+        print(
+            f"the train split starts with the curriculum: scenes 0-{cfg.curriculum - 1} hold one object, the next "
+            f"{cfg.curriculum} ramp to the full mix (read in this order first; --shapes.curriculum=0 for none)"
+        )
     return 0
 
 
@@ -180,13 +194,16 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     print("[3/3] evaluating on the exported test split and zero-shot classes")
     model = mmfusion.load(run_dir)
     ev = run_dir / "eval"
-    for name, report in (("retrieval", evaluate_retrieval(model, str(data_dir), n=1000, out=ev, progress=False)),
-                         ("zeroshot", evaluate_zeroshot(model, str(data_dir), out=ev, progress=False))):
+    for name, report in (
+        ("retrieval", evaluate_retrieval(model, str(data_dir), n=1000, out=ev, progress=False)),
+        ("zeroshot", evaluate_zeroshot(model, str(data_dir), out=ev, progress=False)),
+    ):
         write_report(report, ev / f"{name}.json")
         print("\n".join(summary_lines(report)))
     print(f"\nreports: {ev}/retrieval.json, {ev}/zeroshot.json")
-    print(f"plots:   {run_dir}/plots/training.png, {ev}/similarity.png, {ev}/retrieval.png, "
-          f"{ev}/zeroshot_confusion.png")
+    print(
+        f"plots:   {run_dir}/plots/training.png, {ev}/similarity.png, {ev}/retrieval.png, {ev}/zeroshot_confusion.png"
+    )
     print(f"model:   {run_dir}/model   (python: mmfusion.load('{run_dir}'))")
     return 0
 
@@ -197,23 +214,31 @@ def _train_options_help() -> str:
 
     run = "\n".join(line for line in format_help(RunConfig()).splitlines() if not line.lstrip().startswith("--model="))
     _, tiny = model_config("clip-tiny")
-    return (run + "\n\nmodel options (override the preset; defaults shown are clip-tiny's):\n"
-            + format_help(tiny, prefix="model."))
+    return (
+        run
+        + "\n\nmodel options (override the preset; defaults shown are clip-tiny's):\n"
+        + format_help(tiny, prefix="model.")
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from ..train import RunConfig
 
-    p = argparse.ArgumentParser(prog="mmfusion", description="Align, fuse, search and answer across images, text, "
-                                "audio and video: train, measure and use multimodal models.")
+    p = argparse.ArgumentParser(
+        prog="mmfusion",
+        description="Align, fuse, search and answer across images, text, "
+        "audio and video: train, measure and use multimodal models.",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("data", help="generate datasets (ShapesWorld) on disk",
-                       description="Write ShapesWorld in the on-disk formats: images/ + captions.jsonl, scenes.jsonl "
-                                   "and qa.jsonl per split, and zero-shot class folders. World options: "
-                                   "--shapes.seed, --shapes.image_size, --shapes.heldout, ...")
+    d = sub.add_parser(
+        "data",
+        help="generate datasets (ShapesWorld) on disk",
+        description="Write ShapesWorld in the on-disk formats: images/ + captions.jsonl, scenes.jsonl "
+        "and qa.jsonl per split, and zero-shot class folders. World options: "
+        "--shapes.seed, --shapes.image_size, --shapes.heldout, ...",
+    )
     d.add_argument("what", choices=["shapes"], help="which dataset")
     d.add_argument("--out", required=True, help="destination folder")
     d.add_argument("--train", type=int, default=20000, help="training scenes (default 20000)")
@@ -223,9 +248,13 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--zeroshot-per-class", type=int, default=50, help="zero-shot images per class (0: none)")
     d.set_defaults(func=cmd_data)
 
-    t = sub.add_parser("train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a model. Length: exactly one of --steps, --epochs, --time.",
-                       epilog=EXAMPLES_TRAIN + _train_options_help())
+    t = sub.add_parser(
+        "train",
+        help="train a model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model. Length: exactly one of --steps, --epochs, --time.",
+        epilog=EXAMPLES_TRAIN + _train_options_help(),
+    )
     t.add_argument("task", choices=["clip"], help="what to train")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")
@@ -237,12 +266,20 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="measure a model", description="Evaluate a checkpoint; prints the metrics and "
-                       "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).")
+    e = sub.add_parser(
+        "eval",
+        help="measure a model",
+        description="Evaluate a checkpoint; prints the metrics and "
+        "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).",
+    )
     e.add_argument("kind", choices=["retrieval", "zeroshot", "all"], help="which evaluation")
     e.add_argument("--model", required=True, help="checkpoint directory or training run directory")
-    e.add_argument("--data", default="shapes", help="'shapes' (in memory) or a folder (captions.jsonl for "
-                   "retrieval; class folders root/<class>/ for zero-shot)")
+    e.add_argument(
+        "--data",
+        default="shapes",
+        help="'shapes' (in memory) or a folder (captions.jsonl for "
+        "retrieval; class folders root/<class>/ for zero-shot)",
+    )
     e.add_argument("--n", type=int, default=1000, help="retrieval: images to rank (0 = all in a folder)")
     e.add_argument("--split", default="test", help="retrieval on ShapesWorld: test or heldout")
     e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")

@@ -73,13 +73,19 @@ class DecodeReport:
             log.warning("%s: skipped %d unreadable image(s): %s%s", what, len(self.skipped), names, more)
 
 
-def decode_images(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                  desc: str = "decoding images") -> tuple[np.ndarray, list[int], DecodeReport]:
+def decode_images(
+    paths: Sequence[Path],
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    desc: str = "decoding images",
+) -> tuple[np.ndarray, list[int], DecodeReport]:
     """Decode files to a (N_ok, size, size, 3) uint8 array, in parallel threads (Pillow releases the GIL).
 
     Returns:
         The array, the indices into ``paths`` that decoded, and a report naming the files skipped.
     """
+
     def one(p: Path) -> np.ndarray | str:
         try:
             return to_uint8(load_image(p, max_pixels), size)
@@ -91,8 +97,9 @@ def decode_images(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MA
     arrays, ok = [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, paths)
-        for i, res in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img", leave=False,
-                                     disable=len(paths) < 500)):
+        for i, res in enumerate(
+            tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=len(paths) < 500)
+        ):
             if isinstance(res, str):
                 report.skipped.append((str(paths[i]), res))
             else:
@@ -136,13 +143,15 @@ class CaptionFolder:
         image_size: side of the decoded square images.
     """
 
-    def __init__(self, root: str | Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 workers: int | None = None):
+    def __init__(
+        self, root: str | Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+    ):
         self.root = Path(root)
         records = read_captions(self.root)
         paths = [self.root / r.image for r in records]
-        self.images, ok, self.report = decode_images(paths, image_size, max_pixels, workers,
-                                                     desc=f"decoding {self.root.name}")
+        self.images, ok, self.report = decode_images(
+            paths, image_size, max_pixels, workers, desc=f"decoding {self.root.name}"
+        )
         self.report.log(str(self.root))
         self.records = [records[i] for i in ok]
         if not self.records:
@@ -182,8 +191,14 @@ class ClassFolder:
             raise DataFormatError(f"{root} has no images in class sub-folders (root/<class>/<image>)")
         images, ok, report = decode_images(files, image_size, max_pixels, desc=f"decoding {root.name}")
         report.log(str(root))
-        return cls(root, [d.name.replace("_", " ") for d in dirs], images,
-                   np.asarray([labels[i] for i in ok], dtype=np.int64), [str(files[i]) for i in ok], report)
+        return cls(
+            root,
+            [d.name.replace("_", " ") for d in dirs],
+            images,
+            np.asarray([labels[i] for i in ok], dtype=np.int64),
+            [str(files[i]) for i in ok],
+            report,
+        )
 
 
 @dataclass
@@ -203,6 +218,12 @@ def read_qa(path: str | Path) -> list[QARecord]:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         obj = {**obj, "answer": answer}
-        out.append(QARecord(_require(obj, "image", path, lineno), _require(obj, "question", path, lineno),
-                            _require(obj, "answer", path, lineno), obj.get("type")))
+        out.append(
+            QARecord(
+                _require(obj, "image", path, lineno),
+                _require(obj, "question", path, lineno),
+                _require(obj, "answer", path, lineno),
+                obj.get("type"),
+            )
+        )
     return out

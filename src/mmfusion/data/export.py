@@ -36,8 +36,11 @@ def _fresh_tmp(path: Path) -> Path:
 def export_split(world: ShapesWorld, out: Path, split: str, n: int, progress: bool = True) -> Path:
     tmp = _fresh_tmp(out / f".{split}.tmp")
     (tmp / "images").mkdir()
-    with open(tmp / "captions.jsonl", "w") as fc, open(tmp / "scenes.jsonl", "w") as fs, \
-            open(tmp / "qa.jsonl", "w") as fq:
+    with (
+        open(tmp / "captions.jsonl", "w") as fc,
+        open(tmp / "scenes.jsonl", "w") as fs,
+        open(tmp / "qa.jsonl", "w") as fq,
+    ):
         for i in tqdm(range(n), desc=f"ShapesWorld {split}", unit="scene", disable=not progress):
             s = world.sample(split, i)
             rel = f"images/{i:06d}.png"
@@ -61,8 +64,9 @@ def export_zeroshot(world: ShapesWorld, out: Path, per_class: int, progress: boo
     return atomic_replace_dir(tmp, out / "zeroshot")
 
 
-def export_shapes(world: ShapesWorld, out: str | Path, counts: dict[str, int], zeroshot_per_class: int = 20,
-                  progress: bool = True) -> Path:
+def export_shapes(
+    world: ShapesWorld, out: str | Path, counts: dict[str, int], zeroshot_per_class: int = 20, progress: bool = True
+) -> Path:
     """Write the given number of scenes of each split, plus zero-shot class folders.
 
     Args:
@@ -78,10 +82,13 @@ def export_shapes(world: ShapesWorld, out: str | Path, counts: dict[str, int], z
             export_split(world, out, split, n, progress)
     if zeroshot_per_class > 0:
         export_zeroshot(world, out, zeroshot_per_class, progress)
-    atomic_write_json(out / "world.json", {
-        "format": "mmfusion.shapesworld/1",
-        "config": asdict(world.cfg),
-        "counts": counts,
-        "classes": {"all": world.combos("all"), "seen": world.combos("seen"), "heldout": world.combos("heldout")},
-    })
+    atomic_write_json(
+        out / "world.json",
+        {
+            "format": "mmfusion.shapesworld/1",
+            "config": asdict(world.cfg),
+            "counts": counts,
+            "classes": {"all": world.combos("all"), "seen": world.combos("seen"), "heldout": world.combos("heldout")},
+        },
+    )
     return out

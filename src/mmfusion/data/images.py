@@ -94,8 +94,9 @@ def to_uint8(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resize_center_crop(img, size), dtype=np.uint8)
 
 
-def normalize_batch(batch: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def normalize_batch(
+    batch: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W), scaled to [0, 1] and normalised per channel."""
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)

@@ -61,8 +61,12 @@ class ShapesPairs:
         scene = self.world.scene(self.split, index)
         caps = self.world.captions(scene)
         chosen = [caps[i] for i in _draw(len(caps), k, rng)]
-        return Pair(np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8), [c.text for c in chosen],
-                    scene, [c.meaning for c in chosen])
+        return Pair(
+            np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8),
+            [c.text for c in chosen],
+            scene,
+            [c.meaning for c in chosen],
+        )
 
     def caption_corpus(self, limit: int) -> list[str]:
         texts = list(self.world.vocabulary_texts())
@@ -102,8 +106,12 @@ class FolderPairs:
         rec = self.folder.records[index]
         chosen = _draw(len(rec.captions), k, rng)
         scene = self.scenes[index] if self.scenes is not None else None
-        return Pair(self.folder.images[index], [rec.captions[i] for i in chosen], scene,
-                    [rec.extras[i].get("meaning") for i in chosen])
+        return Pair(
+            self.folder.images[index],
+            [rec.captions[i] for i in chosen],
+            scene,
+            [rec.extras[i].get("meaning") for i in chosen],
+        )
 
     def caption_corpus(self, limit: int) -> list[str]:
         texts = list(ShapesWorld.vocabulary_texts()) if self.world is not None else []
@@ -136,8 +144,14 @@ class PairSampler:
         augment: train-time augmentation applied per sample.
     """
 
-    def __init__(self, source: PairSource, seed: int, augment_cfg: AugmentConfig | None = None,
-                 first_epoch_in_order: bool = False, captions_per_image: int = 1):
+    def __init__(
+        self,
+        source: PairSource,
+        seed: int,
+        augment_cfg: AugmentConfig | None = None,
+        first_epoch_in_order: bool = False,
+        captions_per_image: int = 1,
+    ):
         self.source, self.seed, self.first_epoch_in_order = source, seed, first_epoch_in_order
         self.k = captions_per_image
         self.augment = augment_cfg or AugmentConfig()

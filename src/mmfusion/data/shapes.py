@@ -38,8 +38,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SIZES: dict[str, float] = {"small": 0.10, "large": 0.17}
 # One held-out shape per colour, covering every shape: 8 of the 48 combinations.
 DEFAULT_HELDOUT: tuple[str, ...] = (
-    "red triangle", "orange star", "yellow cross", "green circle",
-    "cyan square", "blue diamond", "purple circle", "white triangle",
+    "red triangle",
+    "orange star",
+    "yellow cross",
+    "green circle",
+    "cyan square",
+    "blue diamond",
+    "purple circle",
+    "white triangle",
 )
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -65,9 +71,12 @@ class ShapesConfig:
     heldout: tuple[str, ...] = field(DEFAULT_HELDOUT, "'colour shape' combinations never seen in training")
     captions_per_scene: int = field(5, "captions written for each scene")
     supersample: int = field(2, "render at this multiple of the size, then downsample (anti-aliasing)")
-    curriculum: int = field(30000, "training split only: the first N scenes hold one object, and over the next N the "
-                               "mix of object counts moves linearly to object_weights, so shape and colour are "
-                               "learned before scenes get crowded (a small model learns shape several times faster)")
+    curriculum: int = field(
+        30000,
+        "training split only: the first N scenes hold one object, and over the next N the "
+        "mix of object counts moves linearly to object_weights, so shape and colour are "
+        "learned before scenes get crowded (a small model learns shape several times faster)",
+    )
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,7 @@ class Obj:
         return SIZES[self.size]
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size,
-                "x": self.x, "y": self.y}
+        return {"shape": self.shape, "colour": self.colour, "size": self.size, "x": self.x, "y": self.y}
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,12 @@ class Scene:
     index: int = 0
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "index": self.index, "background": self.background,
-                "objects": [o.to_dict() for o in self.objects]}
+        return {
+            "split": self.split,
+            "index": self.index,
+            "background": self.background,
+            "objects": [o.to_dict() for o in self.objects],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
@@ -141,8 +153,10 @@ def _check_combos(combos: Sequence[str]) -> None:
     valid = set(all_combos())
     bad = [c for c in combos if c not in valid]
     if bad:
-        raise ValueError(f"unknown shape-colour combination(s) {bad}; write them as 'colour shape', "
-                         f"e.g. 'red circle', from colours {list(COLOURS)} and shapes {list(SHAPES)}")
+        raise ValueError(
+            f"unknown shape-colour combination(s) {bad}; write them as 'colour shape', "
+            f"e.g. 'red circle', from colours {list(COLOURS)} and shapes {list(SHAPES)}"
+        )
 
 
 def _place(rng: np.random.Generator, radii: list[float], tries: int = 200) -> list[tuple[float, float]] | None:
@@ -179,8 +193,10 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig, split: str = "trai
         n = int(rng.choice(len(weights), p=weights / weights.sum())) + 1
         if split == "heldout":
             combos = [heldout[rng.integers(len(heldout))]]
-            combos += [seen[rng.integers(len(seen))] if rng.random() < 0.5 else heldout[rng.integers(len(heldout))]
-                       for _ in range(n - 1)]
+            combos += [
+                seen[rng.integers(len(seen))] if rng.random() < 0.5 else heldout[rng.integers(len(heldout))]
+                for _ in range(n - 1)
+            ]
             rng.shuffle(combos)
         else:
             combos = [seen[i] for i in rng.integers(len(seen), size=n)]
@@ -194,7 +210,7 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig, split: str = "trai
 
 def single_object_scene(rng: np.random.Generator, colour: str, shape: str, split: str, index: int) -> Scene:
     size = list(SIZES)[rng.integers(len(SIZES))]
-    (x, y), = _place(rng, [SIZES[size]])  # type: ignore[misc]
+    ((x, y),) = _place(rng, [SIZES[size]])  # type: ignore[misc]
     return Scene((Obj(shape, colour, size, x, y),), int(rng.integers(15, 75)), split, index)
 
 
@@ -220,9 +236,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return pts
     if shape == "cross":
         a, b = r * 0.32, r * 0.95
-        return [(cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a),
-                (cx + a, cy + a), (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a),
-                (cx - b, cy - a), (cx - a, cy - a)]
+        return [
+            (cx - a, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy - a),
+            (cx - a, cy - a),
+        ]
     raise ValueError(f"unknown shape {shape!r}; ShapesWorld draws {list(SHAPES)}")
 
 
@@ -280,8 +307,7 @@ RELATION_PHRASES = {
     "above": ["above", "over"],
     "below": ["below", "under", "beneath"],
 }
-PREFIXES = ["", "", "", "a picture of ", "an image of ", "a drawing of ", "there is ", "a scene with ",
-            "a photo of "]
+PREFIXES = ["", "", "", "a picture of ", "an image of ", "a drawing of ", "there is ", "a scene with ", "a photo of "]
 
 
 def _ref(o: Obj, rng: np.random.Generator, full: bool = False) -> dict:
@@ -359,8 +385,11 @@ def _caption_multi(objs: tuple[Obj, ...], rng: np.random.Generator) -> Caption:
     ref = _ref(objs[order[0]], rng)
     noun = ["objects", "shapes"][rng.integers(2)]
     link = ["including", "with", "one of them"][rng.integers(3)]
-    text = f"{NUMBER_WORDS[n]} {noun} {link} {_np(ref)}" if link != "one of them" else \
-        f"{NUMBER_WORDS[n]} {noun}, one of them {_np(ref)}"
+    text = (
+        f"{NUMBER_WORDS[n]} {noun} {link} {_np(ref)}"
+        if link != "one of them"
+        else f"{NUMBER_WORDS[n]} {noun}, one of them {_np(ref)}"
+    )
     return Caption(text, {"objects": [ref], "relations": [], "count": n})
 
 
@@ -368,8 +397,11 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[Ca
     """Up to ``n`` distinct captions of the scene; the first always names every object by colour and shape."""
     objs = scene.objects
     full = [{"shape": o.shape, "colour": o.colour, "size": None} for o in objs]
-    first_text = " and ".join(_np(r) for r in full) if len(objs) <= 2 else \
-        ", ".join(_np(r) for r in full[:-1]) + " and " + _np(full[-1])
+    first_text = (
+        " and ".join(_np(r) for r in full)
+        if len(objs) <= 2
+        else ", ".join(_np(r) for r in full[:-1]) + " and " + _np(full[-1])
+    )
     caps = [Caption(first_text, {"objects": full, "relations": [], "count": None})]
     seen = {first_text}
     for _ in range(n * 6):
@@ -383,8 +415,13 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[Ca
 
 
 def _region_holds(o: Obj, region: str) -> bool:
-    checks = {"left": o.x < 0.5, "right": o.x > 0.5, "top": o.y < 0.5, "bottom": o.y > 0.5,
-              "middle": 0.3 < o.x < 0.7 and 0.3 < o.y < 0.7}
+    checks = {
+        "left": o.x < 0.5,
+        "right": o.x > 0.5,
+        "top": o.y < 0.5,
+        "bottom": o.y > 0.5,
+        "middle": 0.3 < o.x < 0.7 and 0.3 < o.y < 0.7,
+    }
     return all(checks[part] for part in region.split())
 
 
@@ -410,8 +447,9 @@ def satisfies(scene: Scene, meaning: dict) -> bool:
             if ref.get("region") and not _region_holds(o, ref["region"]):
                 ok = False
                 break
-        if ok and all(_relation_holds(objs[assignment[i]], rel, objs[assignment[j]])
-                      for i, rel, j in meaning.get("relations", [])):
+        if ok and all(
+            _relation_holds(objs[assignment[i]], rel, objs[assignment[j]]) for i, rel, j in meaning.get("relations", [])
+        ):
             return True
     return False
 
@@ -494,13 +532,21 @@ def describes_matrix(scenes: Sequence[Scene], meanings: Sequence[dict]) -> np.nd
     n_obj, n_ref = exists.sum(1), active.sum(1)  # (B,), (T,)
     # does reference r of meaning t fit object o of scene b?  (B, T, r, o)
     attr_ok = ((want[None, :, :, None, :] == -1) | (want[None, :, :, None, :] == attrs[:, None, None, :, :])).all(-1)
-    in_region = np.stack([x < 0.5, x > 0.5, y < 0.5, y > 0.5,
-                          (x > 0.3) & (x < 0.7) & (y > 0.3) & (y < 0.7)], axis=-1)  # (B, 3, parts)
+    in_region = np.stack(
+        [x < 0.5, x > 0.5, y < 0.5, y > 0.5, (x > 0.3) & (x < 0.7) & (y > 0.3) & (y < 0.7)], axis=-1
+    )  # (B, 3, parts)
     region_ok = ~(region[None, :, :, None, :] & ~in_region[:, None, None, :, :]).any(-1)
     fit = attr_ok & region_ok & exists[:, None, None, :]
     fit |= ~active[None, :, :, None]  # references a meaning does not have fit anything
-    rel_kind = np.stack([x[:, :, None] < x[:, None, :], x[:, :, None] > x[:, None, :],
-                         y[:, :, None] < y[:, None, :], y[:, :, None] > y[:, None, :]], axis=1)  # (B, 4, o, o)
+    rel_kind = np.stack(
+        [
+            x[:, :, None] < x[:, None, :],
+            x[:, :, None] > x[:, None, :],
+            y[:, :, None] < y[:, None, :],
+            y[:, :, None] > y[:, None, :],
+        ],
+        axis=1,
+    )  # (B, 4, o, o)
     ok_any = np.zeros((B, T), dtype=bool)
     for perm in _PERMS:  # reference r -> object perm[r]; the three slots are distinct, so it is injective
         ok = fit[:, :, 0, perm[0]] & fit[:, :, 1, perm[1]] & fit[:, :, 2, perm[2]]
@@ -554,8 +600,12 @@ def make_questions(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig | N
         for rel in rels:
             # "what is left of B?" only when exactly one object is left of B at all
             if sum(_relation_holds(p, rel, b) for p in objs if p is not b) == 1:
-                phrase = {"left_of": "to the left of", "right_of": "to the right of",
-                          "above": "above", "below": "below"}[rel]
+                phrase = {
+                    "left_of": "to the left of",
+                    "right_of": "to the right of",
+                    "above": "above",
+                    "below": "below",
+                }[rel]
                 qas.append(QA(f"what is {phrase} {_unique_ref(b, objs)}?", a.name, "relation"))
                 break
         if len(qas) >= 7:

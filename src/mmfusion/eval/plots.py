@@ -76,8 +76,9 @@ def plot_training_curves(metrics_jsonl: str | Path, out: str | Path) -> Path:
     return _save(fig, out)
 
 
-def plot_similarity(sim: np.ndarray, images: np.ndarray, texts: Sequence[str], out: str | Path,
-                    title: str = "image-text similarity") -> Path:
+def plot_similarity(
+    sim: np.ndarray, images: np.ndarray, texts: Sequence[str], out: str | Path, title: str = "image-text similarity"
+) -> Path:
     """Heat map of cosine similarities, with the images along the top and the captions down the side."""
     n = len(texts)
     fig = plt.figure(figsize=(2.2 + 0.55 * n, 1.6 + 0.42 * n))
@@ -98,8 +99,13 @@ def plot_similarity(sim: np.ndarray, images: np.ndarray, texts: Sequence[str], o
     return _save(fig, out)
 
 
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: str | Path, title: str = "confusion matrix",
-                   highlight: Sequence[str] = ()) -> Path:
+def plot_confusion(
+    cm: np.ndarray,
+    classes: Sequence[str],
+    out: str | Path,
+    title: str = "confusion matrix",
+    highlight: Sequence[str] = (),
+) -> Path:
     """Row-normalised confusion matrix (true class down, predicted across); highlighted labels in red."""
     cm = np.asarray(cm, dtype=float)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -117,8 +123,15 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: str | Path, titl
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

@@ -47,10 +47,13 @@ def retrieval_set(data: str, n: int, split: str = "test", shapes: ShapesConfig |
     if data == "shapes":
         world = ShapesWorld(shapes)
         samples = [world.sample(split, i) for i in range(n)]
-        return RetrievalSet(np.stack([np.asarray(s.image) for s in samples]),
-                            [[c.text for c in s.captions] for s in samples], [s.scene for s in samples],
-                            [[c.meaning for c in s.captions] for s in samples],
-                            f"ShapesWorld {split} split, {n} scenes")
+        return RetrievalSet(
+            np.stack([np.asarray(s.image) for s in samples]),
+            [[c.text for c in s.captions] for s in samples],
+            [s.scene for s in samples],
+            [[c.meaning for c in s.captions] for s in samples],
+            f"ShapesWorld {split} split, {n} scenes",
+        )
     root = Path(data)
     for candidate in (root, root / split):
         if (candidate / "captions.jsonl").is_file():
@@ -68,8 +71,13 @@ def retrieval_set(data: str, n: int, split: str = "test", shapes: ShapesConfig |
             scenes = [by_image[r.image] for r in records]
     meanings = [[e.get("meaning") for e in r.extras] for r in records]
     has_meaning = scenes is not None and all(m is not None for ms in meanings for m in ms)
-    return RetrievalSet(folder.images[: len(records)], [r.captions for r in records], scenes,
-                        meanings if has_meaning else None, f"{root} ({len(records)} images)")
+    return RetrievalSet(
+        folder.images[: len(records)],
+        [r.captions for r in records],
+        scenes,
+        meanings if has_meaning else None,
+        f"{root} ({len(records)} images)",
+    )
 
 
 def _eval_size(candidates: Any) -> int:
@@ -86,9 +94,15 @@ def _eval_size(candidates: Any) -> int:
     return 224
 
 
-def evaluate_retrieval(embedder: Embedder, data: str = "shapes", n: int = 1000, split: str = "test",
-                       out: str | Path | None = None, ks: tuple[int, ...] = (1, 5, 10),
-                       progress: bool = True) -> dict[str, Any]:
+def evaluate_retrieval(
+    embedder: Embedder,
+    data: str = "shapes",
+    n: int = 1000,
+    split: str = "test",
+    out: str | Path | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    progress: bool = True,
+) -> dict[str, Any]:
     """Recall@K both ways, ranks, and (on ShapesWorld) semantic precision@K; writes report + plots to ``out``."""
     t0 = time.perf_counter()
     ds = retrieval_set(data, n, split, shapes_config_of(embedder))
@@ -99,16 +113,25 @@ def evaluate_retrieval(embedder: Embedder, data: str = "shapes", n: int = 1000, 
     metrics = retrieval_metrics(img_emb, txt_emb, text_image, ks)
     if ds.scenes is not None and ds.meanings is not None:
         flat_meanings = [m for ms in ds.meanings for m in ms]
-        sem = semantic_precision(img_emb, txt_emb, lambda t, i: satisfies(ds.scenes[i], flat_meanings[t]), ks,
-                                 groups=[caption_kind(m) for m in flat_meanings])
+        sem = semantic_precision(
+            img_emb,
+            txt_emb,
+            lambda t, i: satisfies(ds.scenes[i], flat_meanings[t]),
+            ks,
+            groups=[caption_kind(m) for m in flat_meanings],
+        )
         by_kind = {"semantic_P@1": sem.pop("semantic_P@1_by"), "texts": sem.pop("texts_by")}
         metrics.update(sem)
     counts: dict[str, int] = {}
     for t in texts:
         counts[t] = counts.get(t, 0) + 1
     report = {
-        "task": "retrieval", "model": getattr(embedder, "name", "?"), "data": ds.source,
-        "n_images": len(ds.images), "n_texts": len(texts), "metrics": metrics,
+        "task": "retrieval",
+        "model": getattr(embedder, "name", "?"),
+        "data": ds.source,
+        "n_images": len(ds.images),
+        "n_texts": len(texts),
+        "metrics": metrics,
         "captions_unique_fraction": sum(counts[t] == 1 for t in texts) / max(1, len(texts)),
         **({"by_caption_kind": by_kind} if ds.scenes is not None and ds.meanings is not None else {}),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -132,8 +155,9 @@ class ZeroShotGroup:
     labels: np.ndarray  # into the class list
 
 
-def zeroshot_groups(data: str, per_class: int, shapes: ShapesConfig | None = None
-                    ) -> tuple[list[str], list[ZeroShotGroup], list[str], str]:
+def zeroshot_groups(
+    data: str, per_class: int, shapes: ShapesConfig | None = None
+) -> tuple[list[str], list[ZeroShotGroup], list[str], str]:
     """Classes, image groups, highlighted (held-out) classes and a description."""
     if data == "shapes":
         world = ShapesWorld(shapes)
@@ -141,32 +165,60 @@ def zeroshot_groups(data: str, per_class: int, shapes: ShapesConfig | None = Non
         groups = []
         for which in ("seen", "heldout"):
             items = world.classification_set(which, per_class)
-            groups.append(ZeroShotGroup(which, np.stack([np.asarray(world.render(s)) for s, _ in items]),
-                                        np.asarray([classes.index(lbl) for _, lbl in items])))
+            groups.append(
+                ZeroShotGroup(
+                    which,
+                    np.stack([np.asarray(world.render(s)) for s, _ in items]),
+                    np.asarray([classes.index(lbl) for _, lbl in items]),
+                )
+            )
         return classes, groups, world.combos("heldout"), f"ShapesWorld single objects, {per_class} per class"
     root = Path(data)
-    parts = [root / "zeroshot" / w for w in ("seen", "heldout")] if (root / "zeroshot" / "seen").is_dir() else \
-        [root / w for w in ("seen", "heldout")] if (root / "seen").is_dir() else [root]
-    folders = [ClassFolder.load(p, _eval_size(q for q in sorted(p.rglob("*")) if q.is_file()))
-               for p in parts if p.is_dir()]
+    parts = (
+        [root / "zeroshot" / w for w in ("seen", "heldout")]
+        if (root / "zeroshot" / "seen").is_dir()
+        else [root / w for w in ("seen", "heldout")]
+        if (root / "seen").is_dir()
+        else [root]
+    )
+    folders = [
+        ClassFolder.load(p, _eval_size(q for q in sorted(p.rglob("*")) if q.is_file())) for p in parts if p.is_dir()
+    ]
     classes = sorted({c for f in folders for c in f.classes})
-    groups = [ZeroShotGroup(f.root.name if len(folders) > 1 else "all", f.images,
-                            np.asarray([classes.index(f.classes[k]) for k in f.labels])) for f in folders]
+    groups = [
+        ZeroShotGroup(
+            f.root.name if len(folders) > 1 else "all",
+            f.images,
+            np.asarray([classes.index(f.classes[k]) for k in f.labels]),
+        )
+        for f in folders
+    ]
     highlighted = folders[1].classes if len(folders) > 1 else []
     return classes, groups, highlighted, str(root)
 
 
-def evaluate_zeroshot(embedder: Embedder, data: str = "shapes", per_class: int = 50,
-                      templates: tuple[str, ...] | list[str] | None = None, out: str | Path | None = None,
-                      progress: bool = True) -> dict[str, Any]:
+def evaluate_zeroshot(
+    embedder: Embedder,
+    data: str = "shapes",
+    per_class: int = 50,
+    templates: tuple[str, ...] | list[str] | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Top-1/top-5 over all classes with a prompt ensemble, per group (seen and held-out combinations)."""
     t0 = time.perf_counter()
     classes, groups, highlighted, source = zeroshot_groups(data, per_class, shapes_config_of(embedder))
     templates = tuple(templates or (SHAPES_TEMPLATES if data == "shapes" or highlighted else PHOTO_TEMPLATES))
     cls_emb = class_embeddings(embedder, classes, templates)
     single = class_embeddings(embedder, classes, templates[:1])
-    report: dict[str, Any] = {"task": "zeroshot", "model": getattr(embedder, "name", "?"), "data": source,
-                              "classes": classes, "templates": list(templates), "groups": {}}
+    report: dict[str, Any] = {
+        "task": "zeroshot",
+        "model": getattr(embedder, "name", "?"),
+        "data": source,
+        "classes": classes,
+        "templates": list(templates),
+        "groups": {},
+    }
     all_pred, all_true = [], []
     for g in groups:
         emb = embed_images(embedder, g.images, progress=progress)
@@ -176,10 +228,12 @@ def evaluate_zeroshot(embedder: Embedder, data: str = "shapes", per_class: int =
         res["top1_single_template"] = topk_accuracy(emb @ single.t(), labels, (1,))["top1"]
         pred = logits.argmax(dim=1).numpy()
         if all(len(c.split()) == 2 for c in classes):  # "colour shape": which half was right
-            res["colour_acc"] = float(np.mean([classes[p].split()[0] == classes[t].split()[0]
-                                               for p, t in zip(pred, g.labels)]))
-            res["shape_acc"] = float(np.mean([classes[p].split()[1] == classes[t].split()[1]
-                                              for p, t in zip(pred, g.labels)]))
+            res["colour_acc"] = float(
+                np.mean([classes[p].split()[0] == classes[t].split()[0] for p, t in zip(pred, g.labels)])
+            )
+            res["shape_acc"] = float(
+                np.mean([classes[p].split()[1] == classes[t].split()[1] for p, t in zip(pred, g.labels)])
+            )
         res["n"] = len(g.labels)
         report["groups"][g.name] = res
         all_pred.append(pred)
@@ -187,9 +241,17 @@ def evaluate_zeroshot(embedder: Embedder, data: str = "shapes", per_class: int =
     report["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
         cm = confusion_matrix(np.concatenate(all_pred), np.concatenate(all_true), len(classes))
-        report["plots"] = {"confusion": str(plots.plot_confusion(
-            cm, classes, Path(out) / "zeroshot_confusion.png", highlight=highlighted,
-            title="zero-shot confusion (held-out classes in red)" if highlighted else "zero-shot confusion"))}
+        report["plots"] = {
+            "confusion": str(
+                plots.plot_confusion(
+                    cm,
+                    classes,
+                    Path(out) / "zeroshot_confusion.png",
+                    highlight=highlighted,
+                    title="zero-shot confusion (held-out classes in red)" if highlighted else "zero-shot confusion",
+                )
+            )
+        }
     return report
 
 
@@ -205,22 +267,34 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         ks = sorted({int(k.split("@")[1]) for k in m if k.startswith("i2t_R@")})
         lines.append("  " + "  ".join(f"R@{k}" for k in ks).rjust(8 + 7 * len(ks)))
         for p, name in (("i2t", "image→text"), ("t2i", "text→image")):
-            lines.append(f"  {name:11s}" + "".join(f"{m[f'{p}_R@{k}']:7.3f}" for k in ks)
-                         + f"   mean rank {m[f'{p}_mean_rank']:.1f}")
+            lines.append(
+                f"  {name:11s}"
+                + "".join(f"{m[f'{p}_R@{k}']:7.3f}" for k in ks)
+                + f"   mean rank {m[f'{p}_mean_rank']:.1f}"
+            )
         if "semantic_P@1" in m:
-            lines.append("  semantic  " + "".join(f"{m.get(f'semantic_P@{k}', float('nan')):7.3f}" for k in ks)
-                         + "   (precision@K: retrieved images the caption is true of)")
+            lines.append(
+                "  semantic  "
+                + "".join(f"{m.get(f'semantic_P@{k}', float('nan')):7.3f}" for k in ks)
+                + "   (precision@K: retrieved images the caption is true of)"
+            )
         if "by_caption_kind" in report:
             kinds = report["by_caption_kind"]
-            lines.append("  semantic P@1 by caption kind: " + ", ".join(
-                f"{k} {v:.2f} (n={kinds['texts'][k]})" for k, v in kinds["semantic_P@1"].items()))
-        lines.append(f"  {report['n_images']} images, {report['n_texts']} captions "
-                     f"({report['captions_unique_fraction']:.0%} of captions unique: exact-pair R@1 is capped by it)")
+            lines.append(
+                "  semantic P@1 by caption kind: "
+                + ", ".join(f"{k} {v:.2f} (n={kinds['texts'][k]})" for k, v in kinds["semantic_P@1"].items())
+            )
+        lines.append(
+            f"  {report['n_images']} images, {report['n_texts']} captions "
+            f"({report['captions_unique_fraction']:.0%} of captions unique: exact-pair R@1 is capped by it)"
+        )
     else:
         for name, g in report["groups"].items():
             extra = f"  colour {g['colour_acc']:.3f}  shape {g['shape_acc']:.3f}" if "colour_acc" in g else ""
-            lines.append(f"  {name:8s} top-1 {g['top1']:.3f}  top-5 {g['top5']:.3f}  "
-                         f"(one template: {g['top1_single_template']:.3f}){extra}  n={g['n']}")
+            lines.append(
+                f"  {name:8s} top-1 {g['top1']:.3f}  top-5 {g['top5']:.3f}  "
+                f"(one template: {g['top1_single_template']:.3f}){extra}  n={g['n']}"
+            )
         lines.append(f"  over {len(report['classes'])} classes, ensemble of {len(report['templates'])} templates")
     for path in report.get("plots", {}).values():
         lines.append(f"  plot: {path}")

@@ -26,13 +26,14 @@ CHUNK = 1024
 
 
 @torch.no_grad()
-def embed_images(embedder: Embedder, images: np.ndarray | Sequence[Image.Image], batch_size: int = 256,
-                 progress: bool = False) -> torch.Tensor:
+def embed_images(
+    embedder: Embedder, images: np.ndarray | Sequence[Image.Image], batch_size: int = 256, progress: bool = False
+) -> torch.Tensor:
     """(N, D) normalised embeddings of uint8 arrays (N, H, W, 3) or PIL images, in batches."""
     out = []
     quiet = not progress or len(images) < 20 * batch_size
     for i in tqdm(range(0, len(images), batch_size), desc="embedding images", disable=quiet, leave=False):
-        chunk = images[i: i + batch_size]
+        chunk = images[i : i + batch_size]
         pil = [Image.fromarray(a) if isinstance(a, np.ndarray) else a for a in chunk]
         out.append(embedder.encode_image(pil).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, embedder.embed_dim)
@@ -44,7 +45,7 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 512)
     unique: dict[str, int] = {}
     index = [unique.setdefault(t, len(unique)) for t in texts]
     keys = list(unique)
-    parts = [embedder.encode_text(keys[i: i + batch_size]).float().cpu() for i in range(0, len(keys), batch_size)]
+    parts = [embedder.encode_text(keys[i : i + batch_size]).float().cpu() for i in range(0, len(keys), batch_size)]
     emb = torch.cat(parts) if parts else torch.zeros(0, embedder.embed_dim)
     return emb[torch.as_tensor(index, dtype=torch.long)]
 
@@ -56,8 +57,9 @@ def _recall(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, fl
     return out
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K and ranks in both directions.
 
     Args:
@@ -70,21 +72,26 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
     # text -> image: rank of the correct image among all images
     t2i = []
     for s in range(0, text_emb.shape[0], CHUNK):
-        sim = text_emb[s: s + CHUNK] @ image_emb.t()  # (chunk, N_img)
-        correct = sim.gather(1, text_image[s: s + CHUNK, None])  # (chunk, 1)
+        sim = text_emb[s : s + CHUNK] @ image_emb.t()  # (chunk, N_img)
+        correct = sim.gather(1, text_image[s : s + CHUNK, None])  # (chunk, 1)
         t2i.append((sim > correct).sum(dim=1))
     # image -> text: rank of the best-scoring correct text
     i2t = []
     for s in range(0, n_img, CHUNK):
-        sim = image_emb[s: s + CHUNK] @ text_emb.t()  # (chunk, N_txt)
+        sim = image_emb[s : s + CHUNK] @ text_emb.t()  # (chunk, N_txt)
         own = text_image[None, :] == torch.arange(s, min(s + CHUNK, n_img))[:, None]  # (chunk, N_txt)
         best = sim.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values  # (chunk, 1)
         i2t.append((sim > best).sum(dim=1))
     return {**_recall(torch.cat(i2t), ks, "i2t"), **_recall(torch.cat(t2i), ks, "t2i")}
 
 
-def semantic_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, holds: Callable[[int, int], bool],
-                       ks: Sequence[int] = (1, 5, 10), groups: Sequence[str] | None = None) -> dict:
+def semantic_precision(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    holds: Callable[[int, int], bool],
+    ks: Sequence[int] = (1, 5, 10),
+    groups: Sequence[str] | None = None,
+) -> dict:
     """Mean fraction of the top-K images for each text that the text truly describes.
 
     Args:
@@ -94,7 +101,7 @@ def semantic_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, holds: C
     kmax = min(max(ks), image_emb.shape[0])
     per_text = np.zeros((text_emb.shape[0], len(ks)))
     for s in range(0, text_emb.shape[0], CHUNK):
-        top = (text_emb[s: s + CHUNK] @ image_emb.t()).topk(kmax, dim=1).indices  # (chunk, kmax)
+        top = (text_emb[s : s + CHUNK] @ image_emb.t()).topk(kmax, dim=1).indices  # (chunk, kmax)
         for row, images in enumerate(top.tolist()):
             ok = np.cumsum([holds(s + row, i) for i in images])
             per_text[s + row] = [ok[min(k, kmax) - 1] / min(k, kmax) for k in ks]

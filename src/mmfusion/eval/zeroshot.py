@@ -18,23 +18,42 @@ from .retrieval import embed_texts
 
 # Prompts for photographs, a subset of the CLIP paper's ImageNet ensemble.
 PHOTO_TEMPLATES = (
-    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a rendering of a {}.", "a cropped photo of the {}.", "a photo of the large {}.", "a photo of the small {}.",
-    "a bright photo of a {}.", "a dark photo of the {}.", "a close-up photo of a {}.", "a drawing of a {}.",
-    "a low resolution photo of the {}.", "a good photo of a {}.", "a blurry photo of a {}.", "itap of a {}.",
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a rendering of a {}.",
+    "a cropped photo of the {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a close-up photo of a {}.",
+    "a drawing of a {}.",
+    "a low resolution photo of the {}.",
+    "a good photo of a {}.",
+    "a blurry photo of a {}.",
+    "itap of a {}.",
 )
 # Prompts in the phrasing of ShapesWorld captions.
 SHAPES_TEMPLATES = (
-    "a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}", "there is a {}", "a photo of a {}",
-    "a scene with a {}", "a single {}",
+    "a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a drawing of a {}",
+    "there is a {}",
+    "a photo of a {}",
+    "a scene with a {}",
+    "a single {}",
 )
 
 
 def fill_template(template: str, label: str) -> str:
     """Put a label into a template, writing 'an' before a vowel where the template says 'a {}'."""
     if label[:1].lower() in "aeiou":
-        template = template.replace("a {}", "an {}") if template.startswith("a {}") else \
-            template.replace(" a {}", " an {}")
+        template = (
+            template.replace("a {}", "an {}") if template.startswith("a {}") else template.replace(" a {}", " an {}")
+        )
     return template.format(label)
 
 

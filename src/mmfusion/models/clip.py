@@ -83,12 +83,15 @@ class CLIP(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         if self.tokenizer is None:
-            raise RuntimeError(f"model {self.name!r} has no tokenizer, so it cannot read strings: pass token ids, "
-                               "or load a trained checkpoint (it keeps tokenizer.json)")
+            raise RuntimeError(
+                f"model {self.name!r} has no tokenizer, so it cannot read strings: pass token ids, "
+                "or load a trained checkpoint (it keeps tokenizer.json)"
+            )
         return self.tokenizer.encode(texts)
 
-    def encode_image(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
-                     normalize: bool = True) -> torch.Tensor:
+    def encode_image(
+        self, images: Image.Image | Sequence[Image.Image] | torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         """Embed images: PIL images, or a float tensor (B, 3, H, W) already preprocessed."""
         x = images if isinstance(images, torch.Tensor) else self.transform(images)
         z = self.visual(x.to(self.device))

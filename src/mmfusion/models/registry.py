@@ -111,9 +111,15 @@ def write_model_files(model: nn.Module, directory: Path, extra: dict[str, Any] |
         raise TypeError(f"cannot save {type(model).__name__}: not a registered mmfusion model family")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    meta = {"format": FORMAT, "family": family, "name": getattr(model, "name", family),
-            "config": asdict(model.cfg), "mmfusion_version": __version__,
-            **(getattr(model, "meta", None) or {}), **(extra or {})}
+    meta = {
+        "format": FORMAT,
+        "family": family,
+        "name": getattr(model, "name", family),
+        "config": asdict(model.cfg),
+        "mmfusion_version": __version__,
+        **(getattr(model, "meta", None) or {}),
+        **(extra or {}),
+    }
     atomic_write_json(directory / CONFIG_FILE, meta)
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
@@ -127,10 +133,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path}: give a checkpoint directory (config.json + model.safetensors) "
-                                f"or a training run's output directory, or a preset name: {', '.join(list_models())}")
-    raise FileNotFoundError(f"{path} is not an mmfusion checkpoint: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                            f"(or a model/ folder holding them, as `mmfusion train` writes)")
+        raise FileNotFoundError(
+            f"no model at {path}: give a checkpoint directory (config.json + model.safetensors) "
+            f"or a training run's output directory, or a preset name: {', '.join(list_models())}"
+        )
+    raise FileNotFoundError(
+        f"{path} is not an mmfusion checkpoint: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+        f"(or a model/ folder holding them, as `mmfusion train` writes)"
+    )
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -156,6 +166,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     state = load_file(str(ckpt / WEIGHTS_FILE), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{ckpt / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise ConfigError(
+            f"{ckpt / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.to(device).eval()

@@ -25,12 +25,18 @@ class VisionConfig:
     heads: int = field(4, "attention heads")
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
-    pool: Literal["cls", "mean", "cls+mean"] = field("cls", "pool the class token, the mean of patch tokens (a bag of "
-                                                            "local features), or both side by side")
-    pos_init: Literal["random", "sincos"] = field("random", "initial position embeddings: small random values, or "
-                                                            "2-D sine-cosine (spatial structure from the first step)")
-    stem: Literal["patch", "conv"] = field("patch", "patchify with one strided conv, or a stack of stride-2 3x3 "
-                                                    "convs (Xiao et al., 2021); patch_size must be a power of 2")
+    pool: Literal["cls", "mean", "cls+mean"] = field(
+        "cls", "pool the class token, the mean of patch tokens (a bag of local features), or both side by side"
+    )
+    pos_init: Literal["random", "sincos"] = field(
+        "random",
+        "initial position embeddings: small random values, or 2-D sine-cosine (spatial structure from the first step)",
+    )
+    stem: Literal["patch", "conv"] = field(
+        "patch",
+        "patchify with one strided conv, or a stack of stride-2 3x3 "
+        "convs (Xiao et al., 2021); patch_size must be a power of 2",
+    )
 
 
 @dataclass
@@ -52,8 +58,9 @@ def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> torch.Tens
     sin(y), cos(y), sin(x), cos(x) at geometrically spaced frequencies (as in MAE)."""
     if width % 4:
         raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {width}")
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                          indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
     y = y.flatten()[:, None] * omega[None, :]  # (N, W/4)
     x = x.flatten()[:, None] * omega[None, :]
@@ -83,8 +90,11 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         scale = cfg.width**-0.5
-        self.patch_embed = conv_stem(cfg.patch_size, cfg.width) if cfg.stem == "conv" else \
-            nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = (
+            conv_stem(cfg.patch_size, cfg.width)
+            if cfg.stem == "conv"
+            else nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        )
         self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
         self.pos_embed = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)

@@ -34,8 +34,9 @@ def positives_from_ids(ids: torch.Tensor) -> torch.Tensor:
 
 def _check(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
     if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
-        raise ValueError(f"expected (B, D) image and (T, D) text embeddings, got {tuple(image.shape)} and "
-                         f"{tuple(text.shape)}")
+        raise ValueError(
+            f"expected (B, D) image and (T, D) text embeddings, got {tuple(image.shape)} and {tuple(text.shape)}"
+        )
     B, T = image.shape[0], text.shape[0]
     if positives is None:
         if B != T:
@@ -55,8 +56,9 @@ def _accuracies(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, 
     return i2t, t2i
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
-              positives: torch.Tensor | None = None) -> ContrastiveOutput:
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, positives: torch.Tensor | None = None
+) -> ContrastiveOutput:
     """Symmetric InfoNCE: cross-entropy over texts for each image and over images for each text.
 
     With several positives in a row, the loss is ``-log`` of the total probability given to them
@@ -81,8 +83,13 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     return ContrastiveOutput(loss, *_accuracies(logits, pos))
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
-                logit_bias: torch.Tensor | float, positives: torch.Tensor | None = None) -> ContrastiveOutput:
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    positives: torch.Tensor | None = None,
+) -> ContrastiveOutput:
     """Sigmoid loss: every (image, text) pair is an independent binary match / no-match decision.
 
     The sum over all B x T pairs is divided by the number of images B, as in the paper.
@@ -94,8 +101,13 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     return ContrastiveOutput(loss, *_accuracies(logits, pos))
 
 
-def triplet_loss(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2, hardest: bool = True,
-                 positives: torch.Tensor | None = None) -> ContrastiveOutput:
+def triplet_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    margin: float = 0.2,
+    hardest: bool = True,
+    positives: torch.Tensor | None = None,
+) -> ContrastiveOutput:
     """Hinge on cosine similarity: each positive must beat negatives by ``margin``, in both directions.
 
     Args:
@@ -126,8 +138,13 @@ class LogitScale(nn.Module):
         init_bias: SigLIP's bias (-10); None for no bias.
     """
 
-    def __init__(self, init: float = math.log(1 / 0.07), max_log: float = math.log(100), learnable: bool = True,
-                 init_bias: float | None = None):
+    def __init__(
+        self,
+        init: float = math.log(1 / 0.07),
+        max_log: float = math.log(100),
+        learnable: bool = True,
+        init_bias: float | None = None,
+    ):
         super().__init__()
         self.max_log = max_log
         value = torch.tensor(float(init))

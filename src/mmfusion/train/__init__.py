@@ -32,8 +32,9 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is not None and not resume:
-        raise FileExistsError(f"{out} already holds a run (checkpoint {ckpt.name}): add --resume to continue it, "
-                              f"or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds a run (checkpoint {ckpt.name}): add --resume to continue it, or choose another --out"
+        )
     torch.manual_seed(cfg.train.seed)
     tokenizer = None
     if resume and ckpt is not None:

@@ -56,8 +56,9 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[st
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2
+) -> Path:
     """Write ``directory/step-NNNNNN`` and keep only the newest ``keep`` of them."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state['step']:06d}"
@@ -84,8 +85,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and
-             (p / STATE_FILE).is_file() and (p / OPTIM_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file() and (p / OPTIM_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 

@@ -47,8 +47,10 @@ def resolve_caption_folder(source: str) -> Path:
     for candidate in (path, path / "train"):
         if (candidate / "captions.jsonl").is_file():
             return candidate
-    raise DataFormatError(f"no captions.jsonl in {path} or {path / 'train'}: point --data at a folder with "
-                          f"images/ and captions.jsonl, or use --data shapes")
+    raise DataFormatError(
+        f"no captions.jsonl in {path} or {path / 'train'}: point --data at a folder with "
+        f"images/ and captions.jsonl, or use --data shapes"
+    )
 
 
 def build_pair_source(cfg: RunConfig, image_size: int) -> PairSource:
@@ -72,8 +74,9 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : max(length, 1)]
 
 
-def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: CLIP,
-                     positives: torch.Tensor | None, margin: float = 0.2) -> ContrastiveOutput:
+def contrastive_loss(
+    kind: str, image: torch.Tensor, text: torch.Tensor, model: CLIP, positives: torch.Tensor | None, margin: float = 0.2
+) -> ContrastiveOutput:
     if kind == "clip":
         return clip_loss(image, text, model.logit(), positives)
     if kind == "siglip":
@@ -107,8 +110,10 @@ class ClipTask:
             tokenizer = Tokenizer.train(corpus, mcfg.text.vocab_size, mcfg.text.context_length)
             log.info("trained a BPE tokenizer of %d tokens on %d captions", tokenizer.vocab_size, len(corpus))
         if tokenizer.vocab_size > mcfg.text.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
-                             f"{mcfg.text.vocab_size}; raise model.text.vocab_size")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+                f"{mcfg.text.vocab_size}; raise model.text.vocab_size"
+            )
         model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg)}
         in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
@@ -128,15 +133,20 @@ class ClipTask:
         tokens = trim_padding(self.model.tokenizer.encode([c for p in pairs for c in p.captions]))
         mask = matches(pairs, self.cfg.train.positives)
         images = torch.from_numpy(np.stack([p.image for p in pairs]))
-        return PairBatch(normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens,
-                         torch.from_numpy(mask) if mask is not None else None)
+        return PairBatch(
+            normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std),
+            tokens,
+            torch.from_numpy(mask) if mask is not None else None,
+        )
 
     def _loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> ContrastiveOutput:
-        return contrastive_loss(self.cfg.train.loss, image.float(), text.float(), self.model, positives,
-                                self.cfg.train.triplet_margin)
+        return contrastive_loss(
+            self.cfg.train.loss, image.float(), text.float(), self.model, positives, self.cfg.train.triplet_margin
+        )
 
-    def train_step(self, batch: PairBatch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]
-                   ) -> dict[str, float]:
+    def train_step(
+        self, batch: PairBatch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> dict[str, float]:
         """Forward and backward of one optimiser step; gradients are left in the parameters."""
         images, tokens = batch.images.to(self.device), batch.tokens.to(self.device)
         positives = batch.positives.to(self.device) if batch.positives is not None else None
@@ -149,8 +159,14 @@ class ClipTask:
             res = self._grad_cache_step(images, tokens, positives, accum, autocast)
         return {"loss": res.loss.item(), "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item()}
 
-    def _grad_cache_step(self, images: torch.Tensor, tokens: torch.Tensor, positives: torch.Tensor | None,
-                         accum: int, autocast: Callable[[], contextlib.AbstractContextManager]) -> ContrastiveOutput:
+    def _grad_cache_step(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        positives: torch.Tensor | None,
+        accum: int,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> ContrastiveOutput:
         if images.shape[0] % accum:
             raise ValueError(f"batch_size {images.shape[0]} must be divisible by accum_steps {accum}")
         img_chunks, txt_chunks = images.chunk(accum), tokens.chunk(accum)  # k captions per image stay with it
@@ -173,7 +189,7 @@ class ClipTask:
                 zi = self.model.encode_image(ci).float()
                 zt = self.model.encode_text(trim_padding(ct)).float()
             ni, nt = ci.shape[0], ct.shape[0]
-            torch.autograd.backward([zi, zt], [img.grad[i0: i0 + ni], txt.grad[t0: t0 + nt]])
+            torch.autograd.backward([zi, zt], [img.grad[i0 : i0 + ni], txt.grad[t0 : t0 + nt]])
             i0, t0 = i0 + ni, t0 + nt
         torch.set_rng_state(end_state)
         res.loss = res.loss.detach()

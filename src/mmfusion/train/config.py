@@ -19,13 +19,18 @@ from ..data.shapes import ShapesConfig
 class DataConfig:
     """Where the training pairs come from."""
 
-    source: str = field("shapes", "'shapes' for the in-memory ShapesWorld stream, or a folder with captions.jsonl "
-                                  "(or with train/captions.jsonl, as `mmfusion data shapes` writes)")
+    source: str = field(
+        "shapes",
+        "'shapes' for the in-memory ShapesWorld stream, or a folder with captions.jsonl "
+        "(or with train/captions.jsonl, as `mmfusion data shapes` writes)",
+    )
     shapes: ShapesConfig = field(factory=ShapesConfig, help="ShapesWorld generation (source: shapes)")
     augment: AugmentConfig = field(factory=AugmentConfig, help="train-time augmentation")
     order: Literal["auto", "shuffle", "file"] = field(
-        "auto", "folder data: shuffle every epoch, or take the first epoch in file order (file); auto picks file "
-                "order for a ShapesWorld training export with a curriculum, whose order is the stream's")
+        "auto",
+        "folder data: shuffle every epoch, or take the first epoch in file order (file); auto picks file "
+        "order for a ShapesWorld training export with a curriculum, whose order is the stream's",
+    )
     tokenizer_captions: int = field(20000, "scenes (or images) whose captions train the BPE tokenizer")
     max_pixels: int = field(100_000_000, "images over this many pixels are skipped before decoding")
 
@@ -38,15 +43,21 @@ class TrainConfig:
     epochs: float | None = field(None, "passes over a folder dataset (not for the endless ShapesWorld stream)")
     time: str | None = field(None, "wall-clock budget such as 90s, 3m or 1h; the schedule is fitted to it")
     batch_size: int = field(128, "pairs per optimiser step (the contrastive batch: every other pair is a negative)")
-    captions_per_image: int = field(1, "captions of each image in a batch: the image is encoded once, the text "
-                                       "tower sees k times the captions (cheap supervision for the text side)")
+    captions_per_image: int = field(
+        1,
+        "captions of each image in a batch: the image is encoded once, the text "
+        "tower sees k times the captions (cheap supervision for the text side)",
+    )
     accum_steps: int = field(1, "split each step into this many micro-batches (same result, less memory)")
-    loss: Literal["clip", "siglip", "triplet"] = field("clip", "symmetric InfoNCE, SigLIP sigmoid, or hardest-"
-                                                               "negative triplet loss")
+    loss: Literal["clip", "siglip", "triplet"] = field(
+        "clip", "symmetric InfoNCE, SigLIP sigmoid, or hardest-negative triplet loss"
+    )
     positives: Literal["pair", "caption", "meaning"] = field(
-        "meaning", "which pairs of a batch count as matches: only each image with its own caption (pair), also "
-                   "images whose captions are the same text (caption), or also every image a caption describes, "
-                   "where the data says what images show (meaning: ShapesWorld, stream or export; else caption)")
+        "meaning",
+        "which pairs of a batch count as matches: only each image with its own caption (pair), also "
+        "images whose captions are the same text (caption), or also every image a caption describes, "
+        "where the data says what images show (meaning: ShapesWorld, stream or export; else caption)",
+    )
     triplet_margin: float = field(0.2, "margin of the triplet loss")
     lr: float = field(2e-3, "peak learning rate of AdamW")
     min_lr_ratio: float = field(0.0, "final learning rate as a fraction of lr (cosine decay)")

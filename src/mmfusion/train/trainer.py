@@ -115,8 +115,13 @@ class Trainer:
         if t.batch_size % max(1, t.accum_steps):
             raise ValueError(f"batch_size {t.batch_size} must be divisible by accum_steps {t.accum_steps}")
         self.budget_s = parse_duration(t.time) if t.time is not None else None
-        self.opt = torch.optim.AdamW(param_groups(task.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                     eps=t.eps, fused=device.type == "cuda" or None)
+        self.opt = torch.optim.AdamW(
+            param_groups(task.model, t.weight_decay),
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.eps,
+            fused=device.type == "cuda" or None,
+        )
         self.step, self.elapsed_before = 0, 0.0
         self.total: int | None = self._planned_steps()
 
@@ -156,12 +161,19 @@ class Trainer:
         return True
 
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "total_steps": self.total, "elapsed_s": self._elapsed(),
-                "samples": self.step * self.cfg.train.batch_size, "task": self.task.name, "run": asdict(self.cfg)}
+        return {
+            "step": self.step,
+            "total_steps": self.total,
+            "elapsed_s": self._elapsed(),
+            "samples": self.step * self.cfg.train.batch_size,
+            "task": self.task.name,
+            "run": asdict(self.cfg),
+        }
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.task.model, self.opt, self._state(),
-                               self.cfg.train.keep_checkpoints)
+        return save_checkpoint(
+            self.out / "checkpoints", self.task.model, self.opt, self._state(), self.cfg.train.keep_checkpoints
+        )
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines past the checkpoint (and a line cut short by a kill) before continuing."""
@@ -195,8 +207,14 @@ class Trainer:
         atomic_write_text(self.out / "run.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=False))
         self._t0 = time.perf_counter()
         metrics_file = open(self.out / "metrics.jsonl", "a")
-        bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.task.name}", unit="step",
-                   disable=not t.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            desc=f"train {self.task.name}",
+            unit="step",
+            disable=not t.progress,
+            dynamic_ncols=True,
+        )
         step_times: list[float] = []
         last: dict[str, float] = {}
         interrupted = False
@@ -217,8 +235,13 @@ class Trainer:
                     bar.refresh()
                 last.update(samples_per_s=t.batch_size / step_times[-1])
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['i2t_acc']:.2f}", lr=f"{last['lr']:.1e}",
-                                T=f"{last['temperature']:.4f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{last['loss']:.3f}",
+                    acc=f"{last['i2t_acc']:.2f}",
+                    lr=f"{last['lr']:.1e}",
+                    T=f"{last['temperature']:.4f}",
+                    refresh=False,
+                )
                 if self.step % t.log_every == 0 or self.step == self.total:
                     self._log(metrics_file, last)
                 if self.step % t.save_every == 0 and self.step != self.total:
@@ -235,8 +258,10 @@ class Trainer:
         if self.step > 0:
             ckpt = self.save()
         if interrupted:
-            raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint {ckpt if self.step else 'none'}. "
-                                    f"Continue with the same command and --resume")
+            raise KeyboardInterrupt(
+                f"stopped at step {self.step}; checkpoint {ckpt if self.step else 'none'}. "
+                f"Continue with the same command and --resume"
+            )
         self.task.save_model(self.out / "model")
         self._plot()
         return TrainResult(self.out, self.step, self.step * t.batch_size, self._elapsed(), last)
@@ -249,9 +274,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         metrics = self.task.train_step(batch, t.accum_steps, self.autocast)
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower --train.lr "
-                                     f"(now {t.lr}) or keep --train.grad_clip on, and --resume from the last "
-                                     f"checkpoint")
+            raise FloatingPointError(
+                f"loss became {metrics['loss']} at step {self.step}; lower --train.lr "
+                f"(now {t.lr}) or keep --train.grad_clip on, and --resume from the last "
+                f"checkpoint"
+            )
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if t.grad_clip is not None:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
@@ -260,8 +287,12 @@ class Trainer:
         return {**metrics, "lr": lr, **self.task.status()}
 
     def _log(self, f: Any, metrics: dict[str, float]) -> None:
-        row = {"step": self.step, "samples": self.step * self.cfg.train.batch_size,
-               "elapsed_s": round(self._elapsed(), 3), **{k: _round(v) for k, v in metrics.items()}}
+        row = {
+            "step": self.step,
+            "samples": self.step * self.cfg.train.batch_size,
+            "elapsed_s": round(self._elapsed(), 3),
+            **{k: _round(v) for k, v in metrics.items()},
+        }
         f.write(json.dumps(row) + "\n")
         f.flush()
 
@@ -280,6 +311,7 @@ def _round(v: Any) -> Any:
 
 def _install_sigterm() -> Any:
     """Treat SIGTERM like Ctrl-C, so a stopped job still writes its checkpoint."""
+
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
