@@ -94,5 +94,18 @@ def test_several_captions_per_image():
     assert (matches(batch, "meaning") >= own).all() and (matches(batch, "caption") >= own).all()
 
 
+def test_hard_negatives_join_the_batch_as_unmatched_columns():
+    world = ShapesWorld()
+    s = PairSampler(ShapesPairs(world, 32), seed=0, captions_per_image=1, hard_negatives=2)
+    batch = s.batch(0, 6)
+    assert all(len(p.negatives) == 2 and len(p.texts) == 3 for p in batch)
+    m = matches(batch, "meaning")
+    assert m.shape == (6, 18)
+    for i in range(6):
+        assert m[i, 3 * i] and not m[i, 3 * i + 1] and not m[i, 3 * i + 2]  # own caption yes, own negatives no
+    with pytest.raises(ValueError, match="meaning is known"):
+        PairSampler(_Finite(4), seed=0, hard_negatives=1).sample(0)
+
+
 def test_unique_ids_ignore_case_and_spaces():
     assert list(unique_ids(["A red circle", "a red circle ", "a blue star", "a red circle"])) == [0, 0, 1, 0]

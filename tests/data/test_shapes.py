@@ -8,6 +8,7 @@ from mmfusion.data.shapes import (
     Scene,
     ShapesConfig,
     ShapesWorld,
+    make_captions,
     make_questions,
     satisfies,
 )
@@ -181,3 +182,27 @@ def test_caption_kinds():
     assert caption_kind({"objects": [one, one], "relations": [], "count": 2}) == "list"
     assert caption_kind({"objects": [one, one], "relations": [[0, "above", 1]], "count": None}) == "relation"
     assert caption_kind({"objects": [one], "relations": [], "count": 3}) == "count"
+
+
+def test_negative_captions_are_minimal_edits_that_turn_false():
+    from mmfusion.data.shapes import negative_caption
+
+    world = ShapesWorld(ShapesConfig(curriculum=0))
+    rng = np.random.default_rng(0)
+    held = set(world.cfg.heldout)
+    made = 0
+    for i in range(150):
+        scene = world.scene("test", i)
+        for cap in world.captions(scene):
+            neg = negative_caption(scene, cap, rng, world.cfg.heldout)
+            assert neg is not None
+            made += 1
+            assert not satisfies(scene, neg.meaning) and neg.text != cap.text
+            assert len(neg.text.split()) == len(cap.text.split())  # word swaps, nothing added or dropped
+            assert not any(f"{o.get('colour')} {o.get('shape')}" in held for o in neg.meaning["objects"])
+    assert made > 500
+    # the binding swap: same words, other pairing
+    scene = Scene((Obj("circle", "red", "small", 0.2, 0.5), Obj("square", "blue", "small", 0.8, 0.5)), 40)
+    cap = [c for c in make_captions(scene, np.random.default_rng(1), 5) if " and " in c.text][0]
+    texts = {negative_caption(scene, cap, np.random.default_rng(s)).text for s in range(40)}
+    assert any("blue circle" in t and "red square" in t for t in texts)

@@ -101,7 +101,7 @@ def test_bad_shapes_and_masks_are_rejected():
     img, txt = _emb()
     with pytest.raises(ValueError, match="positives mask"):
         clip_loss(img, txt[:3], 1.0)
-    with pytest.raises(ValueError, match="every row and column"):
+    with pytest.raises(ValueError, match="a match in every row"):
         clip_loss(img, txt, 1.0, torch.zeros(6, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="one caption per image"):
         triplet_loss(img, torch.cat([txt, txt]), positives=torch.ones(6, 12, dtype=torch.bool))
@@ -130,6 +130,18 @@ def _rect_reference(img, txt, scale, pos):
         / t
     )
     return (rows + cols) / 2
+
+
+def test_pure_negative_texts_count_only_from_image_to_text():
+    img, _ = _emb(n=3)
+    _, txt = _emb(n=5, seed=9)
+    pos = torch.zeros(3, 5, dtype=torch.bool)
+    pos[0, 0] = pos[1, 1] = pos[2, 2] = True  # texts 3 and 4 are hard negatives with no image
+    out = clip_loss(img, txt, 5.0, pos)
+    logits = [[5.0 * float(img[i] @ txt[j]) for j in range(5)] for i in range(3)]
+    rows = sum(-math.log(math.exp(logits[i][i]) / sum(math.exp(v) for v in logits[i])) for i in range(3)) / 3
+    cols = sum(-math.log(math.exp(logits[j][j]) / sum(math.exp(logits[i][j]) for i in range(3))) for j in range(3)) / 3
+    assert out.loss.item() == pytest.approx((rows + cols) / 2, rel=1e-5)
 
 
 def test_several_captions_per_image():

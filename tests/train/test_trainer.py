@@ -32,10 +32,11 @@ def test_durations():
             parse_duration(bad)
 
 
-def _grads(cfg, accum, loss, k=1):
+def _grads(cfg, accum, loss, k=1, negatives=0):
     torch.manual_seed(0)
     cfg.train.loss = loss
     cfg.train.captions_per_image = k
+    cfg.train.hard_negatives = negatives
     task = ClipTask.build(cfg, torch.device("cpu"))
     batch = task.prepare(0)
     task.model.zero_grad()
@@ -43,11 +44,14 @@ def _grads(cfg, accum, loss, k=1):
     return metrics, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("loss", "k"), [("clip", 1), ("siglip", 1), ("triplet", 1), ("clip", 3), ("siglip", 2)])
-def test_accumulated_step_equals_one_big_batch(tmp_path, loss, k):
+@pytest.mark.parametrize(
+    ("loss", "k", "negatives"),
+    [("clip", 1, 0), ("siglip", 1, 0), ("triplet", 1, 0), ("clip", 3, 0), ("siglip", 2, 0), ("clip", 2, 1)],
+)
+def test_accumulated_step_equals_one_big_batch(tmp_path, loss, k, negatives):
     cfg = tiny_run(tmp_path, batch_size=16)
-    big_metrics, big = _grads(cfg, 1, loss, k)
-    acc_metrics, acc = _grads(cfg, 4, loss, k)
+    big_metrics, big = _grads(cfg, 1, loss, k, negatives)
+    acc_metrics, acc = _grads(cfg, 4, loss, k, negatives)
     assert big_metrics["loss"] == pytest.approx(acc_metrics["loss"], rel=1e-5)
     assert big.keys() == acc.keys() and len(big) > 10
     for name in big:

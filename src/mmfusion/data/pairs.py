@@ -10,14 +10,14 @@ uninterrupted run would have seen, with no data-loader state to save.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from .datasets import CaptionFolder, read_jsonl
 from .images import AugmentConfig, augment, to_uint8
-from .shapes import Scene, ShapesWorld, describes_matrix
+from .shapes import DEFAULT_HELDOUT, Caption, Scene, ShapesWorld, describes_matrix, negative_caption
 
 
 @dataclass
@@ -28,10 +28,17 @@ class Pair:
     captions: list[str]
     scene: Scene | None = None  # what the image shows, when the data knows it (ShapesWorld)
     meanings: list[dict | None] | None = None  # what each caption says, likewise
+    negatives: list[str] = field(default_factory=list)  # captions edited to be false of the image
+    negative_meanings: list[dict] = field(default_factory=list)
 
     @property
     def caption(self) -> str:
         return self.captions[0]
+
+    @property
+    def texts(self) -> list[str]:
+        """The captions, then the negatives: the order of this image's columns in a batch."""
+        return self.captions + self.negatives
 
 
 def _draw(n: int, k: int, rng: np.random.Generator) -> list[int]:
@@ -53,6 +60,7 @@ class ShapesPairs:
 
     def __init__(self, world: ShapesWorld, image_size: int, split: str = "train"):
         self.world, self.image_size, self.split = world, image_size, split
+        self.heldout = tuple(world.cfg.heldout)
 
     def __len__(self) -> int:
         return 0
@@ -93,6 +101,7 @@ class FolderPairs:
             if all(r.image in by_image for r in folder.records):
                 self.scenes = [by_image[r.image] for r in folder.records]
         self.world = _world_config(folder.root)
+        self.heldout = tuple((self.world or {}).get("heldout", DEFAULT_HELDOUT))
 
     @property
     def ordered_stream(self) -> bool:
@@ -141,7 +150,10 @@ class PairSampler:
     Args:
         source: the pairs.
         seed: the run's seed; the same seed gives the same order.
-        augment: train-time augmentation applied per sample.
+        augment_cfg: train-time augmentation applied per sample.
+        first_epoch_in_order: read a finite source in order in its first epoch (a curriculum export).
+        captions_per_image: how many captions each image brings.
+        hard_negatives: how many false captions each image brings (data with known meanings only).
     """
 
     def __init__(
@@ -151,9 +163,10 @@ class PairSampler:
         augment_cfg: AugmentConfig | None = None,
         first_epoch_in_order: bool = False,
         captions_per_image: int = 1,
+        hard_negatives: int = 0,
     ):
         self.source, self.seed, self.first_epoch_in_order = source, seed, first_epoch_in_order
-        self.k = captions_per_image
+        self.k, self.n_negatives = captions_per_image, hard_negatives
         self.augment = augment_cfg or AugmentConfig()
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -176,9 +189,27 @@ class PairSampler:
         _, idx = self.index(position)
         rng = np.random.default_rng([self.seed, 11, position])
         pair = self.source.pair(idx, rng, self.k)
+        if self.n_negatives:
+            self._add_negatives(pair, rng)
         if self.augment.enabled:
             pair.image = augment(pair.image, " ".join(pair.captions), self.augment, rng)
         return pair
+
+    def _add_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
+        """Hard negative captions for data that knows what its captions mean (ShapesWorld)."""
+        if pair.scene is None or not pair.meanings or None in pair.meanings:
+            raise ValueError(
+                "hard negatives are made by editing captions whose meaning is known: train on the "
+                "ShapesWorld stream or an export with scenes.jsonl, or set train.hard_negatives=0"
+            )
+        heldout = getattr(self.source, "heldout", DEFAULT_HELDOUT)
+        for _ in range(self.n_negatives):
+            j = int(rng.integers(len(pair.captions)))
+            neg = negative_caption(pair.scene, Caption(pair.captions[j], pair.meanings[j]), rng, heldout)
+            if neg is None:  # no edit makes this caption false: the slot holds a true caption instead
+                neg = Caption(pair.captions[j], pair.meanings[j])
+            pair.negatives.append(neg.text)
+            pair.negative_meanings.append(neg.meaning)
 
     def batch(self, start: int, size: int) -> list[Pair]:
         """Samples ``start .. start+size-1``."""
@@ -202,16 +233,17 @@ def matches(pairs: Sequence[Pair], mode: str) -> np.ndarray | None:
     """
     if mode not in ("pair", "caption", "meaning"):
         raise ValueError(f"unknown positives mode {mode!r}; choose pair, caption or meaning")
-    owner = np.repeat(np.arange(len(pairs)), [len(p.captions) for p in pairs])  # (T,) image of each caption
-    own = owner[None, :] == np.arange(len(pairs))[:, None]  # (B, T)
+    owner = np.repeat(np.arange(len(pairs)), [len(p.texts) for p in pairs])  # (T,) image each text came with
+    true = np.concatenate([[True] * len(p.captions) + [False] * len(p.negatives) for p in pairs])  # (T,)
+    own = (owner[None, :] == np.arange(len(pairs))[:, None]) & true[None, :]  # (B, T)
     if mode == "pair":
         return None if len(owner) == len(pairs) else own
     if mode == "meaning" and all(p.scene is not None and p.meanings and None not in p.meanings for p in pairs):
-        meanings = [m for p in pairs for m in p.meanings]
+        meanings = [m for p in pairs for m in p.meanings + p.negative_meanings]
         return describes_matrix([p.scene for p in pairs], meanings) | own
-    ids = unique_ids([c for p in pairs for c in p.captions])  # (T,)
+    ids = unique_ids([t for p in pairs for t in p.texts])  # (T,)
     image_has = np.zeros((len(pairs), int(ids.max()) + 1), dtype=bool)
-    image_has[owner, ids] = True
+    image_has[owner[true], ids[true]] = True  # a text matches every image that has it as a true caption
     return image_has[:, ids]
 
 

@@ -7,7 +7,8 @@
 All take L2-normalised image embeddings ``(B, D)`` and text embeddings ``(T, D)``. Without a mask, B
 equals T and row ``i`` of each side is a matching pair. A ``positives`` mask ``(B, T)`` says which
 pairs match instead: several captions per image, or two images in a batch that one caption
-describes. Every image and every text needs at least one match; unmarked pairs are negatives.
+describes. Every image needs at least one match; a text with none is a pure negative (a hard negative
+caption, as in NegCLIP) and takes part only in the image-to-text direction. Unmarked pairs are negatives.
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ def _check(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | No
         if B != T:
             raise ValueError(f"{B} images and {T} texts: say which match with a (B, T) positives mask")
         return torch.eye(B, dtype=torch.bool, device=image.device)
-    if positives.shape != (B, T) or not bool(positives.any(dim=1).all() and positives.any(dim=0).all()):
-        raise ValueError(f"positives must be a ({B}, {T}) bool mask with a match in every row and column")
+    if positives.shape != (B, T) or not bool(positives.any(dim=1).all()):
+        raise ValueError(f"positives must be a ({B}, {T}) bool mask with a match in every row (image)")
     return positives
 
 
 def _accuracies(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         rows = torch.arange(logits.shape[0], device=logits.device)
-        cols = torch.arange(logits.shape[1], device=logits.device)
+        cols = torch.arange(logits.shape[1], device=logits.device)[pos.any(dim=0)]  # texts that have an image
         i2t = pos[rows, logits.argmax(dim=1)].float().mean()
-        t2i = pos[logits.argmax(dim=0), cols].float().mean()
+        t2i = pos[logits[:, cols].argmax(dim=0), cols].float().mean()
     return i2t, t2i
 
 
@@ -78,7 +79,8 @@ def clip_loss(
         neg_inf = torch.finfo(logits.dtype).min
         pos_logits = logits.masked_fill(~pos, neg_inf)
         i2t = torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)  # (B,)
-        t2i = torch.logsumexp(logits, dim=0) - torch.logsumexp(pos_logits, dim=0)  # (T,)
+        has_image = pos.any(dim=0)  # (T,) pure negatives have no image to retrieve
+        t2i = torch.logsumexp(logits[:, has_image], dim=0) - torch.logsumexp(pos_logits[:, has_image], dim=0)
         loss = (i2t.mean() + t2i.mean()) / 2
     return ContrastiveOutput(loss, *_accuracies(logits, pos))
 

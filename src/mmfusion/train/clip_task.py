@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PairBatch:
     images: torch.Tensor  # (B, 3, S, S) normalised
-    tokens: torch.Tensor  # (T, L) token ids of the k captions of each image in turn (T = k B), L trimmed
+    tokens: torch.Tensor  # (T, L) token ids: each image's k captions then its hard negatives, L trimmed
     positives: torch.Tensor | None  # (B, T) bool, or None when each image matches only its own caption
 
 
@@ -120,7 +120,16 @@ class ClipTask:
         k = cfg.train.captions_per_image
         if k > 1 and cfg.train.loss == "triplet":
             raise ValueError("the triplet loss takes one caption per image: set train.captions_per_image=1")
-        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=k)
+        if cfg.train.hard_negatives and cfg.train.loss == "triplet":
+            raise ValueError("the triplet loss has its own hardest negatives: set train.hard_negatives=0")
+        sampler = PairSampler(
+            source,
+            cfg.train.seed,
+            cfg.data.augment,
+            in_order,
+            captions_per_image=k,
+            hard_negatives=cfg.train.hard_negatives,
+        )
         return cls(cfg, model, sampler, device)
 
     def dataset_size(self) -> int:
@@ -130,7 +139,7 @@ class ClipTask:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
         B = self.cfg.train.batch_size
         pairs = self.sampler.batch(step * B, B)
-        tokens = trim_padding(self.model.tokenizer.encode([c for p in pairs for c in p.captions]))
+        tokens = trim_padding(self.model.tokenizer.encode([t for p in pairs for t in p.texts]))
         mask = matches(pairs, self.cfg.train.positives)
         images = torch.from_numpy(np.stack([p.image for p in pairs]))
         return PairBatch(

@@ -48,6 +48,13 @@ class TrainConfig:
         "captions of each image in a batch: the image is encoded once, the text "
         "tower sees k times the captions (cheap supervision for the text side)",
     )
+    hard_negatives: int = field(
+        0,
+        "ShapesWorld: per image, this many of its captions edited to be false of it "
+        "(two objects' colours swapped, a shape or colour changed, a relation or region "
+        "flipped) join the batch as negatives, as in NegCLIP: they teach binding and "
+        "spatial words that random negatives never test",
+    )
     accum_steps: int = field(1, "split each step into this many micro-batches (same result, less memory)")
     loss: Literal["clip", "siglip", "triplet"] = field(
         "clip", "symmetric InfoNCE, SigLIP sigmoid, or hardest-negative triplet loss"
