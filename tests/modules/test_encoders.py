@@ -33,3 +33,27 @@ def test_attention_matches_explicit_softmax():
     w = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
     ref = attn.out((w @ v).transpose(1, 2).reshape(2, 5, 16))
     assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+def test_pooled_fast_paths_equal_the_full_computation_values_and_gradients():
+    """forward() skips the work the pooled embedding does not need; it must not change a number."""
+    torch.manual_seed(0)
+    txt = TextTransformer(TextConfig(vocab_size=50, context_length=12, width=32, layers=2, heads=2), 8)
+    tokens = torch.tensor(
+        [
+            [2, 10, 11, 3, 0, 0, 0, 0, 0, 0, 0, 0],
+            [2, 10, 11, 12, 13, 14, 3, 0, 0, 0, 0, 0],
+            [2, 15, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],  # truncated: no <eot>, pooled at the end
+        ]
+    )
+    full = txt.forward_head(txt.forward_features(tokens), tokens)
+    fast = txt(tokens)
+    assert torch.allclose(fast, full, atol=1e-5)
+    g_full = torch.autograd.grad(full.square().sum(), txt.token_embed.weight)[0]
+    g_fast = torch.autograd.grad(fast.square().sum(), txt.token_embed.weight)[0]
+    assert torch.allclose(g_fast, g_full, rtol=1e-4, atol=1e-4 * g_full.abs().max().item())
+    for layers in (1, 3):
+        vit = VisionTransformer(VisionConfig(image_size=16, patch_size=8, width=32, layers=layers, heads=2), 6)
+        x = torch.randn(3, 3, 16, 16)
+        assert torch.allclose(vit(x), vit.forward_head(vit.forward_features(x)), atol=1e-5)

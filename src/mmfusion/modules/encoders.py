@@ -108,13 +108,16 @@ class VisionTransformer(nn.Module):
                 self.pos_embed.zero_()
                 self.pos_embed[1:] = sincos_2d(cfg.image_size // cfg.patch_size, cfg.width)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> tokens (B, 1 + N, W), class token first."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> input tokens (B, 1 + N, W): class token, then patches, plus positions."""
         x = self.patch_embed(images)  # (B, W, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, W)
         cls = self.cls_token.expand(x.shape[0], 1, -1)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, W)
-        return self.transformer(self.ln_pre(x))
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, W)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> tokens (B, 1 + N, W), class token first."""
+        return self.transformer(self.ln_pre(self.embed(images)))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 1 + N, W) -> embedding (B, D)."""
@@ -127,7 +130,13 @@ class VisionTransformer(nn.Module):
         return self.ln_post(pooled) @ self.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+        """Images (B, 3, H, W) -> embeddings (B, D). With class-token pooling the last block runs for
+        the class token alone (``Transformer.forward_pooled``): the same embedding, less work."""
+        if self.cfg.pool != "cls":
+            return self.forward_head(self.forward_features(images))
+        x = self.ln_pre(self.embed(images))
+        index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.ln_post(self.transformer.forward_pooled(x, index)) @ self.proj
 
 
 class TextTransformer(nn.Module):
@@ -154,9 +163,25 @@ class TextTransformer(nn.Module):
 
     def forward_head(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Features (B, L, W) pooled at each text's <eot> -> embedding (B, D)."""
-        eot = (tokens == self.cfg.eot_id).int().argmax(dim=-1)  # (B,) first <eot>
+        eot = self.eot_index(tokens)  # (B,)
         pooled = features[torch.arange(features.shape[0], device=features.device), eot]  # (B, W)
         return pooled @ self.proj
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(tokens), tokens)
+        """Token ids (B, L) -> embeddings (B, D), computing only what the <eot> features depend on:
+        columns after the batch's last <eot> are dropped (causal attention never looks ahead), and
+        the last block runs at the <eot> alone (``Transformer.forward_pooled``). Exact, and cheaper
+        than ``forward_head(forward_features(tokens))``, the more so the more padding there is."""
+        eot = self.eot_index(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1] if tokens.shape[0] else tokens
+        L = tokens.shape[1]
+        if self.cfg.context_length < L:
+            raise ValueError(f"{L} tokens exceed the context length {self.cfg.context_length}")
+        x = self.token_embed(tokens) + self.pos_embed[:L]  # (B, L, W)
+        return self.ln_final(self.transformer.forward_pooled(x, eot, causal=True)) @ self.proj
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) position of each text's first <eot>; the last position for a text without one."""
+        is_eot = tokens == self.cfg.eot_id
+        last = torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
+        return torch.where(is_eot.any(dim=-1), is_eot.int().argmax(dim=-1), last)

@@ -47,6 +47,19 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, L, W)  # (B, L, W)
         return self.out(y)
 
+    def forward_query(self, x: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention outputs at a few query tokens only: ``query`` (B, Q, W) attends to all of ``x`` (B, L, W)
+        (``mask`` (B, 1, Q, L) True where allowed). Keys and values cost as before; queries, the output
+        projection and everything after it shrink from L to Q rows."""
+        B, L, W = x.shape
+        Q, hs = query.shape[1], W // self.heads
+        w_q, w_kv = self.qkv.weight.split([W, 2 * W])
+        b_q, b_kv = self.qkv.bias.split([W, 2 * W])
+        q = F.linear(query, w_q, b_q).view(B, Q, self.heads, hs).transpose(1, 2)  # (B, nh, Q, hs)
+        k, v = F.linear(x, w_kv, b_kv).view(B, L, 2, self.heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Q, hs)
+        return self.out(y.transpose(1, 2).reshape(B, Q, W))
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str = "gelu"):
@@ -73,6 +86,14 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), causal=causal, mask=mask)
         return x + self.mlp(self.ln2(x))
 
+    def forward_query(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output at one token per sequence, ``index`` (B,), computed without the other rows:
+        (B, 1, W), equal to ``forward(x)[arange(B), index]`` when ``mask`` says what that token could see."""
+        h = self.ln1(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = x[rows, index].unsqueeze(1) + self.attn.forward_query(h, h[rows, index].unsqueeze(1), mask)
+        return y + self.mlp(self.ln2(y))
+
 
 class Transformer(nn.Module):
     """A stack of pre-norm blocks, with optional activation checkpointing to save memory."""
@@ -89,6 +110,23 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal=causal, mask=mask)
         return x
+
+    def forward_pooled(self, x: torch.Tensor, index: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """Features (B, W) of one token per sequence after the whole stack: every block but the last
+        runs in full, the last only at ``index`` (B,), which is all that pooled embeddings need.
+        Exact: the same numbers as ``forward(x, causal)[arange(B), index]`` for less work."""
+        if not self.blocks:
+            return x[torch.arange(x.shape[0], device=x.device), index]
+        for block in self.blocks[:-1]:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, None, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
+        mask = None
+        if causal:  # the pooled token sees the positions up to its own
+            positions = torch.arange(x.shape[1], device=x.device)
+            mask = (positions[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        return self.blocks[-1].forward_query(x, index, mask).squeeze(1)
 
     def init_weights(self, width: int) -> None:
         """Scaled init of CLIP: residual-branch outputs shrink with depth so the stack starts near identity."""
