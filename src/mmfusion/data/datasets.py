@@ -79,6 +79,7 @@ def decode_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     desc: str = "decoding images",
+    progress: bool = True,
 ) -> tuple[np.ndarray, list[int], DecodeReport]:
     """Decode files to a (N_ok, size, size, 3) uint8 array, in parallel threads (Pillow releases the GIL).
 
@@ -97,9 +98,8 @@ def decode_images(
     arrays, ok = [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, paths)
-        for i, res in enumerate(
-            tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=len(paths) < 500)
-        ):
+        quiet = not progress or len(paths) < 500
+        for i, res in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=quiet)):
             if isinstance(res, str):
                 report.skipped.append((str(paths[i]), res))
             else:
@@ -144,13 +144,18 @@ class CaptionFolder:
     """
 
     def __init__(
-        self, root: str | Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+        self,
+        root: str | Path,
+        image_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+        progress: bool = True,
     ):
         self.root = Path(root)
         records = read_captions(self.root)
         paths = [self.root / r.image for r in records]
         self.images, ok, self.report = decode_images(
-            paths, image_size, max_pixels, workers, desc=f"decoding {self.root.name}"
+            paths, image_size, max_pixels, workers, desc=f"decoding {self.root.name}", progress=progress
         )
         self.report.log(str(self.root))
         self.records = [records[i] for i in ok]

@@ -56,7 +56,9 @@ def resolve_caption_folder(source: str) -> Path:
 def build_pair_source(cfg: RunConfig, image_size: int) -> PairSource:
     if cfg.data.source == "shapes":
         return ShapesPairs(ShapesWorld(cfg.data.shapes), image_size)
-    folder = CaptionFolder(resolve_caption_folder(cfg.data.source), image_size, cfg.data.max_pixels)
+    folder = CaptionFolder(
+        resolve_caption_folder(cfg.data.source), image_size, cfg.data.max_pixels, progress=cfg.train.progress
+    )
     log.info("training on %d images from %s (%d skipped)", len(folder), folder.root, len(folder.report.skipped))
     return FolderPairs(folder, image_size)
 
