@@ -115,6 +115,31 @@ def test_time_budget_fits_the_schedule(tmp_path):
     assert state["total_steps"] == res.steps
 
 
+def test_time_budget_refits_a_pessimistic_first_estimate(tmp_path, monkeypatch, caplog):
+    """Calibration steps that were slow (a busy machine, cold caches) must not cut the run short."""
+    import time as time_module
+
+    import mmfusion.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "REFIT_AT", (20,))
+    monkeypatch.setattr(trainer_module, "REFIT_WINDOW", 5)
+    original = ClipTask.train_step
+    calls = {"n": 0}
+
+    def slow_at_first(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] <= 10:
+            time_module.sleep(0.1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ClipTask, "train_step", slow_at_first)
+    with caplog.at_level("INFO", logger="mmfusion.train.trainer"):
+        res = train(tiny_run(tmp_path, steps=None, time="9s", save_every=1000, log_every=5))
+    fits = [int(r.getMessage().split("-> ")[1].split()[0]) for r in caplog.records if "per step ->" in r.getMessage()]
+    assert len(fits) == 2 and fits[1] > fits[0], fits
+    assert res.steps == fits[1] and res.elapsed_s < 10
+
+
 def test_training_learns_on_shapesworld(tmp_path):
     res = train(tiny_run(tmp_path, steps=60, batch_size=32, lr=3e-3, save_every=1000, log_every=10))
     losses = _losses(tmp_path)

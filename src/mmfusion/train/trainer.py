@@ -39,6 +39,8 @@ from .config import RunConfig, parse_duration
 
 log = logging.getLogger(__name__)
 CALIBRATION_STEPS = 8  # steps timed (after two warm-up steps) to fit a time budget
+REFIT_AT = (50, 100, 200, 400)  # steps at which a budgeted run re-fits its length (in its first half)
+REFIT_WINDOW = 40  # from the median of this many recent step times
 
 
 class Task(Protocol):
@@ -195,7 +197,10 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
     def _calibrate(self, step_times: list[float]) -> None:
-        """Fit the schedule length to the time budget from the measured step time."""
+        """Fit the schedule length to the time budget from the measured step time. The first fit comes
+        from a handful of steps, when caches and the machine's other load may still be settling; the
+        run re-fits at a few later steps (``REFIT_AT``, in its first half), so that it neither stops
+        short of the budget nor hits the hard stop before the schedule has decayed."""
         per_step = sorted(step_times)[len(step_times) // 2]
         remaining = self.budget_s - self._elapsed() - 3.0  # keep a few seconds for the final save
         self.total = max(self.step + 1, self.step + int(remaining / per_step))
@@ -229,8 +234,11 @@ class Trainer:
                 last = self._one_step(batch)
                 self.step += 1
                 step_times.append(time.perf_counter() - tic)
-                if self.budget_s is not None and self.total is None and len(step_times) == CALIBRATION_STEPS + 2:
-                    self._calibrate(step_times[2:])
+                if self.budget_s is not None and (
+                    (self.total is None and len(step_times) == CALIBRATION_STEPS + 2)
+                    or (len(step_times) in REFIT_AT and self.total is not None and 2 * self.step < self.total)
+                ):
+                    self._calibrate(step_times[2:][-REFIT_WINDOW:])
                     bar.total = self.total
                     bar.refresh()
                 last.update(samples_per_s=t.batch_size / step_times[-1])
