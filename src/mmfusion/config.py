@@ -67,8 +67,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
+        if isinstance(value, str) and value.strip()[:1] in "([" and value.strip()[-1:] in ")]":
+            value = [yaml.safe_load(v) for v in value.strip()[1:-1].split(",") if v.strip()]  # "(a, b)" as typed
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list such as [1, 2], got {value!r}")
         args = get_args(tp)
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -207,7 +209,8 @@ def describe(cls_or_cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str
         if dataclasses.is_dataclass(default):
             rows.extend(describe(default, prefix=f"{prefix}{f.name}."))
         else:
-            rows.append((prefix + f.name, _type_name(hints[f.name]), repr(default), f.metadata.get("help", "")))
+            shown = repr(list(default)) if isinstance(default, tuple) else repr(default)  # as it is typed
+            rows.append((prefix + f.name, _type_name(hints[f.name]), shown, f.metadata.get("help", "")))
     return rows
 
 
