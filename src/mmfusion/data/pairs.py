@@ -9,6 +9,7 @@ uninterrupted run would have seen, with no data-loader state to save.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -129,8 +130,6 @@ class FolderPairs:
 
 def _world_config(root) -> dict | None:
     """The ShapesConfig of the export a split folder belongs to (``../world.json``), if any."""
-    import json
-
     path = root.parent / "world.json"
     try:
         return json.loads(path.read_text())["config"] if path.is_file() else None

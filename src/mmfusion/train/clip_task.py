@@ -25,7 +25,7 @@ from ..data.datasets import CaptionFolder, DataFormatError
 from ..data.images import normalize_batch
 from ..data.pairs import FolderPairs, PairSampler, PairSource, ShapesPairs, matches
 from ..data.shapes import ShapesWorld
-from ..data.tokenizer import PAD_ID, Tokenizer
+from ..data.tokenizer import Tokenizer
 from ..models.clip import CLIP
 from ..models.registry import build_model, model_config, save_model
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PairBatch:
     images: torch.Tensor  # (B, 3, S, S) normalised
-    tokens: torch.Tensor  # (T, L) token ids: each image's k captions then its hard negatives, L trimmed
+    tokens: torch.Tensor  # (T, L) token ids: each image's k captions then its hard negatives
     positives: torch.Tensor | None  # (B, T) bool, or None when each image matches only its own caption
 
 
@@ -68,12 +68,6 @@ def trained_on(cfg: RunConfig) -> dict:
     if cfg.data.source == "shapes":
         return {"source": "shapes", "shapes": asdict(cfg.data.shapes)}
     return {"source": str(Path(cfg.data.source).resolve())}
-
-
-def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop trailing all-padding columns; a causal model pooled at <eot> gives the same result."""
-    length = int((tokens != PAD_ID).sum(dim=1).max())
-    return tokens[:, : max(length, 1)]
 
 
 def contrastive_loss(
@@ -141,7 +135,7 @@ class ClipTask:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
         B = self.cfg.train.batch_size
         pairs = self.sampler.batch(step * B, B)
-        tokens = trim_padding(self.model.tokenizer.encode([t for p in pairs for t in p.texts]))
+        tokens = self.model.tokenizer.encode([t for p in pairs for t in p.texts])  # the text tower trims padding
         mask = matches(pairs, self.cfg.train.positives)
         images = torch.from_numpy(np.stack([p.image for p in pairs]))
         return PairBatch(
@@ -187,7 +181,7 @@ class ClipTask:
                 rng_states.append(torch.get_rng_state())
                 with autocast():
                     img_parts.append(self.model.encode_image(ci).float())
-                    txt_parts.append(self.model.encode_text(trim_padding(ct)).float())
+                    txt_parts.append(self.model.encode_text(ct).float())
         end_state = torch.get_rng_state()
         img = torch.cat(img_parts).requires_grad_()
         txt = torch.cat(txt_parts).requires_grad_()
@@ -198,7 +192,7 @@ class ClipTask:
             torch.set_rng_state(rng_states[k])
             with autocast():
                 zi = self.model.encode_image(ci).float()
-                zt = self.model.encode_text(trim_padding(ct)).float()
+                zt = self.model.encode_text(ct).float()
             ni, nt = ci.shape[0], ct.shape[0]
             torch.autograd.backward([zi, zt], [img.grad[i0 : i0 + ni], txt.grad[t0 : t0 + nt]])
             i0, t0 = i0 + ni, t0 + nt
