@@ -137,7 +137,9 @@ def test_time_budget_refits_a_pessimistic_first_estimate(tmp_path, monkeypatch, 
         res = train(tiny_run(tmp_path, steps=None, time="9s", save_every=1000, log_every=5))
     fits = [int(r.getMessage().split("-> ")[1].split()[0]) for r in caplog.records if "per step ->" in r.getMessage()]
     assert len(fits) == 2 and fits[1] > fits[0], fits
-    assert res.steps == fits[1] and res.elapsed_s < 10
+    # it ran past the pessimistic first estimate (the re-fit length, or the budget's hard stop if the
+    # machine slowed down again after the re-fit), and stayed within the budget
+    assert res.steps > fits[0] and res.steps <= fits[1] and res.elapsed_s < 10
 
 
 def test_training_learns_on_shapesworld(tmp_path):
