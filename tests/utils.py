@@ -77,3 +77,38 @@ def write_truncated_png(path: Path) -> Path:
 def random_image(size: int = 32, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def tiny_clip(path: Path, seed: int = 0) -> Path:
+    """Save a tiny random CLIP with a ShapesWorld tokenizer as a checkpoint directory."""
+    import torch
+
+    from mmfusion.models import create_model, save_model
+
+    torch.manual_seed(seed)
+    save_model(create_model("clip-tiny", shapes_tokenizer(scenes=50), **TINY_MODEL), path)
+    return path
+
+
+def photo(path: Path, size: tuple[int, int] = (48, 32), seed: int = 0, fmt: str | None = None, **save) -> Path:
+    """A random-colour blocky image (JPEG/PNG/... from the suffix), different for each seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **save)
+    return path
+
+
+def huge_png_header(path: Path, width: int = 40000, height: int = 40000) -> Path:
+    """A PNG whose header claims a huge size (a decompression bomb), with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path

@@ -288,6 +288,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for the report and plots")
     e.set_defaults(func=cmd_eval)
 
+    from .index_cmds import add_parsers as add_index_parsers
+
+    add_index_parsers(sub)
+
     m = sub.add_parser("models", help="list model presets")
     m.set_defaults(func=cmd_models)
 

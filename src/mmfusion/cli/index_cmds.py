@@ -1,0 +1,193 @@
+"""``mmfusion index`` and ``mmfusion search``: keep an image collection indexed, and search it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from ..config import ConfigError
+
+EXAMPLES_INDEX = """
+examples:
+  mmfusion index ~/Pictures --model runs/clip --db ~/.mmfusion/photos   # first run: say which model
+  mmfusion index ~/Pictures --db ~/.mmfusion/photos                     # later runs: only what changed
+  mmfusion index info --db ~/.mmfusion/photos                           # counts, model, index type, size
+  mmfusion index check --db ~/.mmfusion/photos                          # full consistency check
+
+Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors. A root that
+is missing or empty (an unmounted disk) removes nothing. Killing a run keeps every committed chunk.
+(To index a folder literally named 'info' or 'check', write ./info.)
+"""
+
+EXAMPLES_SEARCH = """
+examples:
+  mmfusion search "a dog on a beach" --db ~/.mmfusion/photos
+  mmfusion search --image holiday.jpg --db ~/.mmfusion/photos -k 20
+  mmfusion search --like 1234 --db ~/.mmfusion/photos             # more like an indexed image (its id)
+  mmfusion search "beach" + holiday.jpg - "people" --db ~/.mmfusion/photos
+  mmfusion search "0.5*sunset" + id:42 --path '*/2024/*' --after 2024-06-01 --json --db ~/.mmfusion/photos
+
+A query term that names an image file is an image, id:N is an indexed image, anything else is text;
+'+' and '-' between terms add or subtract them, 'W*term' weights one.
+"""
+
+
+def add_parsers(sub) -> None:
+    ix = sub.add_parser(
+        "index",
+        help="index folders of images for search (incremental, crash-safe)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Add the images under PATH(s) to the index in --db, or update it: new and changed files are "
+        "embedded, renamed and copied ones reuse their vectors, deleted ones are removed. 'index info' and "
+        "'index check' describe and verify an index.",
+        epilog=EXAMPLES_INDEX,
+    )
+    ix.add_argument("paths", nargs="+", metavar="PATH", help="folders or files to index (or: info, check)")
+    ix.add_argument("--db", required=True, help="index directory (created on first use)")
+    ix.add_argument("--model", help="model checkpoint or training run directory (needed the first time)")
+    ix.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    ix.add_argument("--workers", type=int, help="decoding threads (default: number of CPUs)")
+    ix.add_argument("--chunk", type=int, default=256, help="files per committed transaction (default 256)")
+    ix.add_argument(
+        "--max-pixels", type=int, default=100_000_000, help="skip images with more pixels (default 100,000,000)"
+    )
+    ix.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
+    ix.add_argument("--json", action="store_true", help="print the run's report (or info) as JSON")
+    ix.set_defaults(func=cmd_index)
+
+    s = sub.add_parser(
+        "search",
+        help="search an index by text, by image, or both",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Rank the indexed images by cosine similarity to a query.",
+        epilog=EXAMPLES_SEARCH,
+    )
+    s.add_argument("query", nargs="*", help="text, image files and id:N, joined by + and -")
+    s.add_argument("--db", required=True, help="index directory")
+    s.add_argument("--image", action="append", default=[], help="an image file to search by (repeatable)")
+    s.add_argument("--like", type=int, action="append", default=[], help="an indexed image id (repeatable)")
+    s.add_argument("-k", "--top", type=int, default=10, help="results (default 10)")
+    s.add_argument("--threshold", type=float, help="drop results below this score (cosine, -1..1)")
+    s.add_argument("--path", help="only paths matching this glob ('*/2024/*') or containing this text")
+    s.add_argument("--after", help="only images dated on or after (EXIF date, else mtime): YYYY-MM-DD")
+    s.add_argument("--before", help="only images dated before: YYYY-MM-DD")
+    s.add_argument("--ensemble", action="store_true", help="average text queries over photo prompts")
+    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.set_defaults(func=cmd_search)
+
+
+def _is_action(paths: list[str], name: str) -> bool:
+    return paths[0] == name and not os.path.exists(name)
+
+
+def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..index import Index
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {extra}; see mmfusion index --help")
+    if _is_action(args.paths, "info"):
+        with Index.open(args.db) as ix:
+            info = ix.info()
+        print(json.dumps(info, indent=2) if args.json else "\n".join(_info_lines(info)))
+        return 0
+    if _is_action(args.paths, "check"):
+        with Index.open(args.db, write=True) as ix:
+            report = ix.check(repair=True, full=True)
+        for p in report.problems:
+            print(f"problem: {p}")
+        for r in report.repaired:
+            print(f"repaired: {r}")
+        print("index is consistent" if not report.problems else "index repaired" if report.ok else "index is damaged")
+        return 0 if report.ok else 1
+    with Index.open(args.db, model=args.model, write=True) as ix:
+        report = ix.update(
+            args.paths,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            chunk_size=args.chunk,
+            max_pixels=args.max_pixels,
+            draft=not args.full_decode,
+            progress=not args.quiet,
+        )
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print("\n".join(report.summary()))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _info_lines(info: dict) -> list[str]:
+    lines = [
+        f"index:    {info['db']}",
+        f"images:   {info['images']:,}",
+        f"model:    {info['model']} ({info['dim']}-d, weights {info['fingerprint']})",
+        f"search:   {info['index_type']}",
+        f"on disk:  {_human(info['size_on_disk_bytes'])}",
+    ]
+    for r in info["roots"]:
+        lines.append(f"root:     {r['root']} ({r['images']:,} images)")
+    last = info.get("last_run")
+    if last:
+        lines.append(
+            f"last run: {last.get('added', 0)} added, {last.get('removed', 0)} removed, "
+            f"{last.get('skipped', 0)} skipped in {last.get('elapsed_s', 0):.1f}s"
+        )
+    return lines
+
+
+def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..index import Index
+    from ..index.query import parse_date
+
+    if extra:  # "-people" arrives here as an unknown option; keep it as a subtracted term
+        if any(not t.startswith("-") or t.startswith("--") for t in extra):
+            raise ConfigError(f"unrecognised arguments {extra}; see mmfusion search --help")
+        args.query += [x for t in extra for x in ("-", t[1:])]
+    query = _query_terms(args)
+    with Index.open(args.db) as ix:
+        results = ix.search(
+            query,
+            k=args.top,
+            threshold=args.threshold,
+            path=args.path,
+            after=parse_date(args.after),
+            before=parse_date(args.before),
+            ensemble=args.ensemble,
+        )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    if not results:
+        print("no results", file=sys.stderr)
+        return 0
+    width = shutil.get_terminal_size((120, 20)).columns
+    print(f"{'#':>3}  {'score':>6}  {'id':>7}  {'size':>9}  {'date':10}  path")
+    for rank, r in enumerate(results, 1):
+        m = r.metadata
+        size = f"{m['width']}x{m['height']}" if m.get("width") else "?"
+        date = (m.get("taken") or m.get("modified") or "")[:10]
+        line = f"{rank:>3}  {r.score:6.3f}  {r.id:>7}  {size:>9}  {date:10}  {r.path}"
+        print(line if len(line) <= width else line[: width - 1] + "…")
+    return 0
+
+
+def _query_terms(args: argparse.Namespace):
+    """The positional query plus --image and --like terms, as one list of terms (or None)."""
+    from ..index.query import Term, parse_query
+
+    terms = parse_query(args.query) if args.query else []
+    terms += [Term(1.0, "image", p) for p in args.image] + [Term(1.0, "id", i) for i in args.like]
+    return terms or None

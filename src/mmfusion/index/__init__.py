@@ -1,0 +1,21 @@
+"""The image-collection index: scan folders, decode, embed, store in SQLite + FAISS, search by text or example."""
+
+from .ann import AnnConfig, VectorIndex
+from .collection import CheckReport, Index, IndexReport, load_embedder, model_fingerprint
+from .query import SearchResult, Term, parse_query
+from .store import IndexLockedError, IndexMismatchError
+
+__all__ = [
+    "AnnConfig",
+    "CheckReport",
+    "Index",
+    "IndexLockedError",
+    "IndexMismatchError",
+    "IndexReport",
+    "SearchResult",
+    "Term",
+    "VectorIndex",
+    "load_embedder",
+    "model_fingerprint",
+    "parse_query",
+]

@@ -1,0 +1,311 @@
+"""The index's SQLite database (the source of truth) and its one-writer lock.
+
+SQLite in WAL mode holds every file's metadata and its vector (float32 bytes), so the FAISS structure
+beside it is a cache that can always be repaired or rebuilt from here. Writes happen in transactions, one
+per chunk of files, so a run that is killed keeps every chunk it committed and nothing half-done.
+
+An id names one vector for good: a file whose content changes gets a new id (its old row goes), so a stale
+FAISS entry can always be recognised by its id alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DB_FILE, VECTORS_FILE, LOCK_FILE = "index.sqlite", "vectors.faiss", "write.lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: an id always means the same vector
+    path BLOB NOT NULL UNIQUE,             -- the path's exact bytes (names need not be UTF-8)
+    display TEXT NOT NULL,                 -- printable path, for output and --path filters
+    root TEXT NOT NULL,                    -- the indexed folder it was found under
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash BLOB NOT NULL,                    -- BLAKE2b-128 of the bytes: renames and duplicates
+    width INTEGER, height INTEGER, format TEXT,
+    taken REAL,                            -- EXIF capture time (unix seconds) when the photo has one
+    indexed_at REAL NOT NULL,
+    vector BLOB NOT NULL                   -- float32, L2-normalised
+);
+CREATE INDEX IF NOT EXISTS files_hash ON files (hash);
+CREATE INDEX IF NOT EXISTS files_root ON files (root);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, finished REAL, report TEXT
+);
+"""
+
+
+class IndexLockedError(RuntimeError):
+    """Another process is writing to the index."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was made by another model (or with another vector size)."""
+
+
+@dataclass
+class FileRow:
+    id: int
+    path: str
+    display: str
+    root: str
+    size: int
+    mtime_ns: int
+    hash: bytes
+    width: int | None
+    height: int | None
+    format: str | None
+    taken: float | None
+    indexed_at: float
+
+
+_ROW_COLS = "id, path, display, root, size, mtime_ns, hash, width, height, format, taken, indexed_at"
+
+
+def _row(r: tuple) -> FileRow:
+    return FileRow(r[0], os.fsdecode(r[1]), *r[2:])
+
+
+class Store:
+    """The SQLite side of an index directory.
+
+    Args:
+        root: the index directory.
+        readonly: open without creating anything (searching).
+    """
+
+    def __init__(self, root: str | os.PathLike, readonly: bool = False):
+        self.dir = Path(root)
+        path = self.dir / DB_FILE
+        if readonly:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no index at {self.dir} ({DB_FILE} is missing); build one with: mmfusion index FOLDER --db {root}"
+                )
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)  # explicit transactions
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            self.db.executescript(_SCHEMA)
+            if self.meta("schema") is None:
+                self.set_meta({"schema": SCHEMA_VERSION, "created": time.time()})
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta -------------------------------------------------------------------------------------
+
+    def meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, values: dict) -> None:
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+
+    # ---- transactions -----------------------------------------------------------------------------
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    # ---- files ------------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+
+    def ids(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM files ORDER BY id")), dtype=np.int64)
+
+    def stats_by_path(self, root: str | None = None) -> dict[str, tuple[int, int, int, bytes]]:
+        """path -> (id, size, mtime_ns, hash), for the files under ``root`` (or all)."""
+        sql, args = "SELECT path, id, size, mtime_ns, hash FROM files", ()
+        if root is not None:
+            sql, args = sql + " WHERE root = ?", (root,)
+        return {os.fsdecode(p): (i, s, m, h) for p, i, s, m, h in self.db.execute(sql, args)}
+
+    def hashes(self) -> set[bytes]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT hash FROM files")}
+
+    def vector_for_hash(self, digest: bytes) -> tuple[int, np.ndarray, str] | None:
+        """(id, vector, path) of a file with this content, if any is indexed."""
+        r = self.db.execute("SELECT id, vector, path FROM files WHERE hash = ? LIMIT 1", (digest,)).fetchone()
+        return (r[0], np.frombuffer(r[1], dtype=np.float32).copy(), os.fsdecode(r[2])) if r else None
+
+    def get(self, ids: Iterable[int]) -> dict[int, FileRow]:
+        out: dict[int, FileRow] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            q = f"SELECT {_ROW_COLS} FROM files WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update((r[0], _row(r)) for r in self.db.execute(q, chunk))
+        return out
+
+    def vectors(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, (N, D) vectors) for ``ids``."""
+        found, vecs = [], []
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            q = f"SELECT id, vector FROM files WHERE id IN ({','.join('?' * len(chunk))})"
+            for i, v in self.db.execute(q, chunk):
+                found.append(i)
+                vecs.append(np.frombuffer(v, dtype=np.float32))
+        dim = len(vecs[0]) if vecs else 0
+        return np.asarray(found, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, dim), np.float32))
+
+    def iter_vectors(self, batch: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, vectors) in id order, a batch at a time."""
+        last = -1
+        while True:
+            rows = self.db.execute(
+                "SELECT id, vector FROM files WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield (
+                np.asarray([r[0] for r in rows], dtype=np.int64),
+                np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+            )
+
+    def insert(self, rows: list[dict]) -> list[int]:
+        """Insert file rows (inside a transaction); returns their new ids."""
+        ids = []
+        for r in rows:
+            cur = self.db.execute(
+                "INSERT INTO files (path, display, root, size, mtime_ns, hash, width, height, format, taken, "
+                "indexed_at, vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    os.fsencode(r["path"]),
+                    r["display"],
+                    r["root"],
+                    r["size"],
+                    r["mtime_ns"],
+                    r["hash"],
+                    r.get("width"),
+                    r.get("height"),
+                    r.get("format"),
+                    r.get("taken"),
+                    r["indexed_at"],
+                    np.ascontiguousarray(r["vector"], dtype=np.float32).tobytes(),
+                ),
+            )
+            ids.append(int(cur.lastrowid))
+        return ids
+
+    def touch(self, file_id: int, size: int, mtime_ns: int) -> None:
+        self.db.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
+
+    def delete(self, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            self.db.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+    def filter_ids(self, path_glob: str | None = None, after: float | None = None, before: float | None = None):
+        """Ids whose printable path matches ``path_glob`` and whose date (EXIF, else mtime) is in range."""
+        where, args = [], []
+        if path_glob:
+            where.append("display GLOB ?")
+            args.append(path_glob if any(c in path_glob for c in "*?[") else f"*{path_glob}*")
+        date = "COALESCE(taken, mtime_ns / 1e9)"
+        if after is not None:
+            where.append(f"{date} >= ?")
+            args.append(after)
+        if before is not None:
+            where.append(f"{date} < ?")
+            args.append(before)
+        sql = "SELECT id FROM files" + (" WHERE " + " AND ".join(where) if where else "")
+        return np.fromiter((r[0] for r in self.db.execute(sql, args)), dtype=np.int64)
+
+    def roots(self) -> list[tuple[str, int]]:
+        return [(r, n) for r, n in self.db.execute("SELECT root, COUNT(*) FROM files GROUP BY root ORDER BY root")]
+
+    # ---- runs -------------------------------------------------------------------------------------
+
+    def start_run(self) -> int:
+        with self.transaction():
+            return int(self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),)).lastrowid)
+
+    def finish_run(self, run_id: int, report: dict) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE runs SET finished = ?, report = ? WHERE id = ?", (time.time(), json.dumps(report), run_id)
+            )
+
+    def last_run(self) -> dict | None:
+        r = self.db.execute(
+            "SELECT started, finished, report FROM runs WHERE finished IS NOT NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return {"started": r[0], "finished": r[1], **json.loads(r[2] or "{}")} if r else None
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False
+
+
+class WriteLock:
+    """One writer per index directory: an exclusive ``flock`` held for the writer's lifetime.
+
+    The lock belongs to the open file, so it is released when the process ends, however it ends.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise IndexLockedError(
+                f"{self.path.parent} is being written by {holder}; one writer at a time: wait for it to "
+                "finish (searching works meanwhile), or index into another --db"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> WriteLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
