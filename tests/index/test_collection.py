@@ -183,3 +183,16 @@ def test_approximate_layout_past_the_threshold(tmp_path, model_dir):
         assert ix.check().problems == []
         got = ix.search(text="a green star", k=5)
         assert len(got) == 5
+
+
+def test_copies_inside_one_run_are_embedded_once(tmp_path, model_dir):
+    photos = tmp_path / "photos"
+    src = photo(photos / "a.png", seed=5)
+    for i in range(3):
+        shutil.copy(src, photos / f"copy{i}.png")
+    photo(photos / "b.png", seed=6)
+    with Index.open(tmp_path / "db", model=model_dir, write=True) as ix:
+        r = ix.update([photos], batch_size=8, progress=False)
+        assert (r.model_calls, r.added, r.duplicates) == (2, 2, 3)
+        vecs = _vectors_by_path(ix)
+        assert all(np.array_equal(vecs[str(photos / f"copy{i}.png")], vecs[str(src)]) for i in range(3))

@@ -1,9 +1,10 @@
 """The image-collection index: scan folders, decode, embed, store in SQLite + FAISS, search by text or example."""
 
 from .ann import AnnConfig, VectorIndex
-from .collection import CheckReport, Index, IndexReport, load_embedder, model_fingerprint
+from .collection import Index, load_embedder, model_fingerprint
 from .query import SearchResult, Term, parse_query
 from .store import IndexLockedError, IndexMismatchError
+from .writer import CheckReport, IndexReport
 
 __all__ = [
     "AnnConfig",

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,54 +35,11 @@ from ..utils.io import atomic_write_json
 from .ann import AnnConfig, VectorIndex
 from .decode import Decoded, decode_file
 from .query import SearchResult, Term, combine_terms, parse_query
-from .scan import display_path, is_under, scan
+from .scan import is_under, scan
 from .store import VECTORS_FILE, IndexMismatchError, Store, WriteLock
+from .writer import CheckReport, ChunkWriter, IndexReport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexReport:
-    """What one indexing run did."""
-
-    added: int = 0  # new files, embedded
-    updated: int = 0  # files whose content changed, re-embedded (or matched to a known vector)
-    renamed: int = 0  # new paths whose content was indexed under a path that is gone: vector reused
-    duplicates: int = 0  # new paths whose content is indexed under another path: vector reused
-    touched: int = 0  # mtime changed, content did not
-    unchanged: int = 0
-    removed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    missing_roots: list[str] = field(default_factory=list)
-    model_calls: int = 0  # images the model embedded
-    elapsed_s: float = 0.0
-
-    def summary(self) -> list[str]:
-        lines = [
-            f"indexed in {self.elapsed_s:.1f}s: {self.added} added, {self.updated} updated, {self.renamed} renamed, "
-            f"{self.duplicates} duplicates, {self.removed} removed, {self.unchanged + self.touched} unchanged, "
-            f"{len(self.skipped)} skipped ({self.model_calls} images embedded)"
-        ]
-        for root in self.missing_roots:
-            lines.append(f"  {display_path(root)}: missing or holds no images, so nothing under it was removed")
-        reasons: dict[str, int] = {}
-        for _, why in self.skipped:
-            key = why.split(":")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-        for why, n in sorted(reasons.items(), key=lambda t: -t[1]):
-            lines.append(f"  skipped {n}: {why}")
-        for path, why in self.skipped[:10]:
-            lines.append(f"    {display_path(path)}: {why}")
-        if len(self.skipped) > 10:
-            lines.append(f"    ... {len(self.skipped) - 10} more in the run's report")
-        return lines
-
-
-@dataclass
-class CheckReport:
-    ok: bool
-    problems: list[str]
-    repaired: list[str]
 
 
 def model_fingerprint(model: Embedder) -> str:
@@ -149,7 +106,7 @@ class Index:
             IndexLockedError: another process is writing.
             IndexMismatchError: ``model`` is not the model that made the index.
         """
-        root = Path(root)
+        root = Path(root).expanduser()
         lock = None
         if write:
             lock = WriteLock(root)
@@ -303,8 +260,8 @@ class Index:
                         ids, vecs = self.store.vectors(missing[start : start + 20_000])
                         self.vi.add(ids, vecs)
                     repaired.append(f"added {len(missing)} vectors from the database")
-            if self.vi.needs_rebuild() or (self.vi.ivf is not None and self.vi.ivf.ntotal != len(self.vi)):
-                self.vi.rebuild()
+            if self.vi.ivf is not None and self.vi.ivf.ntotal != len(self.vi):
+                self.vi.rebuild()  # (a change of layout as the collection grows is the writer's job, in update)
             for msg in repaired:
                 log.info("%s: %s", self.dir, msg)
         ok = not problems or (repair and bool(repaired))
@@ -360,7 +317,7 @@ class Index:
                 report.unchanged += 1
             else:
                 todo.append((f, row))
-        writer = _ChunkWriter(self, report, chunk_size, commit_every_s, save_every_s)
+        writer = ChunkWriter(self, report, chunk_size, commit_every_s, save_every_s)
         self._process(todo, seen, writer, report, batch_size, workers, max_pixels, draft, progress)
         gone = [
             row[0]
@@ -388,6 +345,14 @@ class Index:
         known = self.store.hashes()
         embedded_now: dict[bytes, np.ndarray] = {}  # content embedded earlier in this run
         batch: list[tuple] = []
+        followers: dict[bytes, list[tuple]] = {}  # copies of content waiting in the batch: reuse its vector
+
+        def flush_followers() -> None:
+            for waiting in followers.values():
+                for f, row, d in waiting:
+                    if not self._reuse(f, row, d, seen, writer, report, embedded_now):
+                        report.skipped.append((f.path, "the model produced a non-finite vector"))
+            followers.clear()
 
         def flush_batch() -> None:
             if not batch:
@@ -405,6 +370,7 @@ class Index:
                 else:
                     report.added += 1
             batch.clear()
+            flush_followers()
 
         from tqdm.auto import tqdm
 
@@ -444,6 +410,9 @@ class Index:
                     except ImageDecodeError as e:
                         report.skipped.append((f.path, str(e)))
                         continue
+                if any(d.digest == b[2].digest for b in batch):
+                    followers.setdefault(d.digest, []).append((f, row, d))
+                    continue
                 batch.append((f, row, d))
                 if len(batch) >= batch_size:
                     flush_batch()
@@ -585,83 +554,3 @@ class Index:
             "roots": [{"root": r, "images": n} for r, n in self.store.roots()],
             "last_run": last,
         }
-
-
-class _ChunkWriter:
-    """Buffers row changes and commits them in SQLite transactions, then applies them to FAISS."""
-
-    def __init__(self, index: Index, report: IndexReport, chunk_size: int, commit_every_s: float, save_every_s: float):
-        self.index, self.report = index, report
-        self.chunk_size, self.commit_every_s, self.save_every_s = chunk_size, commit_every_s, save_every_s
-        self.rows: list[dict] = []
-        self.deletes: list[int] = []
-        self.touches: list[tuple[int, int, int]] = []
-        self.pending_vectors: dict[bytes, tuple[np.ndarray, str, tuple]] = {}
-        self.last_commit = self.last_save = time.monotonic()
-
-    def add(self, f, d: Decoded, vector: np.ndarray, replaces=None) -> None:
-        if replaces is not None:
-            self.deletes.append(replaces[0])
-        self.rows.append(
-            {
-                "path": f.path,
-                "display": display_path(f.path),
-                "root": f.root,
-                "size": f.size,
-                "mtime_ns": f.mtime_ns,
-                "hash": d.digest,
-                "width": d.width or None,
-                "height": d.height or None,
-                "format": d.format or None,
-                "taken": d.taken,
-                "indexed_at": time.time(),
-                "vector": vector,
-            }
-        )
-        self.pending_vectors[d.digest] = (vector, f.path, (d.width, d.height, d.format, d.taken))
-
-    def touch(self, file_id: int, size: int, mtime_ns: int) -> None:
-        self.touches.append((file_id, size, mtime_ns))
-
-    def delete(self, ids, count_as_removed: bool = False) -> None:
-        self.deletes.extend(int(i) for i in ids)
-        if count_as_removed:
-            self.report.removed += len(ids)
-
-    def vector_for_hash(self, digest: bytes):
-        if digest in self.pending_vectors:
-            vec, path, _ = self.pending_vectors[digest]
-            return None, vec, path
-        return self.index.store.vector_for_hash(digest)
-
-    def size_of(self, digest: bytes) -> tuple:
-        if digest in self.pending_vectors:
-            return self.pending_vectors[digest][2]
-        r = self.index.store.db.execute(
-            "SELECT width, height, format, taken FROM files WHERE hash = ? LIMIT 1", (digest,)
-        ).fetchone()
-        return (r[0] or 0, r[1] or 0, r[2] or "", r[3]) if r else (0, 0, "", None)
-
-    def maybe_commit(self) -> None:
-        n = len(self.rows) + len(self.deletes) + len(self.touches)
-        if n >= self.chunk_size or (n and time.monotonic() - self.last_commit >= self.commit_every_s):
-            self.flush()
-
-    def flush(self) -> None:
-        store, vi = self.index.store, self.index.vi
-        if self.rows or self.deletes or self.touches:
-            with store.transaction():
-                store.delete(self.deletes)
-                for t in self.touches:
-                    store.touch(*t)
-                new_ids = store.insert(self.rows)
-            # SQLite has it now; FAISS follows (and is repaired from SQLite if a crash comes first)
-            vi.remove(self.deletes)
-            if self.rows:
-                vi.add(new_ids, np.stack([r["vector"] for r in self.rows]))
-            self.rows, self.deletes, self.touches = [], [], []
-            self.pending_vectors.clear()
-            self.last_commit = time.monotonic()
-        if time.monotonic() - self.last_save >= self.save_every_s:
-            self.index._save_vectors()
-            self.last_save = time.monotonic()

@@ -59,7 +59,7 @@ def scan(roots: list[str | os.PathLike], extensions: tuple[str, ...] | None = No
     """
     exts = tuple(e.lower() for e in (extensions or image_extensions()))
     out = ScanResult()
-    abs_roots = [os.path.abspath(os.fspath(r)) for r in roots]
+    abs_roots = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
     real_roots = [os.path.realpath(r) for r in abs_roots]
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
