@@ -49,7 +49,11 @@ def add_parsers(sub) -> None:
     ix.add_argument("--db", required=True, help="index directory (created on first use)")
     ix.add_argument("--model", help="model checkpoint or training run directory (needed the first time)")
     ix.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    ix.add_argument("--workers", type=int, help="decoding threads (default: number of CPUs)")
+    ix.add_argument(
+        "--workers",
+        type=int,
+        help="decoding threads (default: one per CPU, half of them while the model is the bottleneck)",
+    )
     ix.add_argument("--chunk", type=int, default=256, help="files per committed transaction (default 256)")
     ix.add_argument(
         "--max-pixels", type=int, default=100_000_000, help="skip images with more pixels (default 100,000,000)"

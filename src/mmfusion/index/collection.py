@@ -33,7 +33,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, 
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
 from .ann import AnnConfig, VectorIndex
-from .decode import Decoded, decode_file
+from .decode import Decoded, DecodeGate, decode_file
 from .query import SearchResult, Term, combine_terms, parse_query
 from .scan import is_under, scan
 from .store import VECTORS_FILE, IndexMismatchError, Store, WriteLock
@@ -286,7 +286,8 @@ class Index:
         Args:
             roots: folders (or files) to index; several may be given.
             batch_size: images per model call.
-            workers: decoding threads (default: the CPU count); decoding overlaps the model's work.
+            workers: decoding threads (default: one per CPU, of which only half run while the model, not
+                decoding, is the bottleneck); decoding overlaps the model's work.
             chunk_size: files per committed transaction (a killed run keeps every finished chunk).
             commit_every_s: also commit when this much time passed since the last commit.
             save_every_s: save the FAISS file at most this often during a run (and at the end).
@@ -346,6 +347,16 @@ class Index:
         embedded_now: dict[bytes, np.ndarray] = {}  # content embedded earlier in this run
         batch: list[tuple] = []
         followers: dict[bytes, list[tuple]] = {}  # copies of content waiting in the batch: reuse its vector
+        gate = DecodeGate(workers or os.cpu_count() or 1)
+        embed_s = [0.0, 0]  # model time, images
+
+        def adapt_threads() -> None:
+            """Half the threads when one core decodes faster than the model embeds, else all of them."""
+            per_decode = gate.cpu_per_item()
+            if workers or per_decode is None or embed_s[1] < 2 * batch_size:
+                return
+            model_bound = per_decode < embed_s[0] / embed_s[1]
+            gate.limit(max(1, gate.threads // 2) if model_bound else gate.threads)
 
         def flush_followers() -> None:
             for waiting in followers.values():
@@ -357,7 +368,10 @@ class Index:
         def flush_batch() -> None:
             if not batch:
                 return
+            t0 = time.perf_counter()
             vecs = self._embed_pixels([d.pixels for _, _, d in batch], transform)
+            embed_s[0] += time.perf_counter() - t0
+            embed_s[1] += len(batch)
             report.model_calls += len(batch)
             for (f, row, d), v in zip(batch, vecs):
                 if not np.isfinite(v).all():
@@ -371,12 +385,14 @@ class Index:
                     report.added += 1
             batch.clear()
             flush_followers()
+            adapt_threads()
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), unit="file", desc="index", disable=not progress or not todo, smoothing=0.1)
-        n_workers = workers or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        n_workers = gate.threads
+        pool = ThreadPoolExecutor(max_workers=n_workers)
+        try:
             window: deque = deque()
             items = iter(todo)
 
@@ -385,7 +401,8 @@ class Index:
                 if nxt is None:
                     return False
                 f, _ = nxt
-                window.append((nxt, pool.submit(decode_file, f.path, size, max_pixels, draft, known.__contains__)))
+                job = pool.submit(gate.run, decode_file, f.path, size, max_pixels, draft, known.__contains__)
+                window.append((nxt, job))
                 return True
 
             for _ in range(max(2 * batch_size, 4 * n_workers)):
@@ -418,7 +435,10 @@ class Index:
                     flush_batch()
                 writer.maybe_commit()
             flush_batch()
-        bar.close()
+        finally:  # hand back held permits first, so queued decodes can run or be cancelled
+            gate.limit(gate.threads)
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
 
     def _reuse(self, f, row, d: Decoded, seen, writer, report, embedded_now) -> bool:
         """A file whose content already has a vector: no model call. False when that vector is gone."""

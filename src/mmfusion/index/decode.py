@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -136,3 +138,47 @@ def decode_file(
         if known(digest):
             return Decoded(digest)
     return decode_bytes(data, size, max_pixels, draft)
+
+
+class DecodeGate:
+    """How many decoding threads may run at once, adjustable while they run, and what decoding costs.
+
+    The indexer's pool has a thread per CPU. When the model is the bottleneck (a decode costs less CPU
+    than the model spends per image), half of them are enough to stay ahead, and the other half would only
+    slow the model's own threads down; when decoding is the bottleneck (a small model), all of them run.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._sem = threading.Semaphore(threads)
+        self._held = 0  # permits the main thread holds back
+        self._lock = threading.Lock()
+        self.cpu_s, self.count = 0.0, 0
+
+    def run(self, fn, *args):
+        with self._sem:
+            t0 = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self.cpu_s += time.thread_time() - t0
+                    self.count += 1
+
+    @property
+    def active(self) -> int:
+        return self.threads - self._held
+
+    def limit(self, k: int) -> None:
+        """Let at most ``k`` decodes run at once (called from the main thread)."""
+        target = self.threads - max(1, min(k, self.threads))
+        while self._held < target:
+            self._sem.acquire()
+            self._held += 1
+        while self._held > target:
+            self._sem.release()
+            self._held -= 1
+
+    def cpu_per_item(self) -> float | None:
+        with self._lock:
+            return self.cpu_s / self.count if self.count >= 8 else None
