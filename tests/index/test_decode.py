@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +80,20 @@ def test_known_content_is_hashed_but_not_decoded(tmp_path):
     assert first.pixels is not None and len(first.digest) == 16
     again = decode_file(str(p), 16, known={first.digest}.__contains__)
     assert again.digest == first.digest and again.pixels is None
+
+
+def test_heic_photos_when_the_decoder_is_installed(tmp_path):
+    pytest.importorskip("pillow_heif")
+    from mmfusion.index.scan import heic_supported, scan
+
+    assert heic_supported()
+    img = Image.new("RGB", (60, 40), (20, 200, 30))
+    img.save(tmp_path / "phone.heic")
+    (tmp_path / "broken.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20)
+    assert sorted(os.path.basename(f.path) for f in scan([tmp_path]).files) == ["broken.heic", "phone.heic"]
+    d = decode_file(str(tmp_path / "phone.heic"), 32)
+    assert d.pixels.shape == (32, 32, 3) and (d.width, d.height) == (60, 40)
+    r, g, b = d.pixels[16, 16]
+    assert g > 170 and r < 60 and b < 70
+    with pytest.raises(ImageDecodeError):
+        decode_file(str(tmp_path / "broken.heic"), 32)
