@@ -13,6 +13,7 @@ from ..config import ConfigError
 EXAMPLES_INDEX = """
 examples:
   mmfusion index ~/Pictures --model runs/clip --db ~/.mmfusion/photos   # first run: say which model
+  mmfusion index ~/Pictures --model hf:openai/clip-vit-base-patch32 --db ~/.mmfusion/clip-b32
   mmfusion index ~/Pictures --db ~/.mmfusion/photos                     # later runs: only what changed
   mmfusion index info --db ~/.mmfusion/photos                           # counts, model, index type, size
   mmfusion index check --db ~/.mmfusion/photos                          # full consistency check
@@ -47,7 +48,11 @@ def add_parsers(sub) -> None:
     )
     ix.add_argument("paths", nargs="+", metavar="PATH", help="folders or files to index (or: info, check)")
     ix.add_argument("--db", required=True, help="index directory (created on first use)")
-    ix.add_argument("--model", help="model checkpoint or training run directory (needed the first time)")
+    ix.add_argument(
+        "--model",
+        help="the model, needed the first time: a native checkpoint or training run directory, hf:<hub-id> "
+        "(a CLIP or SigLIP in the Hugging Face cache) or a save_pretrained directory",
+    )
     ix.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     ix.add_argument(
         "--workers",

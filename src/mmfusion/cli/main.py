@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, format_help, from_dict, load_yaml, merge, parse_override
+from .common import add_model_options, load_model
 
 log = logging.getLogger("mmfusion")
 
@@ -97,18 +99,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def _eval_out(model_path: str, out: str | None) -> Path:
     if out:
         return Path(out)
-    p = Path(model_path)
+    if model_path.startswith("hf:") and not Path(model_path[3:]).expanduser().is_dir():
+        return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9._-]+", "_", model_path[3:])  # a hub id
+    p = Path(model_path.removeprefix("hf:")).expanduser()
     return (p / "eval") if (p / "model").is_dir() else p.parent / f"{p.name}-eval"
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    import mmfusion
 
     from ..eval.report import evaluate_retrieval, evaluate_zeroshot, summary_lines, write_report
 
     if extra:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion eval --help")
-    model = mmfusion.load(args.model)
+    model = load_model(args)
     out = _eval_out(args.model, args.out)
     kinds = ["retrieval", "zeroshot"] if args.kind == "all" else [args.kind]
     templates = None
@@ -273,7 +276,7 @@ def make_parser() -> argparse.ArgumentParser:
         "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).",
     )
     e.add_argument("kind", choices=["retrieval", "zeroshot", "all"], help="which evaluation")
-    e.add_argument("--model", required=True, help="checkpoint directory or training run directory")
+    add_model_options(e)
     e.add_argument(
         "--data",
         default="shapes",
@@ -291,6 +294,18 @@ def make_parser() -> argparse.ArgumentParser:
     from .index_cmds import add_parsers as add_index_parsers
 
     add_index_parsers(sub)
+    from .transcribe_cmd import add_parser as add_transcribe_parser
+
+    add_transcribe_parser(sub)
+    from .ask_cmd import add_parser as add_ask_parser
+
+    add_ask_parser(sub)
+    from .classify_cmd import add_parser as add_classify_parser
+
+    add_classify_parser(sub)
+    from .caption_cmd import add_parser as add_caption_parser
+
+    add_caption_parser(sub)
 
     m = sub.add_parser("models", help="list model presets")
     m.set_defaults(func=cmd_models)

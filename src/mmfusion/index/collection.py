@@ -15,7 +15,6 @@ unmounted disk), which removes nothing.
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..backends import model_fingerprint
 from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, normalize_batch
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
@@ -42,32 +42,42 @@ from .writer import CheckReport, ChunkWriter, IndexReport
 log = logging.getLogger(__name__)
 
 
-def model_fingerprint(model: Embedder) -> str:
-    """A hash of the model's weights (a module's state dict), or of its name for other embedders."""
-    h = hashlib.sha256()
-    if isinstance(model, torch.nn.Module):
-        for key, t in sorted(model.state_dict().items()):
-            h.update(key.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(str(getattr(model, "name", type(model).__name__)).encode())
-    return h.hexdigest()[:16]
+def decode_plan(model: Embedder) -> tuple[ImageTransform | None, int | None, bool]:
+    """(transform, size, crop) for decoding images for ``model``.
+
+    A model with an :class:`ImageTransform` gets (size, size) crops that the index normalises itself; a model
+    with its own processor that says its ``input_size`` gets whole images, JPEGs decoded at reduced scale no
+    smaller than that; any other gets whole images at full scale.
+    """
+    transform = getattr(model, "transform", None)
+    if isinstance(transform, ImageTransform):
+        return transform, transform.size, True
+    size = getattr(model, "input_size", None)
+    return None, size if isinstance(size, int) and size > 0 else None, False
 
 
 def load_embedder(spec: str | os.PathLike) -> Embedder:
-    """A model by the name the CLI takes: a native checkpoint directory (or a training run's directory)."""
-    text = os.fspath(spec)
-    if text.startswith("hf:"):
-        raise ValueError(
-            f"{text}: Hugging Face models are not available in this version of the index yet; "
-            "use a native checkpoint directory (train one with: mmfusion train clip --out runs/clip)"
-        )
+    """A model by the name the CLI takes: a native checkpoint (or training run) directory, ``hf:<hub-id>`` or
+    a Hugging Face model directory (CLIP or SigLIP)."""
     import mmfusion
 
-    model = mmfusion.load(text)  # a missing model raises an error that says what a checkpoint looks like
+    text = os.fspath(spec)
+    model = mmfusion.load(text)  # a missing model raises an error that says where it looked and what to do
     if not isinstance(model, Embedder):
-        raise ValueError(f"{text} is a {type(model).__name__}, which cannot embed images and texts")
+        raise ValueError(
+            f"{text} is a {type(model).__name__}, which cannot embed images and texts; the index needs an "
+            "Embedder: a native CLIP checkpoint, or a CLIP or SigLIP model (hf:...)"
+        )
     return model
+
+
+def model_ref(spec: str | os.PathLike) -> str:
+    """How the index records a model so later runs load the same one: hub ids as given, paths made absolute."""
+    text = os.fspath(spec)
+    if text.startswith("hf:"):
+        rest = text[3:]
+        return "hf:" + os.path.abspath(os.path.expanduser(rest)) if os.path.isdir(os.path.expanduser(rest)) else text
+    return os.path.abspath(os.path.expanduser(text))
 
 
 class Index:
@@ -147,7 +157,7 @@ class Index:
             return  # loaded on first use
         ref = None
         if not isinstance(model, Embedder):
-            ref = os.path.abspath(os.fspath(model))
+            ref = model_ref(model)
             model = load_embedder(model)
         identity = {"name": str(getattr(model, "name", "")), "fingerprint": model_fingerprint(model)}
         identity["ref"] = ref or identity["name"]
@@ -341,8 +351,7 @@ class Index:
 
     def _process(self, todo, seen, writer, report, batch_size, workers, max_pixels, draft, progress) -> None:
         model = self.model
-        transform = getattr(model, "transform", None)
-        size = transform.size if isinstance(transform, ImageTransform) else None
+        transform, size, crop = decode_plan(model)
         known = self.store.hashes()
         embedded_now: dict[bytes, np.ndarray] = {}  # content embedded earlier in this run
         batch: list[tuple] = []
@@ -401,7 +410,7 @@ class Index:
                 if nxt is None:
                     return False
                 f, _ = nxt
-                job = pool.submit(gate.run, decode_file, f.path, size, max_pixels, draft, known.__contains__)
+                job = pool.submit(gate.run, decode_file, f.path, size, max_pixels, draft, known.__contains__, crop)
                 window.append((nxt, job))
                 return True
 
@@ -423,7 +432,7 @@ class Index:
                     continue
                 if d.pixels is None:  # the content's only row went earlier in this run: embed it after all
                     try:
-                        d = decode_file(f.path, size, max_pixels, draft)
+                        d = decode_file(f.path, size, max_pixels, draft, crop=crop)
                     except ImageDecodeError as e:
                         report.skipped.append((f.path, str(e)))
                         continue
@@ -485,15 +494,14 @@ class Index:
 
     def embed_image(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """(D,) normalised embedding of an image file or PIL image, decoded as indexing decodes it."""
-        transform = getattr(self.model, "transform", None)
-        size = transform.size if isinstance(transform, ImageTransform) else None
+        transform, size, crop = decode_plan(self.model)
         if isinstance(image, Image.Image):
             from ..data.images import resize_center_crop, to_rgb
 
             rgb = to_rgb(image)
-            pixels = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8) if size else rgb
+            pixels = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8) if size and crop else rgb
         else:
-            pixels = decode_file(os.fspath(image), size).pixels
+            pixels = decode_file(os.fspath(image), size, crop=crop).pixels
         return self._embed_pixels([pixels], transform)[0]
 
     def vector_of(self, file_id: int) -> np.ndarray:

@@ -66,7 +66,9 @@ def _taken(img: Image.Image) -> float | None:
         return None
 
 
-def decode_bytes(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> Decoded:
+def decode_bytes(
+    data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True, crop: bool = True
+) -> Decoded:
     """Decode image bytes for a model.
 
     Args:
@@ -76,6 +78,8 @@ def decode_bytes(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PI
         max_pixels: refuse images with more pixels than this, checked before decoding.
         draft: let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves at least ``size``
             pixels on the short side (several times faster on large photos).
+        crop: False: return the whole RGB image (decoded at reduced scale where ``draft`` allows) for a model
+            whose own processor resizes it, ``size`` being the smallest side that processor works at.
 
     Raises:
         ImageDecodeError: not an image, truncated, or too large; the message says which.
@@ -95,7 +99,7 @@ def decode_bytes(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PI
             img.load()
             rgb = to_rgb(img)  # EXIF orientation, alpha over white, 16-bit, CMYK, palette
             width, height = _oriented_size(img, w, h)
-            pixels = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8) if size else rgb
+            pixels = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8) if size and crop else rgb
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -120,7 +124,12 @@ def _oriented_size(img: Image.Image, w: int, h: int) -> tuple[int, int]:
 
 
 def decode_file(
-    path: str, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True, known=None
+    path: str,
+    size: int | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+    known=None,
+    crop: bool = True,
 ) -> Decoded:
     """Read, hash and decode a file; with ``known(digest) -> bool`` true, skip decoding (a vector exists).
 
@@ -137,7 +146,7 @@ def decode_file(
         digest = file_digest(data)
         if known(digest):
             return Decoded(digest)
-    return decode_bytes(data, size, max_pixels, draft)
+    return decode_bytes(data, size, max_pixels, draft, crop)
 
 
 class DecodeGate:

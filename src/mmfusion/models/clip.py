@@ -111,6 +111,13 @@ class CLIP(nn.Module):
         out = self.logit() * image_embeds @ text_embeds.t()
         return out + self.logit.bias if self.logit.bias is not None else out
 
+    @torch.no_grad()
+    def probabilities(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Per image, how well each text fits: a softmax over the texts for a model trained with InfoNCE; an
+        independent sigmoid per pair for one trained with the sigmoid loss (it has a logit bias)."""
+        lg = self.logits(image_embeds.to(self.device), text_embeds.to(self.device)).float().cpu()
+        return torch.sigmoid(lg) if self.logit.bias is not None else lg.softmax(dim=-1)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable

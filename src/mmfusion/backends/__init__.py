@@ -1,0 +1,56 @@
+"""Models from elsewhere behind mmfusion's interfaces, and the one loader that takes any model name.
+
+:func:`load` is what ``mmfusion.load``, the CLI's ``--model`` and the service use: a native checkpoint
+directory, ``hf:<hub-id>`` or a directory written by ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..interfaces import Embedder
+
+
+def load(spec: str | os.PathLike, device: str | torch.device | None = None, **kwargs):
+    """Load any model by name.
+
+    Args:
+        spec: a native checkpoint directory (or a training run's directory), ``hf:<hub-id>``, ``hf:<dir>``,
+            or a directory written by Hugging Face ``save_pretrained``.
+        device: where to run it; default CPU for native checkpoints, CUDA when present for pretrained ones.
+        **kwargs: for pretrained models, ``dtype=`` and ``quantize=`` (see
+            :func:`mmfusion.backends.hf.load_pretrained`).
+    """
+    from .hf import hf_source
+
+    if hf_source(spec) is not None:
+        from .hf import load_pretrained
+
+        return load_pretrained(spec, device=device, **kwargs)
+    if kwargs:
+        raise ValueError(f"{', '.join(kwargs)} apply to Hugging Face models only; {os.fspath(spec)} is native")
+    from ..models import load as load_native
+
+    return load_native(spec, device=device or "cpu")
+
+
+def model_fingerprint(model: Embedder) -> str:
+    """What identifies the model's weights: its own ``fingerprint`` when it has one (pretrained models hash
+    their weight files, so precision and device do not change it), else a hash of a module's state dict, else
+    its name."""
+    own = getattr(model, "fingerprint", None)
+    if isinstance(own, str) and own:
+        return own
+    h = hashlib.sha256()
+    if isinstance(model, torch.nn.Module):
+        for key, t in sorted(model.state_dict().items()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(str(getattr(model, "name", type(model).__name__)).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,33 @@
+"""Options shared by the commands that run a model (classify, caption, ask, transcribe, search...)."""
+
+from __future__ import annotations
+
+import argparse
+
+MODEL_HELP = (
+    "the model: a native checkpoint directory, hf:<hub-id> (from the Hugging Face cache; set HF_HUB_OFFLINE=1 "
+    "to never touch the network) or a directory written by save_pretrained"
+)
+
+
+def add_model_options(p: argparse.ArgumentParser, required: bool = True, help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", required=required, help=help)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a CUDA GPU when there is one)")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights' precision (default: fp32 on CPU, "
+        "bf16 or fp16 on a GPU)"
+    )  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8", "8bit", "4bit"],
+        help="int8: dynamic quantisation of linear layers on CPU; 8bit/4bit: bitsandbytes on a CUDA GPU",
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """The model named by --model with --device/--dtype/--quantize (the latter two for pretrained models)."""
+    import mmfusion
+
+    kwargs = {k: getattr(args, k) for k in ("dtype", "quantize") if getattr(args, k, None)}
+    return mmfusion.load(args.model, device=args.device, **kwargs)
