@@ -60,7 +60,12 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any Pillow mode, with EXIF orientation applied and transparency over white."""
-    img = ImageOps.exif_transpose(img) or img
+    try:
+        rotated = img.getexif().get(0x0112, 1) not in (None, 1)
+    except Exception:  # a damaged EXIF block: show the image as stored
+        rotated = False
+    if rotated:  # exif_transpose copies the image even when there is nothing to do: ask first
+        img = ImageOps.exif_transpose(img) or img
     if img.mode == "RGB":
         return img
     if img.mode == "P" and "transparency" in img.info:
