@@ -46,7 +46,7 @@ bench-index: $(STAMP)
 # about 3 minutes: CLIP ViT-B/32 embeddings through mmfusion's adapter vs transformers directly, fp32 and int8
 bench-hf: $(STAMP)
 	mkdir -p runs
-	$(PY) benchmarks/bench_hf_embed.py --json runs/bench-hf-embed.json
+	$(PY) benchmarks/bench_hf_embed.py --repeats 9 --json runs/bench-hf-embed.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
