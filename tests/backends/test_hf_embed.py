@@ -88,6 +88,9 @@ def test_int8_agrees_with_fp32(model_dir):
     cos_i = (q.encode_image(images) * fp32.encode_image(images)).sum(-1)
     cos_t = (q.encode_text(TEXTS) * fp32.encode_text(TEXTS)).sum(-1)
     assert cos_i.min() > 0.98 and cos_t.min() > 0.98, (cos_i, cos_t)
+    agree = q.int8_agreement  # measured at load on generated probes, and logged
+    assert set(agree) == {"image_cosine_min", "text_cosine_min"} and min(agree.values()) > 0.98
+    assert fp32.int8_agreement is None
 
 
 def test_a_hub_id_is_read_from_the_cache_offline(model_dir, tmp_path, monkeypatch):

@@ -274,12 +274,29 @@ def weights_fingerprint(source: str) -> str:
     return h.hexdigest()[:16]
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """transformers announces, on every load, that it falls back to the PIL image processors when torchvision
+    is missing. mmfusion never needs torchvision, so that notice is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def load_processor(processor_cls, source: str, local_only: bool, **kwargs):
+    """``processor_cls.from_pretrained`` with mmfusion's naming and errors."""
     where = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
+    quiet = _NoTorchvisionNotice()
+    hf_log = logging.getLogger("transformers")
+    handlers = [h for lg in (hf_log, logging.getLogger()) for h in lg.handlers]
+    for h in handlers:
+        h.addFilter(quiet)
     try:
         return processor_cls.from_pretrained(where, local_files_only=local_only, **kwargs)
     except OSError as e:
         raise _not_found(source, f"its processor: {str(e).splitlines()[0]}") from e
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 def load_pretrained(spec: str | os.PathLike, *, device=None, dtype=None, quantize: str | None = None, **kwargs):
@@ -356,6 +373,7 @@ class HFEmbedder(torch.nn.Module):
                                  "max_length": model.config.text_config.max_position_embeddings}  # fmt: skip
         self.input_size = _processor_input_size(self.image_processor)
         self.fingerprint: str | None = None  # set by from_pretrained from the weight files
+        self.int8_agreement: dict[str, float] | None = None  # set when quantised to int8
 
     @classmethod
     def from_pretrained(cls, source: str, *, device=None, dtype=None, quantize=None, batch_size: int = 64):
@@ -365,11 +383,38 @@ class HFEmbedder(torch.nn.Module):
         model_cls = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}.get(mtype)
         if model_cls is None:
             raise ValueError(f"{source}: an Embedder needs a CLIP or SigLIP model, not {mtype!r}")
-        model, local_only, dev = load_hf_model(model_cls, source, device=device, dtype=dtype, quantize=quantize)
+        int8 = quantize == "int8"
+        model, local_only, dev = load_hf_model(
+            model_cls, source, device=device, dtype=dtype, quantize=None if int8 else quantize
+        )
         processor = load_processor(transformers.AutoProcessor, source, local_only)
         emb = cls(model, processor, f"hf:{source}", dev, batch_size)
         emb.fingerprint = weights_fingerprint(source)
+        if int8:
+            if dev.type != "cpu":
+                raise ValueError("int8 dynamic quantisation runs on CPU; on a GPU use --quantize 8bit or 4bit")
+            emb.quantize_int8()
         return emb
+
+    def quantize_int8(self, probe: int = 8) -> dict[str, float]:
+        """Quantise the linear layers to int8 (dynamic, CPU) and measure what it costs.
+
+        The agreement is the cosine of int8 and fp32 embeddings of ``probe`` ShapesWorld scenes and captions
+        (min over them), kept in ``self.int8_agreement`` and logged: the model says how close it still is.
+        """
+        images, texts = _probe(probe)
+        ref_i, ref_t = self.encode_image(images), self.encode_text(texts)
+        self.model = quantize_int8(self.model)
+        got_i, got_t = self.encode_image(images), self.encode_text(texts)
+        self.int8_agreement = {
+            "image_cosine_min": float((ref_i * got_i).sum(-1).min()),
+            "text_cosine_min": float((ref_t * got_t).sum(-1).min()),
+        }
+        log.info(
+            "%s: int8 linear layers; cosine to fp32 embeddings >= %.4f (images), %.4f (texts) on %d probes",
+            self.name, self.int8_agreement["image_cosine_min"], self.int8_agreement["text_cosine_min"], probe,
+        )  # fmt: skip
+        return self.int8_agreement
 
     @property
     def embed_dim(self) -> int:
@@ -435,6 +480,15 @@ class HFEmbedder(torch.nn.Module):
         sigmoid per text (they need not sum to one: several labels, or none, can fit)."""
         lg = self.logits(image_emb, text_emb)
         return torch.sigmoid(lg) if self.model_type == "siglip" else lg.softmax(dim=-1)
+
+
+def _probe(n: int) -> tuple[list[Image.Image], list[str]]:
+    """A few varied images and captions (ShapesWorld, generated; nothing read from disk)."""
+    from ..data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    samples = [world.sample("test", i) for i in range(n)]
+    return [s.image for s in samples], [s.captions[0].text for s in samples]
 
 
 def _features(out) -> torch.Tensor:
