@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 
-.PHONY: install demo test test-all lint bench bench-index bench-hf clean
+.PHONY: install demo test test-all lint bench bench-index bench-hf bench-fusion clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-index: $(STAMP)
 	mkdir -p runs
 	$(PY) benchmarks/bench_index_search.py --json runs/bench-index-search.json
 	$(PY) benchmarks/bench_index_build.py --json runs/bench-index-build.json
+
+# about 12 minutes: every fusion strategy and the unimodal baselines on ShapesWorld image + sound, 2 seeds
+bench-fusion: $(STAMP)
+	mkdir -p runs
+	$(VENV)/bin/mmfusion bench fusion --out runs/bench-fusion
 
 # about 3 minutes: CLIP ViT-B/32 embeddings through mmfusion's adapter vs transformers directly, fp32 and int8
 bench-hf: $(STAMP)

@@ -25,6 +25,9 @@ examples:
   mmfusion train clip --data my_photos/ --preset clip-tiny --epochs 10 --train.lr=5e-4
   mmfusion train clip --config run.yaml --model.vision.layers=3 --train.loss=siglip
   mmfusion train clip --out runs/clip --time 3m --resume      # continue an interrupted run
+  mmfusion train fusion --strategy attention --epochs 8       # ShapesWorld image + sound (complementary task)
+  mmfusion train fusion --strategy late --fusion.task=correspondence --epochs 8 --out runs/late
+  mmfusion train fusion --data clips.npz --strategy cross_attention --epochs 30 --model.modality_dropout=0.3
 
 every option (YAML keys have the same dotted names):
 """
@@ -69,7 +72,12 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
             data = read_state(ckpt)["run"]
     if args.config:
         data = _deep_update(data, load_yaml(args.config))
-    named = {"data": {"source": args.data} if args.data else {}, "preset": args.preset, "out": args.out}
+    preset = args.preset or (None if data.get("preset") else "fusion-small" if args.task == "fusion" else None)
+    named = {"data": {"source": args.data} if args.data else {}, "preset": preset, "out": args.out}
+    if getattr(args, "strategy", None):
+        if args.task != "fusion":
+            raise ConfigError("--strategy is for `mmfusion train fusion`")
+        named["model"] = {"strategy": args.strategy}
     length = {k: getattr(args, k) for k in ("steps", "epochs", "time") if getattr(args, k) is not None}
     if length:  # one length replaces the others (a resumed run may be extended)
         named["train"] = {"steps": None, "epochs": None, "time": None, **length}
@@ -77,6 +85,8 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
     for text in _overrides(extra):
         data = _deep_update(data, parse_override(text))
     data["task"] = args.task
+    if args.task == "fusion" and not data.get("out"):
+        data["out"] = "runs/fusion"
     cfg = from_dict(RunConfig, data)
     from ..models.registry import model_config
 
@@ -93,6 +103,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"model:   {result.out / 'model'}   (mmfusion.load('{result.out}'))")
     print(f"metrics: {result.out / 'metrics.jsonl'}")
     print(f"plot:    {result.out / 'plots' / 'training.png'}")
+    if result.report is not None:
+        m = result.report["metrics"]
+        print(f"held-out: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on {result.report['n']} examples")
+        for mod, mm in result.report.get("missing_modality", {}).items():
+            print(f"  without {mod}: accuracy {mm['accuracy']:.3f}")
+        print(f"report:  {result.out / 'eval' / 'fusion.json'}, {result.out / 'eval' / 'confusion.png'}")
     return 0
 
 
@@ -145,19 +161,34 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data.export import export_shapes
     from ..data.shapes import ShapesConfig, ShapesWorld
+    from ..data.sound import SoundConfig
 
-    cfg = ShapesConfig()
+    cfg, sound = ShapesConfig(), SoundConfig()
     for text in _overrides(extra):
         override = parse_override(text)
-        if "shapes" not in override:
-            raise ConfigError(f"unknown option {text!r}; world options look like --shapes.seed=1")
-        cfg = merge(cfg, override["shapes"], prefix="shapes.")
+        if "shapes" in override:
+            cfg = merge(cfg, override["shapes"], prefix="shapes.")
+        elif "sound" in override and args.sounds:
+            sound = merge(sound, override["sound"], prefix="sound.")
+        else:
+            raise ConfigError(
+                f"unknown option {text!r}; world options look like --shapes.seed=1, "
+                "sound options (with --sounds) like --sound.snr_db=5"
+            )
     counts = {"train": args.train, "val": args.val, "test": args.test, "heldout": args.heldout}
-    out = export_shapes(ShapesWorld(cfg), args.out, counts, args.zeroshot_per_class, progress=not args.quiet)
+    out = export_shapes(
+        ShapesWorld(cfg),
+        args.out,
+        counts,
+        args.zeroshot_per_class,
+        progress=not args.quiet,
+        sound=sound if args.sounds else None,
+    )
     print(
         f"ShapesWorld written to {out}: "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         + (f", zeroshot {args.zeroshot_per_class} per class" if args.zeroshot_per_class else "")
+        + (f", with sounds ({sound.seconds:g} s at {sound.sample_rate} Hz)" if args.sounds else "")
     )
     if args.train and cfg.curriculum:
         print(
@@ -249,6 +280,12 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--test", type=int, default=1000, help="test scenes (default 1000)")
     d.add_argument("--heldout", type=int, default=1000, help="scenes with held-out shape-colour combinations")
     d.add_argument("--zeroshot-per-class", type=int, default=50, help="zero-shot images per class (0: none)")
+    d.add_argument(
+        "--sounds",
+        action="store_true",
+        help="also write each scene's sound, <split>/sounds/*.wav (pitch = colour, timbre and rhythm = shape); "
+        "sound options like --sound.snr_db=5, --sound.seconds=2",
+    )
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser(
@@ -258,10 +295,14 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a model. Length: exactly one of --steps, --epochs, --time.",
         epilog=EXAMPLES_TRAIN + _train_options_help(),
     )
-    t.add_argument("task", choices=["clip"], help="what to train")
+    t.add_argument("task", choices=["clip", "fusion"], help="what to train")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")
-    t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny")
+    t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny / fusion-small")
+    t.add_argument(
+        "--strategy", help="fusion: early/late/... strategy (concat, late, attention, cross_attention, gated, "
+        "unified, lowrank); same as --model.strategy"
+    )  # fmt: skip
     t.add_argument("--out", help="output directory (default runs/clip)")
     t.add_argument("--steps", type=int, help="optimiser steps")
     t.add_argument("--epochs", type=float, help="passes over a folder dataset")
@@ -300,6 +341,9 @@ def make_parser() -> argparse.ArgumentParser:
     from .ask_cmd import add_parser as add_ask_parser
 
     add_ask_parser(sub)
+    from .bench_cmd import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     from .classify_cmd import add_parser as add_classify_parser
 
     add_classify_parser(sub)

@@ -8,6 +8,8 @@ Layout::
     OUT/<split>/captions.jsonl             {"image", "caption", "meaning"}
     OUT/<split>/scenes.jsonl               {"image", "objects", ...}: the structured attributes
     OUT/<split>/qa.jsonl                   {"image", "question", "answer", "type"}
+    OUT/<split>/sounds/000000.wav          with ``sound=``: each scene's sound (16-bit PCM), and a
+                                           "sound" key in every record of the three files above
     OUT/zeroshot/{seen,heldout}/<colour_shape>/*.png   single-object scenes by class
 
 Each folder is written beside its final place and renamed into it when complete.
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..utils.io import atomic_replace_dir, atomic_write_json
 from .shapes import ShapesWorld
+from .sound import SoundConfig
 
 
 def _fresh_tmp(path: Path) -> Path:
@@ -33,9 +36,16 @@ def _fresh_tmp(path: Path) -> Path:
     return path
 
 
-def export_split(world: ShapesWorld, out: Path, split: str, n: int, progress: bool = True) -> Path:
+def export_split(
+    world: ShapesWorld, out: Path, split: str, n: int, progress: bool = True, sound: SoundConfig | None = None
+) -> Path:
     tmp = _fresh_tmp(out / f".{split}.tmp")
     (tmp / "images").mkdir()
+    if sound is not None:
+        from .audio import _soundfile
+
+        sf = _soundfile()
+        (tmp / "sounds").mkdir()
     with (
         open(tmp / "captions.jsonl", "w") as fc,
         open(tmp / "scenes.jsonl", "w") as fs,
@@ -45,11 +55,15 @@ def export_split(world: ShapesWorld, out: Path, split: str, n: int, progress: bo
             s = world.sample(split, i)
             rel = f"images/{i:06d}.png"
             s.image.save(tmp / rel, compress_level=1)
+            ref = {"image": rel}
+            if sound is not None:
+                ref["sound"] = f"sounds/{i:06d}.wav"
+                sf.write(tmp / ref["sound"], world.sound(s.scene, sound), sound.sample_rate, subtype="PCM_16")
             for c in s.captions:
-                fc.write(json.dumps({"image": rel, "caption": c.text, "meaning": c.meaning}) + "\n")
-            fs.write(json.dumps({"image": rel, **s.scene.to_dict()}) + "\n")
+                fc.write(json.dumps({**ref, "caption": c.text, "meaning": c.meaning}) + "\n")
+            fs.write(json.dumps({**ref, **s.scene.to_dict()}) + "\n")
             for q in s.questions:
-                fq.write(json.dumps({"image": rel, "question": q.question, "answer": q.answer, "type": q.type}) + "\n")
+                fq.write(json.dumps({**ref, "question": q.question, "answer": q.answer, "type": q.type}) + "\n")
     return atomic_replace_dir(tmp, out / split)
 
 
@@ -65,7 +79,12 @@ def export_zeroshot(world: ShapesWorld, out: Path, per_class: int, progress: boo
 
 
 def export_shapes(
-    world: ShapesWorld, out: str | Path, counts: dict[str, int], zeroshot_per_class: int = 20, progress: bool = True
+    world: ShapesWorld,
+    out: str | Path,
+    counts: dict[str, int],
+    zeroshot_per_class: int = 20,
+    progress: bool = True,
+    sound: SoundConfig | None = None,
 ) -> Path:
     """Write the given number of scenes of each split, plus zero-shot class folders.
 
@@ -74,21 +93,23 @@ def export_shapes(
         out: destination folder (created; splits already there are replaced).
         counts: scenes per split, e.g. ``{"train": 20000, "test": 1000, "heldout": 1000}``.
         zeroshot_per_class: images per 'colour shape' class in ``zeroshot/``; 0 to skip.
+        sound: also write each scene's sound to ``<split>/sounds/`` with this config; None (the default)
+            writes none, and the files are exactly as without sound.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split, n in counts.items():
         if n > 0:
-            export_split(world, out, split, n, progress)
+            export_split(world, out, split, n, progress, sound)
     if zeroshot_per_class > 0:
         export_zeroshot(world, out, zeroshot_per_class, progress)
-    atomic_write_json(
-        out / "world.json",
-        {
-            "format": "mmfusion.shapesworld/1",
-            "config": asdict(world.cfg),
-            "counts": counts,
-            "classes": {"all": world.combos("all"), "seen": world.combos("seen"), "heldout": world.combos("heldout")},
-        },
-    )
+    meta = {
+        "format": "mmfusion.shapesworld/1",
+        "config": asdict(world.cfg),
+        "counts": counts,
+        "classes": {"all": world.combos("all"), "seen": world.combos("seen"), "heldout": world.combos("heldout")},
+    }
+    if sound is not None:
+        meta["sound"] = asdict(sound)
+    atomic_write_json(out / "world.json", meta)
     return out

@@ -18,11 +18,15 @@ import copy
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..config import field
+
+if TYPE_CHECKING:
+    from .sound import SoundConfig
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +53,7 @@ DEFAULT_HELDOUT: tuple[str, ...] = (
     "white triangle",
 )
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
+SOUND_STREAM = 4  # random stream of scene sounds (0-3: scene, captions, questions, classification sets)
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 SPATIAL_WORDS = ("left", "right")  # words a horizontal flip would contradict
 # How often a caption names an object by shape alone ("a circle") or colour alone ("a red object").
@@ -773,6 +778,15 @@ class ShapesWorld:
 
     def questions(self, scene: Scene) -> list[QA]:
         return make_questions(scene, self.rng(scene.split, scene.index, 2), self.cfg)
+
+    def sound(self, scene: Scene, cfg: SoundConfig | None = None) -> np.ndarray:
+        """The scene's sound (see :mod:`mmfusion.data.sound`): float32 mono samples in [-1, 1].
+
+        Drawn from a random stream of its own, so sound changes no image, caption or question.
+        """
+        from .sound import render_sound
+
+        return render_sound(scene, self.rng(scene.split, scene.index, SOUND_STREAM), cfg)
 
     def sample(self, split: str, index: int) -> Sample:
         scene = self.scene(split, index)

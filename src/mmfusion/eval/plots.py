@@ -53,7 +53,8 @@ def plot_training_curves(metrics_jsonl: str | Path, out: str | Path) -> Path:
     ax.set_title("training loss")
     ax.legend(frameon=False)
     ax = axes[0, 1]
-    for k, c, name in (("i2t_acc", "#10ac84", "image→text"), ("t2i_acc", "#ee5253", "text→image")):
+    for k, c, name in (("i2t_acc", "#10ac84", "image→text"), ("t2i_acc", "#ee5253", "text→image"),
+                       ("acc", "#10ac84", "accuracy")):  # fmt: skip
         if (v := col(k)) is not None:
             ax.plot(step, _smooth(v, window), color=c, lw=2, label=name)
     ax.set_ylim(0, 1.02)
@@ -67,6 +68,9 @@ def plot_training_curves(metrics_jsonl: str | Path, out: str | Path) -> Path:
     if (temp := col("temperature")) is not None:
         ax.plot(step, temp, color="#e67e22", lw=2)
         ax.set_title("temperature (1 / logit scale)")
+    elif (sps := col("samples_per_s")) is not None:
+        ax.plot(step, sps, color="#e67e22", lw=2)
+        ax.set_title("training speed (samples/s)")
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.25)

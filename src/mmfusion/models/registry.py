@@ -28,9 +28,13 @@ from ..config import ConfigError, apply_overrides, from_dict, merge
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..utils.io import atomic_replace_dir, atomic_write_json
 from .clip import CLIP, CLIPConfig
+from .fusion import FusionClassifier, FusionConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
-FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {"clip": (CLIPConfig, CLIP)}
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "clip": (CLIPConfig, CLIP),
+    "fusion": (FusionConfig, FusionClassifier),
+}
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "mmfusion.checkpoint/1"
 _CORE_KEYS = ("format", "family", "name", "config", "mmfusion_version")

@@ -185,3 +185,120 @@ class TextTransformer(nn.Module):
         is_eot = tokens == self.cfg.eot_id
         last = torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
         return torch.where(is_eot.any(dim=-1), is_eot.int().argmax(dim=-1), last)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """A small CNN over log-mel spectrograms (as in PANNs, Kong et al., 2020), giving tokens over time."""
+
+    n_mels: int = field(64, "mel bands of the input (B, n_mels, frames)")
+    width: int = field(128, "token width")
+    arch: Literal["2d", "1d"] = field(
+        "2d",
+        "2d: convolutions over (frequency, time), PANNs-style; 1d: convolutions over time with the mel bands as "
+        "channels (each filter sees the whole spectrum: pitch is read directly; about 50x cheaper on a CPU)",
+    )
+    channels: int = field(32, "channels of the first conv block; each further block doubles them (2d)")
+    layers: int = field(3, "conv blocks; each halves the mel bands (2d: n_mels must divide by 2**layers)")
+    time_stride: int = field(2, "each block divides the frames by this (1 keeps one token per frame)")
+    norm: Literal["batch", "group"] = field(
+        "batch", "normalisation after every conv: BatchNorm, or GroupNorm (8 groups; for tiny batches)"
+    )
+    input_norm: Literal["batch", "utterance", "none"] = field(
+        "batch",
+        "input normalisation: 'batch' is a BatchNorm per mel band (learned affine, running statistics of the "
+        "data; keeps absolute level, so loudness stays audible); 'utterance' standardises each example by "
+        "its own mean and std (level-invariant); 'none' leaves the log-mel as it is",
+    )
+
+
+def _norm1d(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm1d(channels) if kind == "batch" else nn.GroupNorm(min(8, channels), channels)
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(min(8, channels), channels)
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel spectrograms (B, n_mels, frames) to tokens over time (B, T, width) and a pooled (B, width).
+
+    Each block is conv 3x3 -> norm -> GELU -> conv 3x3 -> norm -> GELU -> average pool (2 in frequency,
+    ``time_stride`` in time). Normalisation after every convolution matters: fusion models built on
+    encoders without it stayed at chance. The remaining frequency rows are not averaged away but
+    flattened with the channels and projected to the token width, so a token knows *where* in the
+    spectrum its energy is: absolute frequency is pitch, and convolutions alone are blind to it.
+    """
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        if cfg.layers < 1 or (cfg.arch == "2d" and cfg.n_mels % 2**cfg.layers):
+            raise ValueError(f"n_mels {cfg.n_mels} must be divisible by 2**layers = {2**cfg.layers} (layers >= 1)")
+        self.cfg, self.width = cfg, cfg.width
+        self.input_norm = nn.BatchNorm1d(cfg.n_mels) if cfg.input_norm == "batch" else None
+        blocks: list[nn.Module] = []
+        if cfg.arch == "1d":
+            c_in = cfg.n_mels
+            for k in range(cfg.layers):
+                c = cfg.channels * 2**k
+                blocks += [
+                    nn.Conv1d(c_in, c, 3, padding=1, bias=False),
+                    _norm1d(cfg.norm, c),
+                    nn.GELU(),
+                    nn.Conv1d(c, c, 3, padding=1, bias=False),
+                    _norm1d(cfg.norm, c),
+                    nn.GELU(),
+                    nn.AvgPool1d(cfg.time_stride, ceil_mode=True),
+                ]
+                c_in = c
+            self.body = nn.Sequential(*blocks)
+            self.proj = nn.Linear(c_in, cfg.width)
+            self.ln = nn.LayerNorm(cfg.width)
+            return
+        c_in = 1
+        for k in range(cfg.layers):
+            c = cfg.channels * 2**k
+            blocks += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                _norm2d(cfg.norm, c),
+                nn.GELU(),
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                _norm2d(cfg.norm, c),
+                nn.GELU(),
+                nn.AvgPool2d((2, cfg.time_stride), ceil_mode=True),
+            ]
+            c_in = c
+        self.body = nn.Sequential(*blocks)
+        self.proj = nn.Linear(c_in * (cfg.n_mels // 2**cfg.layers), cfg.width)
+        self.ln = nn.LayerNorm(cfg.width)
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, frames) log-mel -> the same shape, normalised as ``cfg.input_norm`` says."""
+        if x.dim() != 3 or x.shape[1] != self.cfg.n_mels:
+            raise ValueError(f"expected log-mel of shape (B, {self.cfg.n_mels}, frames), got {tuple(x.shape)}")
+        x = x.float()
+        if self.cfg.input_norm == "batch":
+            return self.input_norm(x)
+        if self.cfg.input_norm == "utterance":
+            mean, std = x.mean(dim=(1, 2), keepdim=True), x.std(dim=(1, 2), keepdim=True)
+            return (x - mean) / (std + 1e-5)
+        return x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-mel (B, n_mels, frames) -> tokens (B, T, width), T = frames / time_stride**layers (rounded up)."""
+        if self.cfg.arch == "1d":
+            h = self.body(self.normalize_input(x)).transpose(1, 2)  # (B, T, C)
+            return self.ln(self.proj(h))
+        h = self.body(self.normalize_input(x)[:, None])  # (B, C, n_mels / 2**layers, T)
+        h = h.flatten(1, 2).transpose(1, 2)  # (B, T, C * F)
+        return self.ln(self.proj(h))  # (B, T, width)
+
+    forward_features = forward_tokens  # the name the other encoders use
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, width) -> (B, width), their mean over time."""
+        return tokens.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-mel (B, n_mels, frames) -> (B, width)."""
+        return self.forward_head(self.forward_tokens(x))

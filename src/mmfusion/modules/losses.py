@@ -130,6 +130,20 @@ def triplet_loss(
     return ContrastiveOutput(loss, *_accuracies(sim, pos))
 
 
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017): cross-entropy scaled by (1 - p_true)^gamma, so confident, easy examples
+    count less and rare or hard ones more; ``gamma=0`` is (weighted) cross-entropy. Mean over the batch
+    (weighted mean when class ``weight`` is given, as ``F.cross_entropy`` does)."""
+    logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()).clamp_min(0) ** gamma) * logp
+    if weight is None:
+        return loss.mean()
+    w = weight.to(loss.dtype)[targets]
+    return (loss * w).sum() / w.sum().clamp_min(1e-12)
+
+
 class LogitScale(nn.Module):
     """Owns the temperature (in log space, clamped) and, for SigLIP, the logit bias.
 

@@ -25,8 +25,8 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     from .checkpoint import latest_checkpoint
     from .clip_task import ClipTask
 
-    if cfg.task != "clip":
-        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip")
+    if cfg.task not in ("clip", "fusion"):
+        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion")
     set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     out = Path(cfg.out)
@@ -37,15 +37,25 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         )
     torch.manual_seed(cfg.train.seed)
     tokenizer = None
-    if resume and ckpt is not None:
+    if resume and ckpt is not None and cfg.task == "clip":
         from ..models.registry import model_config
 
         _, mcfg = model_config(cfg.preset, cfg.model)
         tokenizer = Tokenizer.load(ckpt, mcfg.text.context_length)
     elif resume:
         log.warning("nothing to resume in %s: starting a new run", out)
-    task = ClipTask.build(cfg, device, tokenizer)
+    if cfg.task == "fusion":
+        from .fusion_task import FusionTask
+
+        task = FusionTask.build(cfg, device)
+    else:
+        task = ClipTask.build(cfg, device, tokenizer)
     trainer = Trainer(cfg, task, out, device)
     if resume:
         trainer.resume()
-    return trainer.run()
+    result = trainer.run()
+    if cfg.task == "fusion":  # the held-out report, beside the model
+        from ..eval.classification import evaluate_fusion
+
+        result.report = evaluate_fusion(task.model.eval(), task.test, out / "eval")
+    return result

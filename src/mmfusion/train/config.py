@@ -84,14 +84,33 @@ class TrainConfig:
 
 
 @dataclass
+class FusionDataConfig:
+    """The data and loss of a fusion run (task fusion)."""
+
+    task: Literal["complementary", "correspondence"] = field(
+        "complementary", "the ShapesWorld fusion task (data.source shapes): complementary or correspondence"
+    )
+    train_size: int = field(8000, "ShapesWorld training examples")
+    test_size: int = field(2000, "ShapesWorld test examples")
+    test_fraction: float = field(0.2, "a feature file: the stratified share held out for the report")
+    image_size: int = field(32, "ShapesWorld image side in pixels")
+    snr_db: float = field(10.0, "signal-to-noise ratio of ShapesWorld sounds in dB")
+    loss: Literal["ce", "focal"] = field("ce", "cross-entropy, or focal loss for long-tailed labels")
+    focal_gamma: float = field(2.0, "focusing parameter of the focal loss")
+    class_weights: bool = field(False, "weight classes by inverse frequency (long-tailed labels)")
+    label_smoothing: float = field(0.0, "label smoothing of the cross-entropy")
+
+
+@dataclass
 class RunConfig:
     """One training run."""
 
-    task: str = field("clip", "what is trained (clip)")
+    task: str = field("clip", "what is trained (clip or fusion)")
     preset: str = field("clip-tiny", "model preset (mmfusion models lists them)")
     model: dict[str, Any] = field(factory=dict, help="overrides of the preset's config, e.g. vision.layers")
     data: DataConfig = field(factory=DataConfig, help="training data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
+    fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
 
 

@@ -67,6 +67,7 @@ class TrainResult:
     samples: int
     elapsed_s: float
     last: dict[str, float]
+    report: dict[str, Any] | None = None  # the held-out evaluation, for tasks that make one at the end
 
 
 def pick_device(name: str) -> torch.device:
@@ -243,13 +244,14 @@ class Trainer:
                     bar.refresh()
                 last.update(samples_per_s=t.batch_size / step_times[-1])
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{last['loss']:.3f}",
-                    acc=f"{last['i2t_acc']:.2f}",
-                    lr=f"{last['lr']:.1e}",
-                    T=f"{last['temperature']:.4f}",
-                    refresh=False,
-                )
+                shown = {"loss": f"{last['loss']:.3f}"}
+                acc = last.get("acc", last.get("i2t_acc"))  # a classifier's accuracy, or CLIP's image->text
+                if acc is not None:
+                    shown["acc"] = f"{acc:.2f}"
+                shown["lr"] = f"{last['lr']:.1e}"
+                if "temperature" in last:
+                    shown["T"] = f"{last['temperature']:.4f}"
+                bar.set_postfix(shown, refresh=False)
                 if self.step % t.log_every == 0 or self.step == self.total:
                     self._log(metrics_file, last)
                 if self.step % t.save_every == 0 and self.step != self.total:
