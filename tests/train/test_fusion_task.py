@@ -77,3 +77,20 @@ def test_class_weights_and_focal_loss(tmp_path):
     torch.testing.assert_close(task.class_weight * counts, torch.full((2,), counts.sum() / 2))
     out = task.train_step(task.prepare(0), 1, lambda: torch.autocast("cpu", enabled=False))
     assert np.isfinite(out["loss"]) and 0 <= out["acc"] <= 1
+
+
+def test_eval_fusion_command(tmp_path, capsys):
+    f = _feature_file(tmp_path / "f.npz")
+    cfg = _cfg(tmp_path, f)
+    cfg.train.steps = 5
+    train(cfg)
+    capsys.readouterr()
+    assert main(["eval", "fusion", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "on its held-out split (160 examples)" in out and "without b" in out
+    assert (tmp_path / "ev" / "confusion.png").is_file()
+    assert (
+        main(["eval", "fusion", "--model", str(tmp_path / "run"), "--data", str(f), "--out", str(tmp_path / "all")])
+        == 0
+    )
+    assert "(800 examples)" in capsys.readouterr().out

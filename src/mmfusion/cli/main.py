@@ -129,6 +129,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion eval --help")
     model = load_model(args)
     out = _eval_out(args.model, args.out)
+    if args.kind == "fusion" or getattr(model, "family", None) == "fusion":
+        return _eval_fusion(model, args, out)
     kinds = ["retrieval", "zeroshot"] if args.kind == "all" else [args.kind]
     templates = None
     if args.templates:
@@ -155,6 +157,35 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         write_report(report, path)
         print("\n".join(summary_lines(report)))
         print(f"  report: {path}")
+    return 0
+
+
+def _eval_fusion(model, args: argparse.Namespace, out: Path) -> int:
+    """A fusion classifier on the held-out split it was trained beside, or on every example of --data FILE."""
+    from ..data.features import load_feature_file
+    from ..eval.classification import evaluate_fusion
+    from ..train.fusion_task import rebuild_test_data
+
+    if getattr(model, "family", None) != "fusion":
+        raise ValueError(f"{args.model} is not a fusion classifier; `eval fusion` needs one (mmfusion train fusion)")
+    if args.data and args.data != "shapes":
+        data = load_feature_file(args.data)
+        names = list(model.cfg.class_names)
+        if names and data.class_names != names:
+            raise ValueError(f"{args.data} has classes {data.class_names}, the model {names}: they must be the same")
+        where = args.data
+    else:
+        trained_on = (getattr(model, "meta", None) or {}).get("trained_on")
+        if not trained_on:
+            raise ValueError(f"{args.model} does not record its data; give the examples with --data FILE.npz")
+        data, where = rebuild_test_data(trained_on), "its held-out split"
+    report = evaluate_fusion(model, data, out)
+    m = report["metrics"]
+    print(f"{model.cfg.strategy} fusion on {where} ({report['n']} examples): accuracy {m['accuracy']:.3f}, "
+          f"macro-F1 {m['macro_f1']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}")  # fmt: skip
+    for mod, mm in report["missing_modality"].items():
+        print(f"  without {mod}: accuracy {mm['accuracy']:.3f}")
+    print(f"  report: {out / 'fusion.json'}, {out / 'confusion.png'}")
     return 0
 
 
@@ -316,7 +347,10 @@ def make_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint; prints the metrics and "
         "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).",
     )
-    e.add_argument("kind", choices=["retrieval", "zeroshot", "all"], help="which evaluation")
+    e.add_argument(
+        "kind", choices=["retrieval", "zeroshot", "all", "fusion"],
+        help="which evaluation (fusion: a fusion classifier on its held-out split, or on --data FILE.npz)",
+    )  # fmt: skip
     add_model_options(e)
     e.add_argument(
         "--data",
