@@ -375,6 +375,9 @@ def make_parser() -> argparse.ArgumentParser:
     from .ask_cmd import add_parser as add_ask_parser
 
     add_ask_parser(sub)
+    from .serve_cmd import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     from .bench_cmd import add_parser as add_bench_parser
 
     add_bench_parser(sub)

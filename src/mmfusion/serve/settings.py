@@ -1,0 +1,61 @@
+"""Service settings: defaults <- a YAML file <- ``MMFUSION_*`` environment variables <- command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import field, from_dict, load_yaml
+
+ENV_PREFIX = "MMFUSION_"
+
+
+@dataclass
+class ServeSettings:
+    """How `mmfusion serve` runs. Every field can be set in YAML, as MMFUSION_<FIELD> or as --<field>."""
+
+    host: str = field("127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
+    port: int = field(8000, "TCP port")
+    db: str | None = field(None, "an image index directory (mmfusion index): enables /search, /images, /thumbs")
+    model: str | None = field(None, "the Embedder (default: the index's model); enables /v1/embeddings, /classify")
+    device: str | None = field(None, "cpu, cuda or cuda:N (default: a GPU when there is one)")
+    max_batch_size: int = field(32, "model calls batch up to this many requests (1: no batching)")
+    max_wait_ms: float = field(5.0, "a request waits at most this long for others to join its batch")
+    max_queue: int = field(1024, "requests waiting for the model beyond this get 503 (retry later)")
+    max_concurrency: int = field(256, "requests in flight beyond this get 503 rather than slowing everyone")
+    max_body_bytes: int = field(25 * 2**20, "larger request bodies get 413 (also when sent chunked)")
+    max_pixels: int = field(40_000_000, "uploaded images with more pixels are refused before decoding")
+    max_inputs: int = field(256, "most texts or images in one embeddings request")
+    text_cache_size: int = field(4096, "text embeddings kept in an LRU cache (0: none)")
+    api_keys: list[str] = field(factory=list, help="accepted bearer keys; empty: no authentication")
+    cors_origins: list[str] = field(factory=list, help="origins allowed to call from a browser; empty: none")
+    thumb_size: int = field(256, "longest side of thumbnails in pixels")
+
+    @classmethod
+    def load(cls, yaml_path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **flags: Any):
+        """Settings from a YAML file, then the environment, then the flags given (None values are ignored)."""
+        data: dict[str, Any] = dict(load_yaml(yaml_path)) if yaml_path else {}
+        env = os.environ if env is None else env
+        names = {f.name for f in fields(cls)}
+        for name in names:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                data[name] = _parse_env(name, raw)
+        data.update({k: v for k, v in flags.items() if v is not None and k in names})
+        return from_dict(cls, data, prefix="serve.")
+
+    @property
+    def index_dir(self) -> Path | None:
+        return Path(self.db).expanduser() if self.db else None
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    """Environment values are text: lists are comma-separated, numbers and booleans read as YAML."""
+    import yaml
+
+    if name in ("api_keys", "cors_origins"):
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    value = yaml.safe_load(raw)
+    return raw if isinstance(value, (dict, list)) or value is None else value
