@@ -1,8 +1,8 @@
 """Load on loopback: text-embedding requests from concurrent clients, with dynamic batching and without.
 
 The service runs in a subprocess (uvicorn, as `mmfusion serve` runs it) with a native CLIP of the given
-preset (random weights, a BPE tokenizer trained on ShapesWorld captions), once with ``--max-batch-size 32 --max-wait-ms 20``
-and once with ``--max-batch-size 1`` (one model call per request). ``--clients`` concurrent clients send
+preset (random weights, a BPE tokenizer trained on ShapesWorld captions), once with
+``--max-batch-size 32 --max-wait-ms 20`` and once with ``--max-batch-size 1`` (one model call per request). ``--clients`` concurrent clients send
 ``POST /v1/embeddings`` with one caption each (every text unique, so the cache never answers) for
 ``--seconds``; reported: requests/s, p50/p99 latency, errors, and the batch-size histogram read from the
 server's /metrics.
