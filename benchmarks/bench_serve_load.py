@@ -2,10 +2,10 @@
 
 The service runs in a subprocess (uvicorn, as `mmfusion serve` runs it) with a native CLIP of the given
 preset (random weights, a BPE tokenizer trained on ShapesWorld captions), once with
-``--max-batch-size 32 --max-wait-ms 20`` and once with ``--max-batch-size 1`` (one model call per request). ``--clients`` concurrent clients send
-``POST /v1/embeddings`` with one caption each (every text unique, so the cache never answers) for
-``--seconds``; reported: requests/s, p50/p99 latency, errors, and the batch-size histogram read from the
-server's /metrics.
+``--max-batch-size 32 --max-wait-ms 20`` and once with ``--max-batch-size 1`` (one model call per
+request). ``--clients`` concurrent clients send ``POST /v1/embeddings`` with one caption each (every text
+unique, so the cache never answers) for ``--seconds``; reported: requests/s, p50/p99 latency, errors,
+and the batch-size histogram read from the server's /metrics.
 
 Run: python benchmarks/bench_serve_load.py [--preset vit-b-32] [--clients 32] [--seconds 60] [--json out.json]
 """
