@@ -22,6 +22,7 @@ whisper        Transcriber                :class:`~mmfusion.backends.hf_speech.H
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -297,6 +298,41 @@ def load_processor(processor_cls, source: str, local_only: bool, **kwargs):
     finally:
         for h in handlers:
             h.removeFilter(quiet)
+
+
+def check_family(source: str, model_type: str, architecture: str, interface: str, example: str) -> dict[str, Any]:
+    """The config of ``source`` after checking it is ``model_type`` with the ``architecture`` an adapter needs.
+
+    Raises:
+        ValueError: another family, or a checkpoint of the family made for another task (a BLIP for VQA is
+            also "blip"; loaded as a captioner it would give random output).
+    """
+    where, local_only = locate(source)
+    cfg = read_config(where, local_only)
+    mtype = cfg.get("model_type")
+    if mtype != model_type:
+        raise ValueError(f"{source}: {interface} needs a {model_type} model (model_type {model_type!r}), not {mtype!r}")
+    archs = cfg.get("architectures") or []
+    if archs and architecture not in archs:
+        raise ValueError(
+            f"{source} is a {archs[0]} checkpoint; {interface} needs a {architecture} one (e.g. {example})"
+        )
+    return cfg
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """Seed PyTorch's generators (CPU, and the model's GPU) for the block and restore them after; None: leave
+    them alone. Makes sampling repeatable without changing the caller's random state."""
+    if seed is None:
+        yield
+        return
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def load_pretrained(spec: str | os.PathLike, *, device=None, dtype=None, quantize: str | None = None, **kwargs):

@@ -13,14 +13,14 @@ Options are the fields of :class:`~mmfusion.interfaces.GenerationOptions`; any o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..interfaces import GenerationOptions, ImageInput
-from .hf import as_pil_images, load_hf_model, load_processor, locate, read_config, require_transformers
+from .hf import as_pil_images, check_family, load_hf_model, load_processor, require_transformers
+from .hf import seeded as seeded_rng
 
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
 
@@ -73,17 +73,7 @@ class HFCaptioner:
             ModelNotFoundError: neither a local directory nor in the cache (and downloading is not possible).
         """
         transformers = require_transformers()
-        where, local_only = locate(source)
-        cfg = read_config(where, local_only)
-        mtype = cfg.get("model_type")
-        if mtype != "blip":
-            raise ValueError(f"{source}: a Captioner needs a BLIP model (model_type 'blip'), not {mtype!r}")
-        archs = cfg.get("architectures") or []
-        if archs and CAPTION_ARCHITECTURE not in archs:
-            raise ValueError(
-                f"{source} is a {archs[0]} checkpoint; captioning needs a {CAPTION_ARCHITECTURE} one "
-                "(e.g. Salesforce/blip-image-captioning-base)"
-            )
+        check_family(source, "blip", CAPTION_ARCHITECTURE, "captioning", "Salesforce/blip-image-captioning-base")
         model, local_only, dev = load_hf_model(
             transformers.BlipForConditionalGeneration, source, device=device, dtype=dtype, quantize=quantize
         )
@@ -151,7 +141,7 @@ class HFCaptioner:
         prompt = prompt.strip() if prompt and prompt.strip() else None
         seeded = opts.seed is not None and gen_kwargs["do_sample"]
         out: list[torch.Tensor] = []
-        with self._rng(opts.seed if seeded else None):
+        with seeded_rng(opts.seed if seeded else None, self.device):
             for i in range(0, len(pil), self.batch_size):
                 out.extend(self._generate_batch(pil[i : i + self.batch_size], prompt, gen_kwargs))
         return out
@@ -171,24 +161,6 @@ class HFCaptioner:
             ends = (row[start:] == self.eos_token_id).nonzero()
             rows.append(row[: start + int(ends[0]) + 1] if len(ends) else row)
         return rows
-
-    @contextlib.contextmanager
-    def _rng(self, seed: int | None):
-        """Seed PyTorch's generators for the block and restore them after (None: leave them alone)."""
-        if seed is None:
-            yield
-            return
-        dev = self.device
-        if dev.type == "cpu":
-            fork = torch.random.fork_rng(devices=[])
-        else:
-            index = dev.index if dev.index is not None else 0
-            if dev.type == "cuda" and dev.index is None:
-                index = torch.cuda.current_device()
-            fork = torch.random.fork_rng(devices=[index], device_type=dev.type)
-        with fork:
-            torch.manual_seed(seed)
-            yield
 
 
 def _restore_prompt(text: str, said: str, prompt: str) -> str:

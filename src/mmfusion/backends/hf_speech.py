@@ -22,7 +22,6 @@ implementation.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 
 from ..data.audio import load_audio, resample
 from ..interfaces import GenerationOptions, Segment, Transcript
-from .hf import load_hf_model, load_processor, locate, read_config, require_transformers
+from .hf import check_family, load_hf_model, load_processor, require_transformers, seeded
 
 SPEECH_ARCHITECTURE = "WhisperForConditionalGeneration"
 TASKS = ("transcribe", "translate")
@@ -105,17 +104,7 @@ class HFTranscriber:
             ModelNotFoundError: neither a local directory nor in the cache (and downloading is not possible).
         """
         transformers = require_transformers()
-        where, local_only = locate(source)
-        cfg = read_config(where, local_only)
-        mtype = cfg.get("model_type")
-        if mtype != "whisper":
-            raise ValueError(f"{source}: a Transcriber needs a Whisper model (model_type 'whisper'), not {mtype!r}")
-        archs = cfg.get("architectures") or []
-        if archs and SPEECH_ARCHITECTURE not in archs:
-            raise ValueError(
-                f"{source} is a {archs[0]} checkpoint; transcription needs a {SPEECH_ARCHITECTURE} one "
-                "(e.g. openai/whisper-small)"
-            )
+        check_family(source, "whisper", SPEECH_ARCHITECTURE, "transcription", "openai/whisper-small")
         model, local_only, dev = load_hf_model(
             transformers.WhisperForConditionalGeneration, source, device=device, dtype=dtype, quantize=quantize
         )
@@ -201,7 +190,7 @@ class HFTranscriber:
         long_form = features.shape[-1] > self.window_frames
         lang_kwargs, code = self._language_and_task(features, language, task)
         kwargs = _generate_kwargs(opts)
-        with _seeded(opts.seed if kwargs.get("temperature") is not None else None, self.device):
+        with seeded(opts.seed if kwargs.get("temperature") is not None else None, self.device):
             out = self.model.generate(
                 input_features=features,
                 attention_mask=inputs["attention_mask"].to(self.device),
@@ -358,21 +347,3 @@ def _generate_kwargs(opts: GenerationOptions) -> dict[str, Any]:
     if sample:
         kw["temperature"] = opts.temperature
     return kw
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed PyTorch's generators for the block and restore them afterwards (None: leave them alone)."""
-    if seed is None:
-        yield
-        return
-    if device.type == "cpu":
-        fork = torch.random.fork_rng(devices=[])
-    else:
-        index = device.index
-        if index is None:
-            index = torch.cuda.current_device() if device.type == "cuda" else 0
-        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
-    with fork:
-        torch.manual_seed(seed)
-        yield

@@ -70,7 +70,6 @@ that, text containing a control token is refused (``ValueError``).
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import functools
 import io
@@ -86,7 +85,7 @@ from PIL import Image
 from ..data.images import DEFAULT_MAX_PIXELS as DECODE_MAX_PIXELS
 from ..data.images import ImageDecodeError, to_rgb
 from ..interfaces import GenerationOptions, ImageInput
-from .hf import as_pil_images, load_hf_model, load_processor, locate, read_config, require_transformers
+from .hf import as_pil_images, load_hf_model, load_processor, locate, read_config, require_transformers, seeded
 
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520 pixels: at most 1280 visual tokens an image
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -148,20 +147,6 @@ def _generate_kwargs(opts: GenerationOptions) -> dict[str, Any]:
     if kw["do_sample"]:
         kw["top_k"] = 0  # nucleus sampling only: no top-k cut (Qwen's generation_config.json says top_k=1)
     return kw
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed the random generators for one generation, leaving the global state as it was."""
-    if seed is None:
-        yield
-        return
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _image_from_url(url: str) -> Image.Image:
@@ -494,7 +479,7 @@ class HFAnswerer:
     @torch.inference_mode()
     def generate_ids(self, inputs, opts: GenerationOptions) -> torch.Tensor:
         """The new token ids for prepared inputs (the prompt cut off; padding after an early end stays)."""
-        with _seeded(opts.seed, self.device):
+        with seeded(opts.seed, self.device):
             out = self.model.generate(**inputs, **self._generate_kwargs(opts))
         return out[:, inputs["input_ids"].shape[1] :]
 
@@ -567,7 +552,7 @@ class HFAnswerer:
 
         def run() -> None:
             try:
-                with torch.inference_mode(), _seeded(opts.seed, self.device):
+                with torch.inference_mode(), seeded(opts.seed, self.device):
                     self.model.generate(
                         **inputs, **kw, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag(stop)])
                     )
