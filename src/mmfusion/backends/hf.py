@@ -320,6 +320,15 @@ def check_family(source: str, model_type: str, architecture: str, interface: str
     return cfg
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating-point type of a model's weights (float32 for a fully int8-quantised model): what inputs
+    are cast to."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device):
     """Seed PyTorch's generators (CPU, and the model's GPU) for the block and restore them after; None: leave
@@ -459,10 +468,7 @@ class HFEmbedder(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32  # fully quantised
+        return weights_dtype(self.model)
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (PIL, paths or arrays) -> the model's ``pixel_values`` (B, 3, H, W), float32 on CPU."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..interfaces import GenerationOptions, ImageInput
-from .hf import as_pil_images, check_family, load_hf_model, load_processor, require_transformers
+from .hf import as_pil_images, check_family, load_hf_model, load_processor, require_transformers, weights_dtype
 from .hf import seeded as seeded_rng
 
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
@@ -83,10 +83,7 @@ class HFCaptioner:
     @property
     def dtype(self) -> torch.dtype:
         """The floating-point type of the model's weights (float32 for a fully quantised model)."""
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
+        return weights_dtype(self.model)
 
     def caption(
         self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, **options: Any

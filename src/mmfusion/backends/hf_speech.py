@@ -31,7 +31,7 @@ import torch
 
 from ..data.audio import load_audio, resample
 from ..interfaces import GenerationOptions, Segment, Transcript
-from .hf import check_family, load_hf_model, load_processor, require_transformers, seeded
+from .hf import check_family, load_hf_model, load_processor, require_transformers, seeded, weights_dtype
 
 SPEECH_ARCHITECTURE = "WhisperForConditionalGeneration"
 TASKS = ("transcribe", "translate")
@@ -114,10 +114,7 @@ class HFTranscriber:
     @property
     def dtype(self) -> torch.dtype:
         """The floating-point type of the model's weights (float32 for a fully quantised model)."""
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
+        return weights_dtype(self.model)
 
     # ---- the Transcriber interface -------------------------------------------------------------------
 

@@ -236,40 +236,26 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"n_mels {cfg.n_mels} must be divisible by 2**layers = {2**cfg.layers} (layers >= 1)")
         self.cfg, self.width = cfg, cfg.width
         self.input_norm = nn.BatchNorm1d(cfg.n_mels) if cfg.input_norm == "batch" else None
+        one_d = cfg.arch == "1d"  # 1-D: the mel bands are the input channels; 2-D: one input channel
+        conv, norm = (nn.Conv1d, _norm1d) if one_d else (nn.Conv2d, _norm2d)
         blocks: list[nn.Module] = []
-        if cfg.arch == "1d":
-            c_in = cfg.n_mels
-            for k in range(cfg.layers):
-                c = cfg.channels * 2**k
-                blocks += [
-                    nn.Conv1d(c_in, c, 3, padding=1, bias=False),
-                    _norm1d(cfg.norm, c),
-                    nn.GELU(),
-                    nn.Conv1d(c, c, 3, padding=1, bias=False),
-                    _norm1d(cfg.norm, c),
-                    nn.GELU(),
-                    nn.AvgPool1d(cfg.time_stride, ceil_mode=True),
-                ]
-                c_in = c
-            self.body = nn.Sequential(*blocks)
-            self.proj = nn.Linear(c_in, cfg.width)
-            self.ln = nn.LayerNorm(cfg.width)
-            return
-        c_in = 1
+        c_in = cfg.n_mels if one_d else 1
         for k in range(cfg.layers):
             c = cfg.channels * 2**k
+            pool = (nn.AvgPool1d(cfg.time_stride, ceil_mode=True) if one_d
+                    else nn.AvgPool2d((2, cfg.time_stride), ceil_mode=True))  # fmt: skip
             blocks += [
-                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
-                _norm2d(cfg.norm, c),
+                conv(c_in, c, 3, padding=1, bias=False),
+                norm(cfg.norm, c),
                 nn.GELU(),
-                nn.Conv2d(c, c, 3, padding=1, bias=False),
-                _norm2d(cfg.norm, c),
+                conv(c, c, 3, padding=1, bias=False),
+                norm(cfg.norm, c),
                 nn.GELU(),
-                nn.AvgPool2d((2, cfg.time_stride), ceil_mode=True),
+                pool,
             ]
             c_in = c
         self.body = nn.Sequential(*blocks)
-        self.proj = nn.Linear(c_in * (cfg.n_mels // 2**cfg.layers), cfg.width)
+        self.proj = nn.Linear(c_in if one_d else c_in * (cfg.n_mels // 2**cfg.layers), cfg.width)
         self.ln = nn.LayerNorm(cfg.width)
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
