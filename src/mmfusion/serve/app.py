@@ -15,12 +15,14 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -158,6 +160,7 @@ class Service:
         self.text_cache = LRU(settings.text_cache_size)
         self.index_pool = index_pool  # every use of the index runs here: SQLite objects stay in one thread
         self.batchers: dict[str, MicroBatcher] = {}
+        self.captioner = self.answerer = None
         self.started = time.time()
         if embedder is not None:
             self.batchers["text"] = self._batcher("text", self._encode_texts)
@@ -218,9 +221,9 @@ class Service:
         self.index_pool.shutdown(wait=True)
 
 
-def create_app(settings: ServeSettings | None = None, embedder=None) -> FastAPI:
-    """The FastAPI app for ``settings``; ``embedder`` may be given (else it is loaded from the settings, or is
-    the model the index was built with)."""
+def create_app(settings: ServeSettings | None = None, embedder=None, captioner=None, answerer=None) -> FastAPI:
+    """The FastAPI app for ``settings``. ``embedder``, ``captioner`` and ``answerer`` may be given as objects;
+    otherwise they are loaded by the names in the settings (the embedder defaults to the index's model)."""
     settings = settings or ServeSettings()
     index_pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-index")  # SQLite objects stay in one thread
     index = None
@@ -237,7 +240,16 @@ def create_app(settings: ServeSettings | None = None, embedder=None) -> FastAPI:
             embedder = index_pool.submit(lambda: index.model).result()  # the model the index was built with
         else:
             index._model = embedder  # checked against the index's model when it is used
+    if captioner is None and settings.captioner:
+        import mmfusion
+
+        captioner = mmfusion.load(settings.captioner, device=settings.device)
+    if answerer is None and settings.answerer:
+        import mmfusion
+
+        answerer = mmfusion.load(settings.answerer, device=settings.device)
     svc = Service(settings, embedder, index, index_pool)
+    svc.captioner, svc.answerer = captioner, answerer
 
     async def lifespan(app: FastAPI):
         yield
@@ -299,12 +311,24 @@ def create_app(settings: ServeSettings | None = None, embedder=None) -> FastAPI:
 
     model_id = getattr(svc.embedder, "name", None) or "mmfusion"
 
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static, check_dir=False), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The web page: search, search by example, more like this, ask, caption, labels."""
+        index_html = static / "index.html"
+        if not index_html.is_file():
+            raise HTTPException(404, "the web page is not installed")
+        return FileResponse(index_html, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, Any]:
         """Liveness and what is loaded."""
         images = await svc.in_index_thread(svc.index.store.count) if svc.index is not None else None
         return {"status": "ok", "model": model_id if svc.embedder is not None else None, "images": images,
-                "uptime_s": round(time.time() - svc.started, 1)}  # fmt: skip
+                "captioner": _name(svc.captioner), "answerer": _name(svc.answerer), "labels": settings.labels,
+                "auth": bool(settings.api_keys), "uptime_s": round(time.time() - svc.started, 1)}  # fmt: skip
 
     @app.get("/metrics", tags=["service"])
     async def metrics() -> Response:
@@ -486,6 +510,10 @@ def create_app(settings: ServeSettings | None = None, embedder=None) -> FastAPI:
                 "score": "sigmoid" if sigmoid else ("cosine" if req.threshold is not None else "softmax")}  # fmt: skip
 
     return app
+
+
+def _name(model) -> str | None:
+    return None if model is None else (getattr(model, "name", None) or type(model).__name__)
 
 
 def _make_thumb(path: str, settings: ServeSettings) -> bytes:

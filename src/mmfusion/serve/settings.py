@@ -32,6 +32,12 @@ class ServeSettings:
     api_keys: list[str] = field(factory=list, help="accepted bearer keys; empty: no authentication")
     cors_origins: list[str] = field(factory=list, help="origins allowed to call from a browser; empty: none")
     thumb_size: int = field(256, "longest side of thumbnails in pixels")
+    captioner: str | None = field(None, "a Captioner (e.g. hf:Salesforce/blip-image-captioning-base): captions")
+    answerer: str | None = field(None, "an Answerer (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct): questions about images")
+    labels: list[str] = field(factory=list, help="default zero-shot labels offered by the web page")
+    jobs_db: str | None = field(None, "SQLite file for async jobs (default: jobs.sqlite in --db, else in memory)")
+    max_new_tokens: int = field(64, "longest caption or answer, in tokens, unless a request asks for fewer")
+    allow_url_fetch: bool = field(False, "read image_url http(s) URLs (never private or loopback addresses)")
 
     @classmethod
     def load(cls, yaml_path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **flags: Any):
@@ -55,7 +61,7 @@ def _parse_env(name: str, raw: str) -> Any:
     """Environment values are text: lists are comma-separated, numbers and booleans read as YAML."""
     import yaml
 
-    if name in ("api_keys", "cors_origins"):
+    if name in ("api_keys", "cors_origins", "labels"):
         return [x.strip() for x in raw.split(",") if x.strip()]
     value = yaml.safe_load(raw)
     return raw if isinstance(value, (dict, list)) or value is None else value
