@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import logging
 import time
@@ -28,6 +27,9 @@ from pydantic import BaseModel, Field
 
 from ..data.images import ImageDecodeError
 from .batching import MicroBatcher, QueueFullError
+from .chat import add_chat_routes
+from .generation import Generators
+from .images import decode_data_url
 from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from .settings import ServeSettings
 
@@ -79,27 +81,6 @@ class ClassifyRequest(BaseModel):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-
-
-def decode_data_url(url: str, max_pixels: int) -> Image.Image:
-    """A data URL (or bare base64) to an RGB image; the pixel count is checked before decoding."""
-    from ..index.decode import decode_bytes
-
-    if url.startswith(("http://", "https://", "file:", "/")):
-        raise HTTPException(
-            400, "images are sent as data URLs (data:image/png;base64,...); URLs and paths are not read"
-        )
-    payload = url.split(",", 1)[1] if url.startswith("data:") else url
-    if url.startswith("data:") and ";base64" not in url.split(",", 1)[0]:
-        raise HTTPException(400, "a data URL image must be base64-encoded (data:image/png;base64,...)")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise HTTPException(400, f"the image is not valid base64: {e}") from e
-    try:
-        return decode_bytes(data, None, max_pixels).pixels
-    except ImageDecodeError as e:
-        raise HTTPException(422, f"cannot use the image: {e}") from e
 
 
 class LRU:
@@ -160,7 +141,7 @@ class Service:
         self.text_cache = LRU(settings.text_cache_size)
         self.index_pool = index_pool  # every use of the index runs here: SQLite objects stay in one thread
         self.batchers: dict[str, MicroBatcher] = {}
-        self.captioner = self.answerer = None
+        self.generators = Generators()
         self.started = time.time()
         if embedder is not None:
             self.batchers["text"] = self._batcher("text", self._encode_texts)
@@ -213,9 +194,13 @@ class Service:
     async def in_index_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.index_pool, fn, *args)
 
+    def model_name(self, model) -> str | None:
+        return None if model is None else (getattr(model, "name", None) or type(model).__name__)
+
     async def close(self) -> None:
         for b in self.batchers.values():
             await b.stop()
+        self.generators.close()
         if self.index is not None:
             self.index_pool.submit(self.index.close).result()
         self.index_pool.shutdown(wait=True)
@@ -249,7 +234,7 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
 
         answerer = mmfusion.load(settings.answerer, device=settings.device)
     svc = Service(settings, embedder, index, index_pool)
-    svc.captioner, svc.answerer = captioner, answerer
+    svc.generators = Generators(captioner, answerer)
 
     async def lifespan(app: FastAPI):
         yield
@@ -327,7 +312,8 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         """Liveness and what is loaded."""
         images = await svc.in_index_thread(svc.index.store.count) if svc.index is not None else None
         return {"status": "ok", "model": model_id if svc.embedder is not None else None, "images": images,
-                "captioner": _name(svc.captioner), "answerer": _name(svc.answerer), "labels": settings.labels,
+                "captioner": svc.model_name(svc.generators.captioner),
+                "answerer": svc.model_name(svc.generators.answerer), "labels": settings.labels,
                 "auth": bool(settings.api_keys), "uptime_s": round(time.time() - svc.started, 1)}  # fmt: skip
 
     @app.get("/metrics", tags=["service"])
@@ -339,9 +325,10 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
 
     @app.get("/v1/models", tags=["openai"])
     async def models(_=Depends(authorized)) -> dict[str, Any]:
-        data = []
-        if svc.embedder is not None:
-            data.append({"id": model_id, "object": "model", "created": int(svc.started), "owned_by": "mmfusion"})
+        roles = (("embedder", svc.embedder), ("captioner", svc.generators.captioner),
+                 ("answerer", svc.generators.answerer))  # fmt: skip
+        data = [{"id": svc.model_name(m), "object": "model", "created": int(svc.started), "owned_by": "mmfusion",
+                 "role": role} for role, m in roles if m is not None]  # fmt: skip
         return {"object": "list", "data": data}
 
     @app.post("/v1/embeddings", tags=["openai"])
@@ -509,11 +496,8 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         return {"labels": [{"label": lab, "score": round(s, 6)} for lab, s in pairs],
                 "score": "sigmoid" if sigmoid else ("cosine" if req.threshold is not None else "softmax")}  # fmt: skip
 
+    add_chat_routes(app, svc, authorized)
     return app
-
-
-def _name(model) -> str | None:
-    return None if model is None else (getattr(model, "name", None) or type(model).__name__)
 
 
 def _make_thumb(path: str, settings: ServeSettings) -> bytes:

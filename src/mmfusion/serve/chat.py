@@ -1,0 +1,175 @@
+"""``POST /v1/chat/completions``: questions about images and captions, in OpenAI's shape (streaming or not).
+
+Images are ``image_url`` content parts holding a data URL (``data:image/png;base64,...``), an indexed image's id
+(``mmfusion://images/42``) or, only when the service allows URL fetching, a public http(s) URL. The request names
+the answerer or the captioner as its ``model``; without one, a question goes to the answerer and an image alone
+to the captioner. ``stream: true`` answers with server-sent events ending in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from .generation import Prompt, count_tokens, options_from
+from .images import decode_data_url, decode_image_bytes, fetch_url, image_url_of, indexed_id
+
+MAX_IMAGES = 16
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = Field(
+        None,
+        description="a text, or parts: {'type': 'text', 'text': ...} and {'type': 'image_url', 'image_url': "
+        "{'url': 'data:image/png;base64,...' | 'mmfusion://images/<id>'}}",
+    )
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request. Unlisted OpenAI fields are accepted and ignored."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = Field(None, description="the answerer's or the captioner's id (see /v1/models)")
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, description="the most new tokens (default and cap: the server's)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (newer name)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (deterministic)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, description="makes sampling repeatable")
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stop: str | list[str] | None = Field(None, description="not supported: leave it out")
+
+
+async def resolve_image(svc, url: str) -> Image.Image:
+    """An ``image_url`` to a PIL image: a data URL, an indexed id, or (when enabled) a public URL."""
+    s = svc.settings
+    loop = asyncio.get_running_loop()
+    image_id = indexed_id(url)
+    if image_id is not None:
+        if svc.index is None:
+            raise HTTPException(404, "no index is served, so mmfusion://images/<id> names nothing; send a data URL")
+        rows = await svc.in_index_thread(svc.index.store.get, [image_id])
+        if image_id not in rows:
+            raise HTTPException(404, f"no indexed image has id {image_id}")
+        return await loop.run_in_executor(None, _decode_indexed, rows[image_id].path, s.max_pixels)
+    if url.startswith(("http://", "https://")):
+        if not s.allow_url_fetch:
+            msg = "this service does not fetch URLs: send the image as a data URL (or start it with --allow-url-fetch)"
+            raise HTTPException(400, msg)
+        data = await loop.run_in_executor(None, fetch_url, url, s.max_body_bytes)
+        return await loop.run_in_executor(None, decode_image_bytes, data, s.max_pixels)
+    return await loop.run_in_executor(None, decode_data_url, url, s.max_pixels)
+
+
+def _decode_indexed(path: str, max_pixels: int) -> Image.Image:
+    from ..data.images import ImageDecodeError
+    from ..index.decode import decode_file
+
+    try:
+        return decode_file(path, None, max_pixels).pixels
+    except ImageDecodeError as e:
+        raise HTTPException(410, f"the indexed image cannot be read any more ({e}); re-run mmfusion index") from e
+
+
+async def build_prompt(svc, messages: list[ChatMessage]) -> Prompt:
+    """The OpenAI messages as a :class:`Prompt`: images resolved, the last user text as the question."""
+    chat: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for i, msg in enumerate(messages):
+        content = msg.content
+        parts = [] if content is None else [{"type": "text", "text": content}] if isinstance(content, str) else content
+        out: list[dict[str, Any]] = []
+        for part in parts:
+            kind = part.get("type", "text")
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise HTTPException(400, f"messages[{i}]: a text part needs 'text' (a string)")
+                out.append({"type": "text", "text": text})
+            elif kind == "image_url":
+                if len(images) >= MAX_IMAGES:
+                    raise HTTPException(413, f"more than {MAX_IMAGES} images in one request")
+                img = await resolve_image(svc, image_url_of(part))
+                images.append(img)
+                out.append({"type": "image", "image": img})
+            else:
+                raise HTTPException(400, f"messages[{i}]: content type {kind!r} is not supported (text, image_url)")
+        chat.append({"role": msg.role, "content": out})
+    if chat[-1]["role"] != "user":
+        raise HTTPException(400, "the last message must be the user's: there is nothing to answer")
+    question = " ".join(p["text"] for p in chat[-1]["content"] if p["type"] == "text").strip() or None
+    multi_turn = len(chat) > 1 or any(p["type"] == "image" for m in chat[:-1] for p in m["content"])
+    return Prompt(images=images, question=question, messages=chat if (multi_turn or question) else None)
+
+
+def add_chat_routes(app: FastAPI, svc, authorized) -> None:
+    gen = svc.generators
+
+    def names() -> dict[str, str | None]:
+        return {"captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
+                "embedder": svc.model_name(svc.embedder)}  # fmt: skip
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(req: ChatRequest, _=Depends(authorized)):
+        """Answer a question about images, or caption them (OpenAI's chat completions, streaming or not)."""
+        if gen.captioner is None and gen.answerer is None:
+            raise HTTPException(503, "no captioner or answerer is loaded: serve with --answerer or --captioner")
+        if req.stop:
+            raise HTTPException(400, "stop sequences are not supported; leave 'stop' out")
+        prompt = await build_prompt(svc, req.messages)
+        model = gen.model_for(prompt, req.model, names())
+        if model is gen.captioner and prompt.messages is not None:
+            prompt.messages = None  # a captioner describes the images; text parts are not used
+        opts = options_from(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed,
+                            svc.settings.max_new_tokens)  # fmt: skip
+        name = svc.model_name(model)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        prompt_tokens = count_tokens(model, prompt.question or "")
+        if not req.stream:
+            text = await gen.generate(model, prompt, opts)
+            done = count_tokens(model, text)
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length" if done >= opts.max_new_tokens else "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                          "total_tokens": prompt_tokens + done},
+            }  # fmt: skip
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            pieces: list[str] = []
+            try:
+                async for piece in gen.stream(model, prompt, opts):
+                    pieces.append(piece)
+                    yield chunk({"content": piece})
+            except HTTPException as e:  # headers are sent: the error travels in the stream, as OpenAI's does
+                yield _error_event(str(e.detail), "invalid_request_error")
+            except Exception as e:
+                yield _error_event(f"generation failed: {e}", "server_error")
+            else:
+                done = count_tokens(model, "".join(pieces))
+                yield chunk({}, "length" if done >= opts.max_new_tokens else "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+def _error_event(message: str, kind: str) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"

@@ -1,0 +1,176 @@
+"""Captions and answers for the service: one generation at a time, off the event loop, streamed or not.
+
+Chat completions and jobs both come here. A model generates for one request at a time (a semaphore): generation
+is long and memory-hungry, and two at once on the same cores only make both slower. Waiting requests queue on
+the semaphore; the concurrency limit of the app bounds how many can wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException
+from PIL import Image
+
+from ..interfaces import GenerationOptionError, GenerationOptions
+
+_END = object()
+
+
+@dataclass
+class Prompt:
+    """What one generation is asked: the images, the question (None: caption), and the whole conversation."""
+
+    images: list[Image.Image]
+    question: str | None
+    messages: list[dict[str, Any]] | None = None  # the chat template's format, images as PIL (answerers only)
+
+
+def options_from(
+    max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None, cap: int
+) -> GenerationOptions:
+    """OpenAI's sampling fields as :class:`GenerationOptions`: greedy unless a temperature above 0 is given."""
+    if max_tokens is not None and max_tokens > cap:
+        raise HTTPException(400, f"max_tokens {max_tokens} is over this service's limit of {cap}; ask for fewer")
+    opts: dict[str, Any] = {"max_new_tokens": max_tokens or cap}
+    if temperature:
+        opts.update(do_sample=True, temperature=float(temperature))
+    if top_p is not None:
+        opts["top_p"] = float(top_p)
+    if seed is not None:
+        opts["seed"] = seed
+    try:
+        return GenerationOptions.parse(opts)
+    except GenerationOptionError as e:
+        raise HTTPException(400, str(e)) from e
+
+
+def _option_kwargs(opts: GenerationOptions) -> dict[str, Any]:
+    return {k: getattr(opts, k) for k in ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "seed")}
+
+
+class Generators:
+    """The served Captioner and Answerer, their thread and their one-at-a-time lock."""
+
+    def __init__(self, captioner=None, answerer=None):
+        self.captioner, self.answerer = captioner, answerer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-generate")
+        self._lock: asyncio.Semaphore | None = None
+        self.answerer_takes_messages = answerer is not None and "messages" in _params(answerer.answer)
+        self.streams = answerer is not None and hasattr(answerer, "stream_answer")
+
+    @property
+    def lock(self) -> asyncio.Semaphore:
+        if self._lock is None:  # made on the serving loop
+            self._lock = asyncio.Semaphore(1)
+        return self._lock
+
+    def model_for(self, prompt: Prompt, model: str | None, names: dict[str, str | None]):
+        """The model a chat request goes to: the one it names, else the answerer for questions and the
+        captioner for an image alone."""
+        if model:
+            if model == names.get("answerer"):
+                if prompt.question is None and prompt.messages is None:
+                    raise HTTPException(400, "ask a question: add a text part to the user message")
+                return self.answerer
+            if model == names.get("captioner"):
+                if len(prompt.images) < 1:
+                    raise HTTPException(400, "captioning needs an image: add an image_url part")
+                return self.captioner
+            if model == names.get("embedder"):
+                raise HTTPException(400, f"{model!r} is an embedding model: use /v1/embeddings")
+            served = ", ".join(repr(n) for n in (names.get("answerer"), names.get("captioner")) if n) or "none"
+            raise HTTPException(404, f"model {model!r} is not served here; chat models: {served}")
+        if prompt.question is not None:
+            if self.answerer is None:
+                raise HTTPException(400, "no answerer is loaded: start the service with --answerer to ask questions")
+            return self.answerer
+        if self.captioner is not None and prompt.images:
+            return self.captioner
+        if self.answerer is not None and prompt.images:
+            raise HTTPException(400, "no captioner is loaded (--captioner); send a question for the answerer")
+        raise HTTPException(400, "nothing to do: send an image to caption, or an image and a question")
+
+    def _run(self, model, prompt: Prompt, opts: GenerationOptions) -> str:
+        kw = _option_kwargs(opts)
+        if model is self.captioner:
+            captions = self.captioner.caption(prompt.images, **kw)
+            return captions[0] if len(captions) == 1 else "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
+        if prompt.messages is not None and self.answerer_takes_messages:
+            return self.answerer.answer(messages=prompt.messages, **kw)[0]
+        return self.answerer.answer(_one_image(prompt), prompt.question, **kw)[0]
+
+    async def generate(self, model, prompt: Prompt, opts: GenerationOptions) -> str:
+        async with self.lock:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, _guard, self._run, model, prompt, opts)
+
+    async def stream(self, model, prompt: Prompt, opts: GenerationOptions) -> AsyncIterator[str]:
+        """Pieces of the caption or answer as they come (a captioner yields its caption whole)."""
+        if model is self.captioner or not self.streams:
+            yield await self.generate(model, prompt, opts)
+            return
+        loop = asyncio.get_running_loop()
+        kw = _option_kwargs(opts)
+        async with self.lock:
+            if prompt.messages is not None and self.answerer_takes_messages:
+                start = lambda: self.answerer.stream_answer(messages=prompt.messages, **kw)
+            else:
+                start = lambda: self.answerer.stream_answer(_one_image(prompt), prompt.question, **kw)
+            pieces = await loop.run_in_executor(self.pool, _guard, start)
+            try:
+                while (piece := await loop.run_in_executor(self.pool, _guard, next, pieces, _END)) is not _END:
+                    yield piece
+            finally:  # the client went away or the stream ended: stop generating and join its thread
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    await loop.run_in_executor(self.pool, close)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _one_image(prompt: Prompt) -> Image.Image | None:
+    if len(prompt.images) > 1:
+        raise HTTPException(400, "this answerer takes one image per question; send one image_url part")
+    return prompt.images[0] if prompt.images else None
+
+
+def _guard(fn, *args):
+    """Run a model call; its bad-input errors become 400s naming the problem."""
+    try:
+        return fn(*args)
+    except GenerationOptionError as e:
+        raise HTTPException(400, str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise HTTPException(400, f"the model refused the request: {e}") from e
+
+
+def _params(fn) -> Sequence[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def count_tokens(model, text: str) -> int:
+    """Tokens of ``text`` by the model's tokenizer when it has one, else words."""
+    tok = getattr(model, "tokenizer", None)
+    try:
+        if tok is not None and hasattr(tok, "encode"):
+            ids = tok.encode(text, add_special_tokens=False) if _takes(tok.encode, "add_special_tokens") else None
+            if ids is None:
+                ids = tok.encode(text)
+            return len(getattr(ids, "ids", ids))
+    except Exception:  # a tokenizer without a plain encode: fall back to words
+        pass
+    return len(text.split())
+
+
+def _takes(fn, name: str) -> bool:
+    params = _params(fn)
+    return name in params or "kwargs" in params

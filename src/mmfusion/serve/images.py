@@ -1,0 +1,142 @@
+"""Images that arrive in requests: data URLs, ids of indexed images, and (only when enabled) http(s) URLs.
+
+Nothing here ever opens a path taken from a request. An indexed image is named by its id
+(``mmfusion://images/42``) and read from the path the index stored. URL fetching is off by default; when it is
+on, every address a host name resolves to must be public (no loopback, private, link-local, multicast or reserved
+ranges), the connection goes to the address that was checked (a second DNS answer cannot point elsewhere), each
+redirect is checked again, and the body is bounded in bytes and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from fastapi import HTTPException
+from PIL import Image
+
+from ..data.images import ImageDecodeError
+
+INDEXED = re.compile(r"^mmfusion://images/(\d+)$")
+MAX_REDIRECTS = 3
+
+
+def decode_data_url(url: str, max_pixels: int) -> Image.Image:
+    """A data URL (or bare base64) to an RGB image; the pixel count is checked before decoding."""
+    if url.startswith(("http://", "https://", "file:", "/")):
+        raise HTTPException(
+            400, "images are sent as data URLs (data:image/png;base64,...); URLs and paths are not read here"
+        )
+    payload = url.split(",", 1)[1] if url.startswith("data:") else url
+    if url.startswith("data:") and ";base64" not in url.split(",", 1)[0]:
+        raise HTTPException(400, "a data URL image must be base64-encoded (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPException(400, f"the image is not valid base64: {e}") from e
+    return decode_image_bytes(data, max_pixels)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int) -> Image.Image:
+    from ..index.decode import decode_bytes
+
+    try:
+        return decode_bytes(data, None, max_pixels).pixels
+    except ImageDecodeError as e:
+        raise HTTPException(422, f"cannot use the image: {e}") from e
+
+
+def indexed_id(url: str) -> int | None:
+    """The id in ``mmfusion://images/<id>``, or None for any other reference."""
+    m = INDEXED.match(url.strip())
+    return int(m.group(1)) if m else None
+
+
+def is_public(address: str) -> bool:
+    """True for a globally routable unicast address; False for loopback, private, link-local and the like."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+
+
+class RefusedAddress(Exception):
+    """A URL whose host resolves to an address the service must not reach."""
+
+
+def _checked_addresses(host: str, port: int) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RefusedAddress(f"cannot resolve {host!r}: {e}") from e
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    bad = [a for a in addresses if not is_public(a)]
+    if not addresses or bad:
+        raise RefusedAddress(f"{host!r} resolves to a private, loopback or reserved address ({', '.join(bad)})")
+    return addresses
+
+
+def _guarded_backend():
+    """An httpcore network backend that connects only to checked public addresses."""
+    import httpcore
+
+    class GuardedBackend(httpcore.SyncBackend):
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            address = _checked_addresses(host, port)[0]  # connect to the address that was checked
+            return super().connect_tcp(address, port, timeout, local_address, socket_options)
+
+    return GuardedBackend()
+
+
+def fetch_url(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
+    """The body of an http(s) URL on a public address, at most ``max_bytes``; redirects are checked too.
+
+    Raises:
+        HTTPException: 400 for a refused or unreachable URL, 413 for a body over ``max_bytes``.
+    """
+    import httpcore
+
+    with httpcore.ConnectionPool(network_backend=_guarded_backend(), retries=0) as pool:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise HTTPException(400, f"only http and https image URLs can be fetched, not {url[:80]!r}")
+            try:
+                ext = {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}}
+                with pool.stream("GET", url, headers={"User-Agent": "mmfusion"}, extensions=ext) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        location = dict((k.lower(), v) for k, v in resp.headers).get(b"location")
+                        if not location:
+                            raise HTTPException(400, f"{url[:80]} redirects without a Location")
+                        url = urljoin(url, location.decode("latin-1"))
+                        continue
+                    if resp.status != 200:
+                        raise HTTPException(400, f"fetching {url[:80]} gave HTTP {resp.status}")
+                    body = bytearray()
+                    for chunk in resp.iter_stream():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise HTTPException(413, f"the image at {url[:80]} is over {max_bytes:,} bytes")
+                    return bytes(body)
+            except RefusedAddress as e:
+                raise HTTPException(400, f"refused to fetch {url[:80]}: {e}") from e
+            except httpcore.ConnectError as e:
+                cause = e.__context__ if isinstance(e.__context__, RefusedAddress) else e
+                raise HTTPException(400, f"cannot fetch {url[:80]}: {cause}") from e
+            except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
+                raise HTTPException(400, f"cannot fetch {url[:80]}: {type(e).__name__} {e}") from e
+        raise HTTPException(400, f"{url[:80]} redirects more than {MAX_REDIRECTS} times")
+
+
+def image_url_of(part: Any) -> str:
+    """The URL string of an OpenAI ``image_url`` content part (``{"url": ...}`` or a bare string)."""
+    ref = part.get("image_url") if isinstance(part, dict) else None
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url:
+        raise HTTPException(400, "an image_url part needs {'url': 'data:image/...;base64,...'}")
+    return url
