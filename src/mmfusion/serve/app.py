@@ -30,6 +30,7 @@ from .batching import MicroBatcher, QueueFullError
 from .chat import add_chat_routes
 from .generation import Generators
 from .images import decode_data_url
+from .jobs import JobRunner, JobStore, add_job_routes
 from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from .settings import ServeSettings
 
@@ -142,6 +143,7 @@ class Service:
         self.index_pool = index_pool  # every use of the index runs here: SQLite objects stay in one thread
         self.batchers: dict[str, MicroBatcher] = {}
         self.generators = Generators()
+        self.jobs: JobRunner | None = None
         self.started = time.time()
         if embedder is not None:
             self.batchers["text"] = self._batcher("text", self._encode_texts)
@@ -201,6 +203,8 @@ class Service:
         for b in self.batchers.values():
             await b.stop()
         self.generators.close()
+        if self.jobs is not None:
+            self.jobs.store.close()
         if self.index is not None:
             self.index_pool.submit(self.index.close).result()
         self.index_pool.shutdown(wait=True)
@@ -235,9 +239,13 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         answerer = mmfusion.load(settings.answerer, device=settings.device)
     svc = Service(settings, embedder, index, index_pool)
     svc.generators = Generators(captioner, answerer)
+    jobs_db = settings.jobs_db or (settings.index_dir / "jobs.sqlite" if settings.index_dir is not None else None)
+    svc.jobs = JobRunner(svc, JobStore(jobs_db), settings.job_heartbeat_s, settings.job_stale_s)
 
     async def lifespan(app: FastAPI):
+        svc.jobs.start()
         yield
+        await svc.jobs.stop()
         await svc.close()
 
     app = FastAPI(
@@ -497,6 +505,7 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
                 "score": "sigmoid" if sigmoid else ("cosine" if req.threshold is not None else "softmax")}  # fmt: skip
 
     add_chat_routes(app, svc, authorized)
+    add_job_routes(app, svc, authorized)
     return app
 
 

@@ -36,6 +36,9 @@ class ServeSettings:
     answerer: str | None = field(None, "an Answerer (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct): questions about images")
     labels: list[str] = field(factory=list, help="default zero-shot labels offered by the web page")
     jobs_db: str | None = field(None, "SQLite file for async jobs (default: jobs.sqlite in --db, else in memory)")
+    max_job_images: int = field(10_000, "most images in one job")
+    job_heartbeat_s: float = field(5.0, "a running job's worker shows it is alive this often")
+    job_stale_s: float = field(30.0, "a running job whose worker was silent this long is marked failed")
     max_new_tokens: int = field(64, "longest caption or answer, in tokens, unless a request asks for fewer")
     allow_url_fetch: bool = field(False, "read image_url http(s) URLs (never private or loopback addresses)")
 

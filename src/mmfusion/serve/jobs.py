@@ -1,0 +1,352 @@
+"""Async jobs: captions or answers for many images, kept in SQLite so they survive a restart.
+
+``POST /jobs`` stores the request and answers at once with the job's id; one runner per service takes queued jobs
+in order and works through their images, committing each result as it comes (``GET /jobs/{id}`` shows progress).
+A job is visible only to the API key that made it (others get 404, as if it did not exist).
+
+What happens when things go wrong:
+
+- an image that cannot be read or a request the model refuses: that item gets an ``error``, the job goes on;
+- the service stops cleanly: its running job goes back to the queue and continues where it was after a restart;
+- the worker dies (killed, out of memory, power): the job's heartbeat stops, and any service on the same database
+  marks it ``failed`` once the heartbeat is ``stale_s`` old (at start-up and every ``heartbeat_s`` after), so no job
+  stays ``running`` forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from .chat import resolve_image
+from .generation import Prompt, options_from
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,          -- a hash of the API key that made it ('' without keys)
+    task TEXT NOT NULL,           -- caption | answer
+    status TEXT NOT NULL,         -- queued | running | done | failed | cancelled
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    heartbeat REAL,               -- the worker's last sign of life while running
+    worker TEXT,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    request TEXT NOT NULL,        -- the request body, JSON
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, created);
+CREATE TABLE IF NOT EXISTS job_results (
+    job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    item INTEGER NOT NULL,
+    result TEXT NOT NULL,         -- JSON
+    PRIMARY KEY (job, item)
+);
+"""
+FINAL = ("done", "failed", "cancelled")
+
+
+class JobRequest(BaseModel):
+    """Captions or answers for many images."""
+
+    task: Literal["caption", "answer"] = Field(description="caption each image, or answer a question about each")
+    images: list[int | str] = Field(
+        min_length=1, description="indexed image ids, 'mmfusion://images/<id>' or data URLs (one result each)"
+    )
+    question: str | None = Field(None, description="answer: one question asked of every image")
+    questions: list[str] | None = Field(None, description="answer: one question per image, in order")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+
+
+def owner_of(key: str | None) -> str:
+    return "" if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class JobStore:
+    """The jobs table. Every method is short and thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = str(path) if path else ":memory:"
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            if path:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+
+    def _tx(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return out
+
+    def create(self, owner: str, task: str, request: dict[str, Any], total: int) -> str:
+        job_id = uuid.uuid4().hex
+        self._tx(lambda db: db.execute(
+            "INSERT INTO jobs (id, owner, task, status, created, total, request) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+            (job_id, owner, task, time.time(), total, json.dumps(request)),
+        ))  # fmt: skip
+        return job_id
+
+    def get(self, job_id: str, owner: str, with_results: bool = True) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, task, status, created, started, finished, total, done, error FROM jobs "
+                "WHERE id = ? AND owner = ?",
+                (job_id, owner),
+            ).fetchone()
+            if row is None:
+                return None
+            job = dict(zip(("id", "task", "status", "created", "started", "finished", "total", "done", "error"), row))
+            if with_results:
+                rows = self._db.execute("SELECT result FROM job_results WHERE job = ? ORDER BY item", (job_id,))
+                job["results"] = [json.loads(r) for (r,) in rows]
+        return job
+
+    def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = [r for (r,) in self._db.execute(
+                "SELECT id FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit))]  # fmt: skip
+        return [j for j in (self.get(i, owner, with_results=False) for i in ids) if j is not None]
+
+    def claim(self, worker: str) -> tuple[str, str, dict[str, Any], int] | None:
+        """The oldest queued job, now running for ``worker``: (id, task, request, items already done)."""
+
+        def take(db):
+            row = db.execute("SELECT id, task, request, done FROM jobs WHERE status = 'queued' ORDER BY created "
+                             "LIMIT 1").fetchone()  # fmt: skip
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET status = 'running', worker = ?, heartbeat = ?, started = COALESCE(started, ?) "
+                       "WHERE id = ?", (worker, now, now, row[0]))  # fmt: skip
+            return row[0], row[1], json.loads(row[2]), row[3]
+
+        return self._tx(take)
+
+    def add_result(self, job_id: str, worker: str, item: int, result: dict[str, Any]) -> bool:
+        """Store one result and count it; False when the job is no longer this worker's (cancelled, reaped)."""
+
+        def add(db):
+            cur = db.execute("UPDATE jobs SET done = ?, heartbeat = ? WHERE id = ? AND worker = ? AND status = "
+                             "'running'", (item + 1, time.time(), job_id, worker))  # fmt: skip
+            if cur.rowcount == 0:
+                return False
+            db.execute("INSERT OR REPLACE INTO job_results (job, item, result) VALUES (?, ?, ?)",
+                       (job_id, item, json.dumps(result, ensure_ascii=False)))  # fmt: skip
+            return True
+
+        return self._tx(add)
+
+    def finish(self, job_id: str, worker: str, status: str, error: str | None = None) -> None:
+        self._tx(lambda db: db.execute(
+            "UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND worker = ? AND status = 'running'",
+            (status, error, time.time(), job_id, worker)))  # fmt: skip
+
+    def requeue(self, job_id: str, worker: str) -> None:
+        """A clean stop: the job waits for the next service, which continues after its last result."""
+        self._tx(lambda db: db.execute(
+            "UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ? AND worker = ? AND status = 'running'",
+            (job_id, worker)))  # fmt: skip
+
+    def beat(self, job_id: str, worker: str) -> None:
+        self._tx(lambda db: db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND worker = ?",
+                                       (time.time(), job_id, worker)))  # fmt: skip
+
+    def cancel(self, job_id: str, owner: str) -> str | None:
+        """Cancel a queued or running job; its status afterwards (None: no such job for this owner)."""
+
+        def cancel(db):
+            db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND owner = ? AND status IN "
+                       "('queued', 'running')", (time.time(), job_id, owner))  # fmt: skip
+            row = db.execute("SELECT status FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)).fetchone()
+            return None if row is None else row[0]
+
+        return self._tx(cancel)
+
+    def reap(self, stale_s: float) -> int:
+        """Running jobs whose worker has been silent for ``stale_s`` seconds end as failed; how many did."""
+        now = time.time()
+        cur = self._tx(lambda db: db.execute(
+            "UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE status = 'running' AND heartbeat < ?",
+            (now, "the worker running this job stopped (the service was killed or crashed); submit the job again "
+                  "to finish it", now - stale_s)))  # fmt: skip
+        return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class JobRunner:
+    """Works through queued jobs one at a time, item by item, on the service's generators."""
+
+    def __init__(self, svc, store: JobStore, heartbeat_s: float, stale_s: float):
+        self.svc, self.store = svc, store
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.worker = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.current: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        reaped = self.store.reap(self.stale_s)
+        if reaped:
+            log.warning("%d job(s) whose worker stopped are marked failed", reaped)
+        self._wake = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._run(), name="mmfusion-jobs"),
+                       asyncio.create_task(self._beat(), name="mmfusion-jobs-heartbeat")]  # fmt: skip
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                if self.current is not None:
+                    await asyncio.to_thread(self.store.beat, self.current, self.worker)
+                await asyncio.to_thread(self.store.reap, self.stale_s)
+            except sqlite3.Error as e:  # a busy or broken database: try again on the next beat
+                log.warning("jobs heartbeat: %s", e)
+
+    async def _run(self) -> None:
+        while True:
+            claimed = await asyncio.to_thread(self.store.claim, self.worker)
+            if claimed is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+                continue
+            job_id, task, request, start = claimed
+            self.current = job_id
+            try:
+                await self._work(job_id, task, request, start)
+            except asyncio.CancelledError:  # the service is stopping: the next one continues this job
+                await asyncio.to_thread(self.store.requeue, job_id, self.worker)
+                raise
+            except Exception as e:  # a bug or a broken model: the job fails with the reason, the runner goes on
+                log.exception("job %s failed", job_id)
+                await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", f"{type(e).__name__}: {e}")
+            finally:
+                self.current = None
+
+    async def _work(self, job_id: str, task: str, request: dict[str, Any], start: int) -> None:
+        req = JobRequest(**request)
+        gen = self.svc.generators
+        model = gen.captioner if task == "caption" else gen.answerer
+        if model is None:
+            missing = "captioner" if task == "caption" else "answerer"
+            await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", f"this service has no {missing}")
+            return
+        opts = options_from(req.max_tokens, req.temperature, req.top_p, req.seed, self.svc.settings.max_new_tokens)
+        for i in range(start, len(req.images)):
+            ref = image_ref(req.images[i])
+            result: dict[str, Any] = {"image": shown_ref(ref, i)}
+            question = None if task == "caption" else (req.questions[i] if req.questions else req.question)
+            if question is not None:
+                result["question"] = question
+            try:
+                img = await resolve_image(self.svc, ref)
+                text = await gen.generate(model, Prompt(images=[img], question=question), opts)
+                result["caption" if task == "caption" else "answer"] = text
+            except HTTPException as e:
+                result["error"] = str(e.detail)
+            if not await asyncio.to_thread(self.store.add_result, job_id, self.worker, i, result):
+                return  # cancelled (or reaped) meanwhile: stop working on it
+        await asyncio.to_thread(self.store.finish, job_id, self.worker, "done")
+
+
+def image_ref(ref: int | str) -> str:
+    return f"mmfusion://images/{ref}" if isinstance(ref, int) else ref
+
+
+def shown_ref(ref: str, i: int) -> str:
+    """How an image is named in results: ids as given, data URLs by their position (not their bytes)."""
+    return ref if ref.startswith(("mmfusion://", "http://", "https://")) else f"images[{i}]"
+
+
+def add_job_routes(app: FastAPI, svc, authorized) -> None:
+    @app.post("/jobs", tags=["jobs"], status_code=202)
+    async def create_job(req: JobRequest, key=Depends(authorized)) -> JSONResponse:
+        """Queue captions or answers for many images; poll ``GET /jobs/{id}`` for progress and results."""
+        gen = svc.generators
+        if req.task == "caption" and gen.captioner is None:
+            raise HTTPException(400, "no captioner is loaded: start the service with --captioner")
+        if req.task == "answer":
+            if gen.answerer is None:
+                raise HTTPException(400, "no answerer is loaded: start the service with --answerer")
+            if (req.question is None) == (req.questions is None):
+                raise HTTPException(400, "answer jobs need exactly one of question (for every image) or questions")
+            if req.questions is not None and len(req.questions) != len(req.images):
+                raise HTTPException(400, f"{len(req.questions)} questions for {len(req.images)} images; "
+                                         "give one per image, or one question")  # fmt: skip
+        if len(req.images) > svc.settings.max_job_images:
+            raise HTTPException(413, f"{len(req.images)} images in one job; the limit is {svc.settings.max_job_images}")
+        options_from(req.max_tokens, req.temperature, req.top_p, req.seed, svc.settings.max_new_tokens)  # 400 early
+        for ref in req.images:
+            if isinstance(ref, str) and ref.startswith(("http://", "https://")) and not svc.settings.allow_url_fetch:
+                raise HTTPException(400, "this service does not fetch URLs: send data URLs or indexed ids")
+            if isinstance(ref, str) and ref.startswith(("file:", "/")):
+                raise HTTPException(400, "images are data URLs or indexed ids; paths are not read")
+        job_id = await asyncio.to_thread(svc.jobs.store.create, owner_of(key), req.task, req.model_dump(),
+                                         len(req.images))  # fmt: skip
+        svc.jobs.wake()
+        return JSONResponse({"id": job_id, "status": "queued", "total": len(req.images), "url": f"/jobs/{job_id}"},
+                            status_code=202)  # fmt: skip
+
+    @app.get("/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, key=Depends(authorized)) -> dict[str, Any]:
+        """A job's status, progress and the results so far (only for the key that made it)."""
+        job = await asyncio.to_thread(svc.jobs.store.get, job_id, owner_of(key))
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (for this API key)")
+        return job
+
+    @app.get("/jobs", tags=["jobs"])
+    async def list_jobs(key=Depends(authorized)) -> dict[str, Any]:
+        """The caller's 100 newest jobs, without their results."""
+        return {"jobs": await asyncio.to_thread(svc.jobs.store.list, owner_of(key))}
+
+    @app.delete("/jobs/{job_id}", tags=["jobs"])
+    async def cancel_job(job_id: str, key=Depends(authorized)) -> dict[str, Any]:
+        """Cancel a queued or running job (results so far are kept)."""
+        status = await asyncio.to_thread(svc.jobs.store.cancel, job_id, owner_of(key))
+        if status is None:
+            raise HTTPException(404, f"no job {job_id!r} (for this API key)")
+        return {"id": job_id, "status": status}
