@@ -240,6 +240,8 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
     svc = Service(settings, embedder, index, index_pool)
     svc.generators = Generators(captioner, answerer)
     jobs_db = settings.jobs_db or (settings.index_dir / "jobs.sqlite" if settings.index_dir is not None else None)
+    if captioner is None and answerer is None:
+        jobs_db = None  # nothing can run a job: no file is written beside the index
     svc.jobs = JobRunner(svc, JobStore(jobs_db), settings.job_heartbeat_s, settings.job_stale_s)
 
     async def lifespan(app: FastAPI):
