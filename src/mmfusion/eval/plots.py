@@ -54,12 +54,13 @@ def plot_training_curves(metrics_jsonl: str | Path, out: str | Path) -> Path:
     ax.legend(frameon=False)
     ax = axes[0, 1]
     for k, c, name in (("i2t_acc", "#10ac84", "image→text"), ("t2i_acc", "#ee5253", "text→image"),
-                       ("acc", "#10ac84", "accuracy")):  # fmt: skip
+                       ("acc", "#10ac84", "accuracy"), ("token_acc", "#10ac84", "next-token accuracy")):  # fmt: skip
         if (v := col(k)) is not None:
             ax.plot(step, _smooth(v, window), color=c, lw=2, label=name)
     ax.set_ylim(0, 1.02)
     ax.set_title("in-batch accuracy (smoothed)")
-    ax.legend(frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False)
     ax = axes[1, 0]
     ax.plot(step, col("lr"), color="#8e44ad", lw=2)
     ax.set_title("learning rate")

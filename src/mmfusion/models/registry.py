@@ -27,6 +27,7 @@ from torch import nn
 from ..config import ConfigError, apply_overrides, from_dict, merge
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..utils.io import atomic_replace_dir, atomic_write_json
+from .captioner import CaptionerConfig, CaptionModel
 from .clip import CLIP, CLIPConfig
 from .fusion import FusionClassifier, FusionConfig
 
@@ -34,6 +35,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (CLIPConfig, CLIP),
     "fusion": (FusionConfig, FusionClassifier),
+    "captioner": (CaptionerConfig, CaptionModel),
 }
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "mmfusion.checkpoint/1"
@@ -163,7 +165,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     cfg = from_dict(cfg_cls, meta["config"], prefix="model.")
     tokenizer = None
     if (ckpt / TOKENIZER_FILE).is_file():
-        context = getattr(getattr(cfg, "text", None), "context_length", 77)
+        text_cfg = getattr(cfg, "text", None) or getattr(cfg, "decoder", None)
+        context = getattr(text_cfg, "context_length", 77)
         tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE, context)
     model = build_model(family, cfg, tokenizer, name=meta.get("name") or str(path))
     model.meta = {k: v for k, v in meta.items() if k not in _CORE_KEYS}  # e.g. what it was trained on

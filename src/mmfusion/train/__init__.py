@@ -25,8 +25,8 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     from .checkpoint import latest_checkpoint
     from .clip_task import ClipTask
 
-    if cfg.task not in ("clip", "fusion"):
-        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion")
+    if cfg.task not in ("clip", "fusion", "caption"):
+        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion, caption")
     set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     out = Path(cfg.out)
@@ -37,17 +37,21 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         )
     torch.manual_seed(cfg.train.seed)
     tokenizer = None
-    if resume and ckpt is not None and cfg.task == "clip":
+    if resume and ckpt is not None and cfg.task in ("clip", "caption"):
         from ..models.registry import model_config
 
         _, mcfg = model_config(cfg.preset, cfg.model)
-        tokenizer = Tokenizer.load(ckpt, mcfg.text.context_length)
+        tokenizer = Tokenizer.load(ckpt, (mcfg.text if cfg.task == "clip" else mcfg.decoder).context_length)
     elif resume:
         log.warning("nothing to resume in %s: starting a new run", out)
     if cfg.task == "fusion":
         from .fusion_task import FusionTask
 
         task = FusionTask.build(cfg, device)
+    elif cfg.task == "caption":
+        from .caption_task import CaptionTask
+
+        task = CaptionTask.build(cfg, device, tokenizer)
     else:
         task = ClipTask.build(cfg, device, tokenizer)
     trainer = Trainer(cfg, task, out, device)

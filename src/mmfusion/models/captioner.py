@@ -1,0 +1,155 @@
+"""An image captioner: the ViT of the CLIP family as encoder, a Transformer decoder with cross-attention.
+
+Trained with teacher forcing (cross-entropy of each next token, padding ignored). Generation uses the decoder's
+key-value cache, with greedy decoding, beam search (length penalty) or temperature/top-p sampling
+(:mod:`mmfusion.modules.generation`). The image encoder can start from a trained CLIP checkpoint
+(:meth:`CaptionModel.from_clip`), frozen or fine-tuned. Implements :class:`mmfusion.interfaces.Captioner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..config import field
+from ..data.images import CLIP_MEAN, CLIP_STD, ImageTransform
+from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, Tokenizer
+from ..interfaces import GenerationOptions
+from ..modules.decoder import DecoderConfig, TextDecoder
+from ..modules.encoders import VisionConfig, VisionTransformer
+from ..modules.generation import generate
+
+
+@dataclass
+class CaptionerConfig:
+    """An encoder-decoder captioner."""
+
+    vision: VisionConfig = field(factory=VisionConfig, help="image encoder (a ViT; the CLIP family's)")
+    decoder: DecoderConfig = field(factory=DecoderConfig, help="text decoder")
+    vision_embed_dim: int = field(128, "the ViT's projection width (kept so CLIP image towers load as they are)")
+    freeze_vision: bool = field(False, "keep the image encoder's weights fixed while training")
+    image_mean: tuple[float, ...] = field(CLIP_MEAN, "per-channel mean for image normalisation")
+    image_std: tuple[float, ...] = field(CLIP_STD, "per-channel std for image normalisation")
+    num_beams: int = field(1, "default decoding: 1 greedy, more for beam search")
+    length_penalty: float = field(1.0, "beam search: scores are divided by length ** length_penalty")
+    max_new_tokens: int = field(30, "default longest caption in tokens")
+
+
+class CaptionModel(nn.Module):
+    """Images -> captions.
+
+    Args:
+        cfg: the architecture and decoding defaults.
+        tokenizer: the BPE tokenizer of the captions (saved with the model).
+        name: a label for reports and the service.
+    """
+
+    family = "captioner"
+
+    def __init__(self, cfg: CaptionerConfig, tokenizer: Tokenizer | None = None, name: str = "captioner"):
+        super().__init__()
+        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
+        self.visual = VisionTransformer(cfg.vision, cfg.vision_embed_dim)
+        self.decoder = TextDecoder(cfg.decoder, cfg.vision.width)
+        if cfg.freeze_vision:
+            self.visual.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.pos_embed.device
+
+    @property
+    def transform(self) -> ImageTransform:
+        return ImageTransform(self.cfg.vision.image_size, self.cfg.image_mean, self.cfg.image_std)
+
+    @classmethod
+    def from_clip(cls, clip, cfg: CaptionerConfig | None = None, freeze: bool = False, name: str = "captioner"):
+        """A captioner whose image encoder (and tokenizer) start as a trained CLIP's; ``clip`` is a CLIP model
+        or a checkpoint path."""
+        if not isinstance(clip, nn.Module):
+            from .registry import load
+
+            clip = load(clip)
+        if getattr(clip, "family", None) != "clip":
+            raise ValueError(f"{getattr(clip, 'name', clip)!r} is not a CLIP model; from_clip needs one")
+        cfg = cfg or CaptionerConfig()
+        cfg.vision, cfg.vision_embed_dim, cfg.freeze_vision = clip.cfg.vision, clip.cfg.embed_dim, freeze
+        cfg.image_mean, cfg.image_std = clip.cfg.image_mean, clip.cfg.image_std
+        if clip.tokenizer is not None:
+            cfg.decoder.vocab_size = max(cfg.decoder.vocab_size, clip.tokenizer.vocab_size)
+        model = cls(cfg, clip.tokenizer, name)
+        model.visual.load_state_dict(clip.visual.state_dict())
+        if freeze:
+            model.visual.requires_grad_(False)
+        return model
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed -> (B, 1 + N, vision width)."""
+        if self.cfg.freeze_vision:
+            with torch.no_grad():
+                return self.visual.forward_features(images)
+        return self.visual.forward_features(images)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, L - 1, vocab) for captions ``tokens`` (B, L) (``<sot> ... <eot> <pad>...``)."""
+        return self.decoder(tokens[:, :-1], memory=self.image_tokens(images))
+
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced cross-entropy over the real tokens (padding ignored), and next-token accuracy."""
+        L = int((tokens != PAD_ID).sum(dim=1).max())  # no column of padding only
+        tokens = tokens[:, :L]
+        logits = self(images, tokens)
+        target = tokens[:, 1:]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID)
+        real = target != PAD_ID
+        acc = ((logits.argmax(-1) == target) & real).sum() / real.sum().clamp_min(1)
+        return loss, {"loss": float(loss.detach()), "token_acc": float(acc)}
+
+    def _pixels(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return images.to(self.device)
+        from ..data.images import load_image
+
+        items = images if isinstance(images, (list, tuple)) else [images]
+        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in items]
+        return self.transform(pil).to(self.device)
+
+    @torch.no_grad()
+    def generate_ids(self, images, use_cache: bool = True, **options: Any) -> list[list[int]]:
+        """Token ids of a caption per image (``options``: :class:`GenerationOptions` fields and
+        ``length_penalty``)."""
+        length_penalty = options.pop("length_penalty", self.cfg.length_penalty)
+        defaults = {"max_new_tokens": self.cfg.max_new_tokens, "num_beams": self.cfg.num_beams}
+        opts = GenerationOptions.parse(options, extra_names=("length_penalty",), **defaults)
+        memory = self.image_tokens(self._pixels(images))
+        return generate(self.decoder, memory, sot_id=SOT_ID, eot_id=EOT_ID, pad_id=PAD_ID,
+                        max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams, length_penalty=length_penalty,
+                        do_sample=opts.do_sample, temperature=opts.temperature, top_p=opts.top_p,
+                        repetition_penalty=opts.repetition_penalty, seed=opts.seed, use_cache=use_cache)  # fmt: skip
+
+    def caption(self, images, prompt: str | None = None, **options: Any) -> list[str]:
+        """One caption per image (PIL images, paths, or a preprocessed tensor)."""
+        if prompt is not None:
+            raise ValueError("this captioner does not take a prompt; leave it out")
+        if self.tokenizer is None:
+            raise RuntimeError(f"captioner {self.name!r} has no tokenizer; load a trained checkpoint")
+        was_training = self.training
+        self.eval()
+        try:
+            return [self.tokenizer.decode(ids) for ids in self.generate_ids(images, **options)]
+        finally:
+            self.train(was_training)
+
+
+def caption_batches(model: CaptionModel, images: Sequence, batch_size: int = 64, **options: Any) -> list[str]:
+    """Captions for many images, a batch at a time."""
+    out: list[str] = []
+    for i in range(0, len(images), batch_size):
+        out += model.caption(list(images[i : i + batch_size]), **options)
+    return out

@@ -1,0 +1,173 @@
+"""A Transformer text decoder that reads image tokens: causal self-attention, cross-attention, a key-value cache.
+
+The decoder of an encoder-decoder captioner (Vaswani et al., 2017; as in "Show, Attend and Tell" with attention
+in place of the LSTM). Each pre-norm block runs causal self-attention over the words so far, cross-attention
+from the words to the image tokens, and an MLP.
+
+Generation feeds one token per step. Without a cache every step would re-run the whole prefix; with it, each
+block keeps the keys and values of the positions already seen (:class:`KVCache`) and the image tokens' keys and
+values are projected once per generation, so a step costs one position's worth of work. Both paths give the
+same logits (tested), and ``generate(use_cache=False)`` keeps the slow path for checking and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import field
+from .layers import MLP, Attention
+
+
+@dataclass
+class DecoderConfig:
+    """A causal text decoder with cross-attention to image tokens."""
+
+    vocab_size: int = field(1024, "rows of the token embedding (at least the tokenizer's vocabulary)")
+    context_length: int = field(32, "most tokens in a caption, <sot> and <eot> included")
+    width: int = field(128, "token width")
+    layers: int = field(2, "decoder blocks")
+    heads: int = field(4, "attention heads")
+    mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
+
+
+class KVCache:
+    """Per block: the self-attention keys and values so far (B, heads, T, head size), and the image tokens'
+    cross-attention keys and values (computed once). ``reorder`` follows beams as they are re-ranked."""
+
+    def __init__(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.memory = memory_kv
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(memory_kv)
+
+    @property
+    def length(self) -> int:
+        kv = self.self_kv[0]
+        return 0 if kv is None else kv[0].shape[2]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.self_kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.self_kv]
+        self.memory = [(k[rows], v[rows]) for k, v in self.memory]
+
+
+class CrossAttention(nn.Module):
+    """Queries from the text, keys and values from the image tokens."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, W) image tokens -> keys and values, each (B, heads, M, head size)."""
+        B, M, W = memory.shape
+        k, v = self.kv(memory).view(B, M, 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, W = x.shape
+        q = self.q(x).view(B, T, self.heads, W // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, *kv)
+        return self.out(y.transpose(1, 2).reshape(B, T, W))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.cross = CrossAttention(width, heads)
+        self.ln3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+
+    def self_attention(
+        self, h: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Causal self-attention of the new positions ``h`` (B, T, W) over the cached ones and themselves."""
+        B, T, W = h.shape
+        a = self.attn
+        q, k, v = a.qkv(h).view(B, T, 3, a.heads, W // a.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        P = k.shape[2] - T  # positions already cached
+        mask, causal = None, False
+        if T > 1 and P == 0:
+            causal = True
+        elif T > 1:  # new position i sees cached positions and new ones up to itself
+            mask = torch.arange(P + T, device=h.device)[None, :] <= (P + torch.arange(T, device=h.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return a.out(y.transpose(1, 2).reshape(B, T, W)), (k, v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        y, kv = self.self_attention(self.ln1(x), past)
+        x = x + y
+        x = x + self.cross(self.ln2(x), memory_kv)
+        return x + self.mlp(self.ln3(x)), kv
+
+
+class TextDecoder(nn.Module):
+    """Token ids + image tokens -> next-token logits.
+
+    Args:
+        cfg: the decoder's shape.
+        memory_width: width of the image tokens (projected to the decoder's width).
+    """
+
+    def __init__(self, cfg: DecoderConfig, memory_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.memory_proj = nn.Sequential(nn.LayerNorm(memory_width), nn.Linear(memory_width, cfg.width))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act) for _ in range(cfg.layers)
+        )
+        self.ln_final = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        self._scale_residuals()
+
+    def _scale_residuals(self) -> None:
+        std = self.cfg.width**-0.5 * (2 * max(self.cfg.layers, 1)) ** -0.5
+        for b in self.blocks:
+            for lin in (b.attn.out, b.cross.out, b.mlp.fc2):
+                nn.init.normal_(lin.weight, std=std)
+                nn.init.zeros_(lin.bias)
+
+    def start(self, memory: torch.Tensor) -> KVCache:
+        """A cache for generating from image tokens (B, M, memory_width): their keys and values, once."""
+        m = self.memory_proj(memory)
+        return KVCache([b.cross.memory_kv(m) for b in self.blocks])
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, T, vocab) for ``tokens`` (B, T). Give ``memory`` (B, M, memory_width) for a whole sequence
+        (training, or generation without a cache), or a ``cache`` from :meth:`start`, which then grows by T."""
+        if cache is None:
+            if memory is None:
+                raise ValueError("give the image tokens (memory) or a cache from start()")
+            cache, keep = self.start(memory), False
+        else:
+            keep = True
+        B, T = tokens.shape
+        offset = cache.length
+        if offset + T > self.cfg.context_length:
+            raise ValueError(f"{offset + T} tokens exceed the decoder's context length {self.cfg.context_length}")
+        x = self.token_embed(tokens) + self.pos_embed[offset : offset + T]
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cache.memory[i], cache.self_kv[i])
+            if keep:
+                cache.self_kv[i] = kv
+        # the output layer is the token embedding itself (tied, Press & Wolf 2017): one matrix, one tensor saved
+        return F.linear(self.ln_final(x), self.token_embed.weight)

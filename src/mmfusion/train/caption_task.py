@@ -1,0 +1,106 @@
+"""Training adapter for the captioner: images and their captions, teacher-forced cross-entropy.
+
+Data comes from the same pair sources as CLIP training (the ShapesWorld stream or a folder with captions.jsonl),
+one caption per image per step, with the same caption-safe augmentation. The image encoder can start from a
+trained CLIP checkpoint (``caption.init_from``), frozen (``caption.freeze_vision``) or fine-tuned; the tokenizer
+then is the CLIP's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.images import normalize_batch
+from ..data.pairs import PairSampler
+from ..data.tokenizer import Tokenizer
+from ..models.captioner import CaptionModel
+from ..models.registry import build_model, model_config, save_model
+from .clip_task import build_pair_source, trained_on
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class CaptionTask:
+    """Batches, loss and checkpoints of a captioner run (see :class:`mmfusion.train.trainer.Trainer`)."""
+
+    name = "caption"
+
+    def __init__(self, cfg: RunConfig, model: CaptionModel, sampler: PairSampler, device: torch.device):
+        self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> CaptionTask:
+        family, mcfg = model_config(cfg.preset, cfg.model)
+        if family != "captioner":
+            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train caption` needs a captioner preset")
+        cc = cfg.caption
+        if cc.init_from:
+            model = CaptionModel.from_clip(cc.init_from, mcfg, freeze=cc.freeze_vision, name=cfg.preset)
+            if tokenizer is None:
+                tokenizer = model.tokenizer
+            log.info("image encoder from %s (%s)", cc.init_from, "frozen" if cc.freeze_vision else "fine-tuned")
+        else:
+            mcfg.freeze_vision = cc.freeze_vision
+            model = None
+        source = build_pair_source(cfg, mcfg.vision.image_size)
+        if tokenizer is None:
+            corpus = source.caption_corpus(cfg.data.tokenizer_captions)
+            tokenizer = Tokenizer.train(corpus, mcfg.decoder.vocab_size, mcfg.decoder.context_length)
+            log.info("trained a BPE tokenizer of %d tokens on %d captions", tokenizer.vocab_size, len(corpus))
+        tokenizer.context_length = mcfg.decoder.context_length
+        if tokenizer.vocab_size > mcfg.decoder.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.decoder.vocab_size is "
+                             f"{mcfg.decoder.vocab_size}; raise model.decoder.vocab_size")  # fmt: skip
+        if model is None:
+            model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
+        model.tokenizer = tokenizer
+        model = model.to(device)
+        model.meta = {"trained_on": {**trained_on(cfg), "init_from": cc.init_from}}
+        in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1)
+        log.info("captioner: %s trainable parameters",
+                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
+        return cls(cfg, model, sampler, device)
+
+    def dataset_size(self) -> int:
+        return len(self.sampler.source)
+
+    def prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and caption tokens of optimiser step ``step`` (CPU work, safe in a background thread)."""
+        B = self.cfg.train.batch_size
+        pairs = self.sampler.batch(step * B, B)
+        images = torch.from_numpy(np.stack([p.image for p in pairs]))
+        tokens = self.model.tokenizer.encode([p.texts[0] for p in pairs])
+        return normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], accum: int,
+                   autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
+        images, tokens = batch[0].to(self.device), batch[1].to(self.device)
+        n = len(images)
+        # a token-level loss: micro-batches are weighted by their real tokens, so accumulation equals one big step
+        real = (tokens[:, 1:] != 0).sum()
+        total: dict[str, float] = {"loss": 0.0, "token_acc": 0.0}
+        for part in torch.arange(n).chunk(max(1, min(accum, n))):
+            share = float((tokens[part, 1:] != 0).sum() / real)
+            with autocast():
+                loss, stats = self.model.loss(images[part], tokens[part])
+            (loss * share).backward()
+            for k in total:
+                total[k] += stats[k] * share
+        return total
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def status(self) -> dict[str, float]:
+        return {}
+
+    def save_model(self, path: Path) -> Path:
+        return save_model(self.model, path)

@@ -1,0 +1,108 @@
+"""The text decoder: the key-value cache changes nothing but speed; beam search and sampling behave."""
+
+import pytest
+import torch
+
+from mmfusion.modules.decoder import DecoderConfig, TextDecoder
+from mmfusion.modules.generation import generate
+
+SOT, EOT, PAD = 2, 3, 0
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    torch.manual_seed(0)
+    dec = TextDecoder(DecoderConfig(vocab_size=50, context_length=24, width=32, layers=2, heads=4), memory_width=24)
+    with torch.no_grad():  # livelier logits than the small init gives, so that decoding paths differ
+        dec.token_embed.weight.mul_(20)
+    return dec.eval()
+
+
+@pytest.fixture(scope="module")
+def memory():
+    return torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1))
+
+
+def test_cached_steps_give_the_logits_of_the_whole_sequence(decoder, memory):
+    tokens = torch.randint(4, 50, (3, 10), generator=torch.Generator().manual_seed(2))
+    full = decoder(tokens, memory=memory)
+    cache = decoder.start(memory)
+    pieces = [decoder(tokens[:, :4], cache=cache)]  # a prefix at once (masked), then one token at a time
+    pieces += [decoder(tokens[:, t : t + 1], cache=cache) for t in range(4, 10)]
+    assert cache.length == 10
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_position_t_never_sees_later_tokens(decoder, memory):
+    a = torch.randint(4, 50, (3, 8), generator=torch.Generator().manual_seed(3))
+    b = a.clone()
+    b[:, 5:] = torch.randint(4, 50, (3, 3), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(decoder(a, memory=memory)[:, :5], decoder(b, memory=memory)[:, :5])
+
+
+def test_the_image_changes_the_logits(decoder, memory):
+    tokens = torch.full((3, 2), SOT)
+    out = decoder(tokens, memory=memory)
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_beams": 3}, {"num_beams": 4, "length_penalty": 0.0}, {"do_sample": True, "seed": 7, "top_p": 0.9},
+     {"repetition_penalty": 1.5}],
+)  # fmt: skip
+def test_cache_and_no_cache_generate_the_same_tokens(decoder, memory, options):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 20, **options}
+    assert generate(decoder, memory, use_cache=True, **kw) == generate(decoder, memory, use_cache=False, **kw)
+
+
+def test_one_beam_is_greedy(decoder, memory):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 20}
+    greedy = generate(decoder, memory, **kw)
+    assert generate(decoder, memory, num_beams=1, **kw) == greedy
+    assert all(len(s) > 0 for s in greedy)
+
+
+def test_greedy_takes_the_argmax_each_step(decoder, memory):
+    ids = generate(decoder, memory[:1], sot_id=SOT, eot_id=EOT, pad_id=PAD, max_new_tokens=6)[0]
+    seq = [SOT]
+    for tok in ids:
+        logits = decoder(torch.tensor([seq]), memory=memory[:1])[0, -1]
+        assert int(logits.argmax()) == tok
+        seq.append(tok)
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder, memory):
+    def logprob(seq, m):
+        ids = torch.tensor([[SOT, *seq, EOT]])
+        logp = decoder(ids[:, :-1], memory=m).log_softmax(-1)
+        return float(logp[0, torch.arange(len(seq) + 1), ids[0, 1:]].sum())
+
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 23}
+    greedy = generate(decoder, memory, **kw)
+    beam = generate(decoder, memory, num_beams=5, length_penalty=0.0, **kw)
+    for i in range(3):
+        if EOT in [*greedy[i]] or len(greedy[i]) < 23:  # both finished: compare whole-caption likelihoods
+            assert logprob(beam[i], memory[i : i + 1]) >= logprob(greedy[i], memory[i : i + 1]) - 1e-4
+
+
+def test_sampling_repeats_with_a_seed_and_varies_without(decoder, memory):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 15, "do_sample": True, "temperature": 1.5}
+    state = torch.random.get_rng_state()
+    a = generate(decoder, memory, seed=11, **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    assert generate(decoder, memory, seed=11, **kw) == a
+    assert generate(decoder, memory, seed=12, **kw) != a
+
+
+def test_top_p_keeps_only_the_nucleus(decoder, memory):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 1, "do_sample": True, "top_p": 1e-6}
+    greedy = generate(decoder, memory, sot_id=SOT, eot_id=EOT, pad_id=PAD, max_new_tokens=1)
+    assert all(generate(decoder, memory, seed=s, **kw) == greedy for s in range(5))
+
+
+def test_bad_combinations_are_refused(decoder, memory):
+    with pytest.raises(ValueError, match="beam search and sampling"):
+        generate(decoder, memory, sot_id=SOT, eot_id=EOT, pad_id=PAD, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="context length"):
+        decoder(torch.zeros(1, 30, dtype=torch.long), memory=memory[:1])
