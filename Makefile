@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
+PORT   ?= 8000
 
 .PHONY: install demo test test-all lint bench bench-index bench-hf bench-fusion clean
 
@@ -18,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# data, model, reports and index are reused from the last run (minutes the first time, seconds after); serves until Ctrl-C
 demo: $(STAMP)
-	$(VENV)/bin/mmfusion demo --out $(DEMO)
+	$(VENV)/bin/mmfusion demo --out $(DEMO) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

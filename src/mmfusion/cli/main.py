@@ -240,39 +240,6 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    """Generate ShapesWorld, train the tiny preset, evaluate, and say where everything is."""
-    import mmfusion
-
-    from ..data.export import export_shapes
-    from ..data.shapes import ShapesWorld
-    from ..eval.report import evaluate_retrieval, evaluate_zeroshot, summary_lines, write_report
-    from ..train import RunConfig, TrainConfig, train
-
-    out = Path(args.out)
-    data_dir, run_dir = out / "shapesworld", out / "clip"
-    print(f"[1/3] generating ShapesWorld in {data_dir}")
-    export_shapes(ShapesWorld(), data_dir, {"test": 1000, "heldout": 500}, 20, progress=not args.quiet)
-    print(f"[2/3] training clip-tiny on the ShapesWorld stream for {args.time} (progress below)")
-    cfg = RunConfig(preset="clip-tiny", out=str(run_dir), train=TrainConfig(time=args.time, progress=not args.quiet))
-    train(cfg, resume=(run_dir / "checkpoints").is_dir())
-    print("[3/3] evaluating on the exported test split and zero-shot classes")
-    model = mmfusion.load(run_dir)
-    ev = run_dir / "eval"
-    for name, report in (
-        ("retrieval", evaluate_retrieval(model, str(data_dir), n=1000, out=ev, progress=False)),
-        ("zeroshot", evaluate_zeroshot(model, str(data_dir), out=ev, progress=False)),
-    ):
-        write_report(report, ev / f"{name}.json")
-        print("\n".join(summary_lines(report)))
-    print(f"\nreports: {ev}/retrieval.json, {ev}/zeroshot.json")
-    print(
-        f"plots:   {run_dir}/plots/training.png, {ev}/similarity.png, {ev}/retrieval.png, {ev}/zeroshot_confusion.png"
-    )
-    print(f"model:   {run_dir}/model   (python: mmfusion.load('{run_dir}'))")
-    return 0
-
-
 def _train_options_help() -> str:
     from ..models.registry import model_config
     from ..train import RunConfig
@@ -391,10 +358,9 @@ def make_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list model presets")
     m.set_defaults(func=cmd_models)
 
-    demo = sub.add_parser("demo", help="generate data, train, evaluate: the whole loop in a few minutes")
-    demo.add_argument("--out", default="runs/demo", help="where everything goes")
-    demo.add_argument("--time", default="2m30s", help="training budget")
-    demo.set_defaults(func=cmd_demo)
+    from .demo_cmd import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
     return p
 
 
