@@ -28,6 +28,9 @@ examples:
   mmfusion train fusion --strategy attention --epochs 8       # ShapesWorld image + sound (complementary task)
   mmfusion train fusion --strategy late --fusion.task=correspondence --epochs 8 --out runs/late
   mmfusion train fusion --data clips.npz --strategy cross_attention --epochs 30 --model.modality_dropout=0.3
+  mmfusion train caption --time 10m                           # the caption-tiny captioner on ShapesWorld
+  mmfusion train caption --init.from_clip=runs/clip --init.freeze_vision=true --time 5m
+  mmfusion train vqa --time 10m                               # the vqa-tiny answerer on ShapesWorld questions
 
 every option (YAML keys have the same dotted names):
 """
@@ -72,7 +75,8 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
             data = read_state(ckpt)["run"]
     if args.config:
         data = _deep_update(data, load_yaml(args.config))
-    preset = args.preset or (None if data.get("preset") else "fusion-small" if args.task == "fusion" else None)
+    task_presets = {"fusion": "fusion-small", "caption": "caption-tiny", "vqa": "vqa-tiny"}
+    preset = args.preset or (None if data.get("preset") else task_presets.get(args.task))
     named = {"data": {"source": args.data} if args.data else {}, "preset": preset, "out": args.out}
     if getattr(args, "strategy", None):
         if args.task != "fusion":
@@ -85,8 +89,8 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
     for text in _overrides(extra):
         data = _deep_update(data, parse_override(text))
     data["task"] = args.task
-    if args.task == "fusion" and not data.get("out"):
-        data["out"] = "runs/fusion"
+    if args.task in ("fusion", "caption", "vqa") and not data.get("out"):
+        data["out"] = f"runs/{args.task}"
     cfg = from_dict(RunConfig, data)
     from ..models.registry import model_config
 
@@ -103,6 +107,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"model:   {result.out / 'model'}   (mmfusion.load('{result.out}'))")
     print(f"metrics: {result.out / 'metrics.jsonl'}")
     print(f"plot:    {result.out / 'plots' / 'training.png'}")
+    if cfg.task == "caption":
+        print(f"try:     mmfusion caption --model {result.out} IMAGE...")
+    if cfg.task == "vqa":
+        print(f"try:     mmfusion ask --model {result.out} IMAGE 'what colour is the circle?'")
     if result.report is not None:
         m = result.report["metrics"]
         print(f"held-out: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on {result.report['n']} examples")
@@ -293,7 +301,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a model. Length: exactly one of --steps, --epochs, --time.",
         epilog=EXAMPLES_TRAIN + _train_options_help(),
     )
-    t.add_argument("task", choices=["clip", "fusion"], help="what to train")
+    t.add_argument("task", choices=["clip", "fusion", "caption", "vqa"], help="what to train")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")
     t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny / fusion-small")

@@ -30,12 +30,14 @@ from ..utils.io import atomic_replace_dir, atomic_write_json
 from .captioner import CaptionerConfig, CaptionModel
 from .clip import CLIP, CLIPConfig
 from .fusion import FusionClassifier, FusionConfig
+from .vqa import VQAConfig, VQAModel
 
 PRESET_DIR = Path(__file__).parent / "presets"
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (CLIPConfig, CLIP),
     "fusion": (FusionConfig, FusionClassifier),
     "captioner": (CaptionerConfig, CaptionModel),
+    "vqa": (VQAConfig, VQAModel),
 }
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "mmfusion.checkpoint/1"
@@ -165,7 +167,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     cfg = from_dict(cfg_cls, meta["config"], prefix="model.")
     tokenizer = None
     if (ckpt / TOKENIZER_FILE).is_file():
-        text_cfg = getattr(cfg, "text", None) or getattr(cfg, "decoder", None)
+        text_cfg = getattr(cfg, "text", None) or getattr(cfg, "decoder", None) or getattr(cfg, "question", None)
         context = getattr(text_cfg, "context_length", 77)
         tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE, context)
     model = build_model(family, cfg, tokenizer, name=meta.get("name") or str(path))

@@ -25,8 +25,8 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     from .checkpoint import latest_checkpoint
     from .clip_task import ClipTask
 
-    if cfg.task not in ("clip", "fusion", "caption"):
-        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion, caption")
+    if cfg.task not in ("clip", "fusion", "caption", "vqa"):
+        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion, caption, vqa")
     set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     out = Path(cfg.out)
@@ -37,11 +37,12 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         )
     torch.manual_seed(cfg.train.seed)
     tokenizer = None
-    if resume and ckpt is not None and cfg.task in ("clip", "caption"):
+    if resume and ckpt is not None and cfg.task in ("clip", "caption", "vqa"):
         from ..models.registry import model_config
 
         _, mcfg = model_config(cfg.preset, cfg.model)
-        tokenizer = Tokenizer.load(ckpt, (mcfg.text if cfg.task == "clip" else mcfg.decoder).context_length)
+        text = {"clip": "text", "caption": "decoder", "vqa": "question"}[cfg.task]
+        tokenizer = Tokenizer.load(ckpt, getattr(mcfg, text).context_length)
     elif resume:
         log.warning("nothing to resume in %s: starting a new run", out)
     if cfg.task == "fusion":
@@ -52,6 +53,10 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         from .caption_task import CaptionTask
 
         task = CaptionTask.build(cfg, device, tokenizer)
+    elif cfg.task == "vqa":
+        from .vqa_task import VQATask
+
+        task = VQATask.build(cfg, device, tokenizer)
     else:
         task = ClipTask.build(cfg, device, tokenizer)
     trainer = Trainer(cfg, task, out, device)

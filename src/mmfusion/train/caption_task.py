@@ -2,7 +2,7 @@
 
 Data comes from the same pair sources as CLIP training (the ShapesWorld stream or a folder with captions.jsonl),
 one caption per image per step, with the same caption-safe augmentation. The image encoder can start from a
-trained CLIP checkpoint (``caption.init_from``), frozen (``caption.freeze_vision``) or fine-tuned; the tokenizer
+trained CLIP checkpoint (``init.from_clip``), frozen (``init.freeze_vision``) or fine-tuned; the tokenizer
 then is the CLIP's.
 """
 
@@ -40,12 +40,12 @@ class CaptionTask:
         family, mcfg = model_config(cfg.preset, cfg.model)
         if family != "captioner":
             raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train caption` needs a captioner preset")
-        cc = cfg.caption
-        if cc.init_from:
-            model = CaptionModel.from_clip(cc.init_from, mcfg, freeze=cc.freeze_vision, name=cfg.preset)
+        cc = cfg.init
+        if cc.from_clip:
+            model = CaptionModel.from_clip(cc.from_clip, mcfg, freeze=cc.freeze_vision, name=cfg.preset)
             if tokenizer is None:
                 tokenizer = model.tokenizer
-            log.info("image encoder from %s (%s)", cc.init_from, "frozen" if cc.freeze_vision else "fine-tuned")
+            log.info("image encoder from %s (%s)", cc.from_clip, "frozen" if cc.freeze_vision else "fine-tuned")
         else:
             mcfg.freeze_vision = cc.freeze_vision
             model = None
@@ -62,7 +62,7 @@ class CaptionTask:
             model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
         model.tokenizer = tokenizer
         model = model.to(device)
-        model.meta = {"trained_on": {**trained_on(cfg), "init_from": cc.init_from}}
+        model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cc.from_clip}}
         in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
         sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1)
         log.info("captioner: %s trainable parameters",

@@ -102,24 +102,24 @@ class FusionDataConfig:
 
 
 @dataclass
-class CaptionRunConfig:
-    """What a captioner run starts from."""
+class InitConfig:
+    """What a captioner or VQA run starts from."""
 
-    init_from: str | None = field(None, "a trained CLIP checkpoint whose image encoder (and tokenizer) to start from")
-    freeze_vision: bool = field(False, "keep the image encoder fixed (train the decoder only)")
+    from_clip: str | None = field(None, "a trained CLIP checkpoint whose image encoder (and tokenizer) to start from")
+    freeze_vision: bool = field(False, "keep the image encoder fixed (train the rest only)")
 
 
 @dataclass
 class RunConfig:
     """One training run."""
 
-    task: str = field("clip", "what is trained (clip, fusion or caption)")
+    task: str = field("clip", "what is trained (clip, fusion, caption or vqa)")
     preset: str = field("clip-tiny", "model preset (mmfusion models lists them)")
     model: dict[str, Any] = field(factory=dict, help="overrides of the preset's config, e.g. vision.layers")
     data: DataConfig = field(factory=DataConfig, help="training data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
-    caption: CaptionRunConfig = field(factory=CaptionRunConfig, help="captioner initialisation (task caption)")
+    init: InitConfig = field(factory=InitConfig, help="initialisation of captioner and VQA runs")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
 
 

@@ -1,0 +1,97 @@
+"""The VQA classifier: an Answerer, a checkpoint like any other, learning from ShapesWorld questions."""
+
+import json
+
+import pytest
+import torch
+
+import mmfusion
+from mmfusion.cli.main import main
+from mmfusion.data.shapes import ShapesWorld
+from mmfusion.interfaces import Answerer
+from mmfusion.models import create_model, save_model
+from mmfusion.train import DataConfig, RunConfig, TrainConfig, train
+from tests.utils import shapes_tokenizer, tiny_clip
+
+TINY = {
+    "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+    "vision_embed_dim": 16,
+    "question": {"vocab_size": 512, "context_length": 24, "width": 32, "layers": 1, "heads": 2},
+    "fusion_layers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("vqa-tiny", shapes_tokenizer(), **TINY, answers=["red", "blue", "yes", "no", "2"]).eval()
+
+
+def test_answers_one_question_per_image_or_one_for_all(model):
+    world = ShapesWorld()
+    images = [world.sample("test", i).image for i in range(3)]
+    one = model.answer(images, "what colour is the circle?")
+    assert len(one) == 3 and all(a in model.cfg.answers for a in one)
+    assert model.answer(images, ["q1", "q2", "q3"]) == [
+        model.answer([im], q)[0] for im, q in zip(images, ["q1", "q2", "q3"])
+    ]
+    assert len(model.answer(images[0], ["is there a square?", "how many shapes?"])) == 2
+    assert "".join(model.stream_answer(images[0], "what colour?")) == model.answer(images[0], "what colour?")[0]
+    assert isinstance(model, Answerer)
+    probs = model.scores(images, "how many?")
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match="2 questions for 3 images"):
+        model.answer(images, ["a", "b"])
+    with pytest.raises(ValueError, match="unknown generation option"):
+        model.answer(images, "q", beams=3)
+
+
+def test_round_trip_through_a_checkpoint(tmp_path, model):
+    save_model(model, tmp_path / "vqa")
+    loaded = mmfusion.load(tmp_path / "vqa")
+    assert loaded.cfg.answers == model.cfg.answers and loaded.family == "vqa"
+    images = [ShapesWorld().sample("test", i).image for i in range(2)]
+    torch.testing.assert_close(loaded.scores(images, "what shape?"), model.scores(images, "what shape?"))
+    with pytest.raises(ValueError, match="answer vocabulary"):
+        create_model("vqa-tiny", **TINY)
+
+
+def test_training_learns_shapesworld_answers(tmp_path):
+    cfg = RunConfig(
+        task="vqa", preset="vqa-tiny", model=TINY, data=DataConfig(tokenizer_captions=300),
+        train=TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup_steps=4, log_every=1, save_every=40,
+                          progress=False, threads=1),
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    model = mmfusion.load(result.out)
+    answers = set(model.cfg.answers)
+    assert {"yes", "no", "red", "circle"} <= answers  # colours, shapes and yes/no all in the vocabulary
+
+
+def test_starts_from_a_clip_image_tower(tmp_path):
+    clip = mmfusion.load(tiny_clip(tmp_path / "clip"))
+    cfg = RunConfig(task="vqa", preset="vqa-tiny", model={"question": TINY["question"], "fusion_layers": 1},
+                    data=DataConfig(tokenizer_captions=50), out=str(tmp_path / "run"),
+                    train=TrainConfig(steps=2, batch_size=4, progress=False, threads=1, warmup_steps=1))  # fmt: skip
+    cfg.init.from_clip, cfg.init.freeze_vision = str(tmp_path / "clip"), True
+    model = mmfusion.load(train(cfg).out)
+    for k, v in clip.visual.state_dict().items():  # frozen: unchanged by training
+        torch.testing.assert_close(model.visual.state_dict()[k], v)
+
+
+def test_cli_train_vqa_then_ask(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["-q", "train", "vqa", "--steps", "2", "--out", str(out), "--train.batch_size=4",
+            "--train.progress=false", "--data.tokenizer_captions=50"]  # fmt: skip
+    args += [f"--model.{k}.{kk}={vv}" for k, v in TINY.items() if isinstance(v, dict) for kk, vv in v.items()]
+    args += ["--model.vision_embed_dim=16", "--model.fusion_layers=1"]
+    assert main(args) == 0
+    assert "mmfusion ask --model" in capsys.readouterr().out
+    img = tmp_path / "scene.png"
+    ShapesWorld().sample("test", 0).image.save(img)
+    assert main(["-q", "ask", "--model", str(out), str(img), "what colour is the circle?"]) == 0
+    assert capsys.readouterr().out.strip() in mmfusion.load(out).cfg.answers
