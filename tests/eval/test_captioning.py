@@ -1,0 +1,285 @@
+"""Caption metrics: BLEU and CIDEr-D against hand values and the COCO toolkit, the ShapesWorld attribute
+check on real scenes, and the captioning report end to end with a fake captioner."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmfusion.data.export import export_shapes
+from mmfusion.data.shapes import Obj, Scene, ShapesWorld
+from mmfusion.eval.captioning import (
+    bleu,
+    caption_attribute_accuracy,
+    check_caption,
+    cider,
+    evaluate_captioner,
+    summary_lines,
+    tokenize,
+)
+
+
+def test_tokenize_lowercases_drops_punctuation_and_splits_clitics():
+    words = ["two", "shapes", "a", "red", "circle", "and", "a", "blue", "star"]
+    assert tokenize("Two shapes: a Red circle, and a blue star.") == words
+    assert tokenize("The dog's ball isn't black-and-white!") == [
+        "the",
+        "dog",
+        "'s",
+        "ball",
+        "is",
+        "n't",
+        "black-and-white",
+    ]
+    assert tokenize("3.5 m and 1,000 cats (really)") == ["3.5", "m", "and", "1,000", "cats", "really"]
+    for text in ("Don't stop; it's 3.5 km.", "a red circle", "the cat's toys"):
+        once = tokenize(text)
+        assert tokenize(" ".join(once)) == once
+
+
+# --- BLEU and CIDEr-D by hand -----------------------------------------------------------------------
+
+
+def test_bleu_of_a_perfect_match_is_one():
+    b = bleu({0: "a small red circle on the left"}, {0: ["a small red circle on the left", "a red circle"]})
+    assert b.scores == pytest.approx([1.0] * 4, abs=1e-8)
+    assert b.per_image[0] == pytest.approx([1.0] * 4, abs=1e-8)
+    assert b.ratio == pytest.approx(1.0)
+
+
+def test_bleu_brevity_penalty_and_the_toolkits_small_counts():
+    # 3 words against a 6-word reference: all 1-3-grams match, no 4-gram exists, BP = exp(1 - 6/3)
+    b = bleu({0: "a red circle"}, {0: ["a red circle on the left"]})
+    bp = math.exp(1 - 6 / 3)
+    assert b.scores[:3] == pytest.approx([bp] * 3, rel=1e-6)
+    assert b.scores[3] == pytest.approx(bp * (1e-15 / 1e-9) ** 0.25, rel=1e-6)  # the 4-gram precision is ~1e-6
+    assert (b.candidate_length, b.reference_length) == (3, 6)
+
+
+def test_bleu_clips_repeats_and_takes_the_closest_reference_length():
+    # 4 words; references of 6 and 2 words are both 2 away, and the toolkit then takes the shorter
+    b = bleu({0: "the the the the"}, {0: ["the cat sat on a mat", "the cat"]})
+    assert b.reference_length == 2
+    assert b.scores[0] == pytest.approx(1 / 4, rel=1e-6)  # one "the" in either reference: one of four counts
+    assert bleu({0: "the the the the"}, {0: ["the cat on the"]}).scores[0] == pytest.approx(2 / 4, rel=1e-6)
+
+
+def test_bleu_is_pooled_over_the_corpus_not_averaged():
+    cands = {"a": "a red circle and a blue star", "b": "a cross"}
+    refs = {"a": ["a red circle and a blue star"], "b": ["a green square"]}
+    b = bleu(cands, refs)
+    # unigrams: 7 of 7 match in a, 1 ("a") of 2 in b -> 8/9 over the corpus; lengths 9 vs 10 -> BP exp(1 - 10/9)
+    assert b.scores[0] == pytest.approx(8 / 9 * math.exp(1 - 10 / 9), rel=1e-6)
+    assert b.per_image["b"][0] == pytest.approx(1 / 2 * math.exp(1 - 3 / 2), rel=1e-6)
+    assert b.scores[0] != pytest.approx(np.mean([s[0] for s in b.per_image.values()]))
+
+
+def test_cider_by_hand():
+    # two images, each candidate equal to its single 2-word reference: cosine 1 for uni- and bigrams, no 3-
+    # or 4-grams at all, so the mean over n = 1..4 is 1/2, times 10
+    c = cider({0: "red circle", 1: "blue star"}, {0: ["red circle"], 1: ["blue star"]})
+    assert c.score == pytest.approx(5.0)
+    assert c.per_image == pytest.approx({0: 5.0, 1: 5.0})
+    # one image: every n-gram of the references is in every image's references, so it weighs nothing
+    assert cider({0: "a red circle"}, {0: ["a red circle"]}).score == 0.0
+    # repeating a matched word gains nothing (clipping) and the length penalty takes some away
+    twice = cider({0: "red red circle", 1: "blue star"}, {0: ["red circle"], 1: ["blue star"]})
+    assert twice.per_image[0] < 5.0
+
+
+def test_mismatched_ids_and_empty_references_are_refused():
+    with pytest.raises(ValueError, match="same ids"):
+        bleu({0: "a"}, {1: ["a"]})
+    with pytest.raises(ValueError, match="one or more reference"):
+        cider({0: "a"}, {0: []})
+
+
+# --- against the COCO caption toolkit -----------------------------------------------------------------
+
+IDENTICAL = {1: "a red circle and a blue star", 2: "a single green cross", 3: "two shapes a white square and a star"}
+CORPORA = {
+    "identical": (
+        dict(IDENTICAL),
+        {k: [v] for k, v in IDENTICAL.items()},
+    ),
+    "partial overlap": (
+        {1: "a red circle and a red star", 2: "a green cross on the right", 3: "a white square below a cyan diamond"},
+        {
+            1: ["a red circle and a blue star", "a blue star to the right of a red circle"],
+            2: ["a single green cross", "a green cross near the top"],
+            3: ["a white square above a cyan diamond", "two objects a white square and a cyan diamond"],
+        },
+    ),
+    "short candidates": (
+        {1: "red", 2: "a star", 3: "circle", 4: ""},
+        {1: ["a red circle", "a small red circle"], 2: ["a yellow star"], 3: ["a circle on the left"], 4: ["a cross"]},
+    ),
+    "repeated words": (
+        {1: "red red red red circle circle", 2: "a a a a a", 3: "blue star blue star blue star"},
+        {1: ["a red circle", "red circle"], 2: ["a purple diamond"], 3: ["a blue star", "the blue star is small"]},
+    ),
+    "many references": (
+        {k: f"a {c} {s}" for k, (c, s) in enumerate([("red", "circle"), ("blue", "star"), ("green", "cross"),
+                                                      ("white", "square"), ("cyan", "diamond")])},
+        {k: [f"a {c} {s}", f"a small {c} {s}", f"there is a {c} {s} on the left", f"the {s} is {c}", f"one {s}"]
+         for k, (c, s) in enumerate([("red", "circle"), ("blue", "square"), ("green", "cross"),
+                                     ("white", "square"), ("yellow", "diamond")])},
+    ),
+}  # fmt: skip
+
+
+def _shapes_corpus(n=40):
+    """ShapesWorld captions: the second caption of each scene as the candidate, the others as references."""
+    world = ShapesWorld()
+    samples = [world.sample("test", i) for i in range(n)]
+    cands = {i: " ".join(tokenize(s.captions[1].text)) for i, s in enumerate(samples)}
+    refs = {i: [" ".join(tokenize(c.text)) for c in s.captions[:1] + s.captions[2:]] for i, s in enumerate(samples)}
+    return cands, refs
+
+
+@pytest.mark.parametrize("name", [*CORPORA, "shapesworld"])
+def test_bleu_and_cider_equal_the_coco_toolkit(name):
+    pytest.importorskip("pycocoevalcap", reason="the COCO caption toolkit is in the dev extra")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    cands, refs = CORPORA[name] if name in CORPORA else _shapes_corpus()
+    res = {k: [v] for k, v in cands.items()}
+    coco_bleu, coco_bleu_per_image = Bleu(4).compute_score(refs, res, verbose=0)
+    ours = bleu(cands, refs, tokenized=True)
+    assert ours.scores == pytest.approx(coco_bleu, rel=1e-9, abs=1e-12)
+    for k in range(4):
+        assert [ours.per_image[i][k] for i in cands] == pytest.approx(coco_bleu_per_image[k], rel=1e-9, abs=1e-12)
+    coco_cider, coco_cider_per_image = Cider().compute_score(refs, res)
+    c = cider(cands, refs, tokenized=True)
+    assert c.score == pytest.approx(coco_cider, abs=1e-9)
+    assert [c.per_image[i] for i in cands] == pytest.approx(list(coco_cider_per_image), abs=1e-9)
+
+
+# --- ShapesWorld attributes -------------------------------------------------------------------------
+
+
+def _scenes_by_count():
+    world = ShapesWorld()
+    found = {}
+    for i in range(60):
+        s = world.scene("test", i)
+        found.setdefault(len(s.objects), s)
+    return found[1], found[2], found[3]
+
+
+def test_attribute_check_on_real_scenes():
+    one, two, three = _scenes_by_count()
+    (a,), (b, c), (d, e, f) = one.objects, two.objects, three.objects
+    other = next(col for col in ("red", "blue", "green") if col != a.colour)
+    assert check_caption(f"a small {a.colour} {a.shape}", one).correct
+    assert check_caption(f"A picture of a {a.colour.upper()} {a.shape}.", one).correct
+    assert check_caption(f"just one {a.colour} {a.shape} in the middle", one).correct
+    wrong = check_caption(f"a {other} {a.shape}", one)
+    assert not wrong.correct and wrong.missing == [a.name] and wrong.wrong == [f"{other} {a.shape}"]
+    assert not check_caption(f"a {a.shape}", one).correct  # the colour is not named
+    assert not check_caption(f"a {a.colour} object", one).correct  # nor the shape
+    assert check_caption(f"{b.colour} {b.shape} and {c.colour} {c.shape}", two).correct
+    assert check_caption(f"the {c.colour} {c.shape} is above the {b.colour} {b.shape}", two).correct
+    assert not check_caption(f"a {b.colour} {b.shape}", two).correct  # misses an object
+    assert not check_caption(f"a {b.colour} {b.shape}, a {c.colour} {c.shape} and a red cross", two).correct
+    listed = f"three shapes: a {d.colour} {d.shape}, a large {e.colour} {e.shape} and a {f.colour} {f.shape}"
+    assert check_caption(listed, three).correct
+    assert not check_caption(f"three shapes including a {d.colour} {d.shape}", three).correct
+    swapped = f"a {e.colour} {d.shape}, a {d.colour} {e.shape} and a {f.colour} {f.shape}"
+    assert check_caption(swapped, three).correct == (d.colour == e.colour or d.shape == e.shape)
+
+
+def test_attribute_check_counts_plurals_synonyms_and_references_back():
+    scene = Scene((Obj("circle", "red", "small", 0.2, 0.2), Obj("circle", "red", "large", 0.7, 0.3),
+                   Obj("diamond", "purple", "small", 0.5, 0.8)), 40)  # fmt: skip
+    assert check_caption("two red circles and a purple diamond", scene).correct
+    assert check_caption("red circles above a violet rhombus", scene).correct  # a plural without number: 2+
+    assert check_caption("the red circle is left of the red circle. a purple diamond too", scene).correct
+    assert not check_caption("a red circle and a purple diamond", scene).correct  # one circle too few
+    assert not check_caption("three red circles and a purple diamond", scene).correct  # one too many
+    two = Scene((Obj("circle", "red", "small", 0.2, 0.2), Obj("star", "blue", "large", 0.7, 0.7)), 40)
+    assert check_caption("a red circle and a blue star. the circle is on the left.", two).correct
+    assert not check_caption("a red circle and a blue star. the green circle is small.", two).correct
+
+
+def test_every_shapesworld_caption_that_names_all_objects_passes_and_no_other():
+    world = ShapesWorld()
+    for split in ("test", "heldout"):
+        for i in range(80):
+            s = world.sample(split, i)
+            assert check_caption(s.captions[0].text, s.scene).correct, s.captions[0].text
+            for cap in s.captions[1:]:
+                refs = cap.meaning["objects"]
+                names_all = len(refs) == len(s.scene.objects) and all(r["colour"] and r["shape"] for r in refs)
+                assert check_caption(cap.text, s.scene).correct == names_all, cap.text
+
+
+def test_caption_attribute_accuracy_counts_rates():
+    one, two, _ = _scenes_by_count()
+    (a,), (b, _) = one.objects, two.objects
+    acc = caption_attribute_accuracy([f"a {a.colour} {a.shape}", f"a {b.colour} {b.shape}"], [one, two])
+    assert (acc.accuracy, acc.missing_rate, acc.wrong_rate) == (0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match="one caption per scene"):
+        caption_attribute_accuracy(["a"], [one, two])
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+class FakeCaptioner:
+    """Writes the scene's first reference caption for even scenes and a wrong one for odd scenes."""
+
+    name = "fake-captioner"
+
+    def __init__(self, world, n):
+        self.by_pixels = {}
+        for i in range(n):
+            s = world.sample("test", i)
+            self.by_pixels[np.asarray(s.image).tobytes()] = s.captions[0].text if i % 2 == 0 else "a grey banana"
+        self.calls = []
+
+    def caption(self, images, **options):
+        self.calls.append(options)
+        return [self.by_pixels[np.asarray(im).tobytes()] for im in images]
+
+
+def test_evaluate_captioner_report_and_plots(tmp_path):
+    world, n = ShapesWorld(), 8
+    model = FakeCaptioner(world, n)
+    rep = evaluate_captioner(model, "shapes", n=n, out=tmp_path, options={"num_beams": 2}, batch_size=3)
+    assert model.calls == [{"num_beams": 2}] * 3
+    assert rep["n"] == n and rep["model"] == "fake-captioner" and rep["options"] == {"num_beams": 2}
+    m = rep["metrics"]
+    assert m["attribute_accuracy"] == 0.5 and m["attribute_missing_rate"] == 0.5
+    samples = [world.sample("test", i) for i in range(n)]
+    cands = {i: model.by_pixels[np.asarray(s.image).tobytes()] for i, s in enumerate(samples)}
+    refs = {i: [c.text for c in s.captions] for i, s in enumerate(samples)}
+    assert [m[f"BLEU-{k}"] for k in range(1, 5)] == pytest.approx(bleu(cands, refs).scores)
+    assert m["CIDEr"] == pytest.approx(cider(cands, refs).score)
+    first = samples[0].captions[0].text  # a reference caption itself: BLEU-4 is 1, or ~0.03 with no 4-gram
+    assert rep["per_image"][0]["BLEU-4"] == pytest.approx(1.0 if len(first.split()) >= 4 else 1e-6**0.25, rel=1e-6)
+    assert rep["per_image"][1]["CIDEr"] == 0.0 and rep["per_image"][1]["attributes_correct"] is False
+    assert json.loads((tmp_path / "captioning.json").read_text())["metrics"] == pytest.approx(m)
+    for p in rep["plots"].values():
+        assert open(p, "rb").read(4) == b"\x89PNG"
+    assert any("attribute accuracy 0.500" in line for line in summary_lines(rep))
+
+
+def test_a_shapesworld_export_gives_the_same_numbers_as_the_stream(tmp_path):
+    world, n = ShapesWorld(), 6
+    export_shapes(world, tmp_path, {"test": n}, zeroshot_per_class=0, progress=False)
+    a = evaluate_captioner(FakeCaptioner(world, n), "shapes", n=n)
+    b = evaluate_captioner(FakeCaptioner(world, n), str(tmp_path), n=n)
+    assert b["metrics"] == pytest.approx(a["metrics"])
+    assert b["per_image"][0]["image"] == "images/000000.png"
+
+
+def test_unreadable_folder_images_are_skipped_and_named(tmp_path, caplog):
+    world = ShapesWorld()
+    export_shapes(world, tmp_path, {"test": 4}, zeroshot_per_class=0, progress=False)
+    (tmp_path / "test" / "images" / "000001.png").write_bytes(b"not a png")
+    rep = evaluate_captioner(FakeCaptioner(world, 4), str(tmp_path), n=0)
+    assert rep["n"] == 3 and "000001.png" not in {r["image"] for r in rep["per_image"]}
+    assert "000001.png" in caplog.text
