@@ -12,7 +12,7 @@ class _Finite:
     def __len__(self):
         return self.n
 
-    def pair(self, index, rng, k=1):
+    def pair(self, index, rng, k=1, first=False):
         return Pair(np.full((2, 2, 3), index, np.uint8), [f"caption {index} {rng.integers(1000)}"] * k)
 
 
@@ -109,3 +109,17 @@ def test_hard_negatives_join_the_batch_as_unmatched_columns():
 
 def test_unique_ids_ignore_case_and_spaces():
     assert list(unique_ids(["A red circle", "a red circle ", "a blue star", "a red circle"])) == [0, 0, 1, 0]
+
+
+def test_first_caption_leads_when_asked():
+    from mmfusion.data.pairs import ShapesPairs
+    from mmfusion.data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    src = ShapesPairs(world, 16)
+    first = PairSampler(src, seed=0, first_caption=True)
+    for pos in range(20):
+        full = world.captions(world.scene("train", pos))[0].text
+        assert first.sample(pos).texts[0] == full
+    drawn = {PairSampler(src, seed=0).sample(p).texts[0] for p in range(20)}
+    assert drawn - {world.captions(world.scene("train", p))[0].text for p in range(20)}  # random picks differ

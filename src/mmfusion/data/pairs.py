@@ -42,16 +42,20 @@ class Pair:
         return self.captions + self.negatives
 
 
-def _draw(n: int, k: int, rng: np.random.Generator) -> list[int]:
-    """k indices into n captions: distinct while there are enough, then repeating."""
+def _draw(n: int, k: int, rng: np.random.Generator, first: bool = False) -> list[int]:
+    """k indices into n captions: distinct while there are enough, then repeating; ``first`` starts with
+    caption 0 (in ShapesWorld the one that names every object)."""
     order = list(rng.permutation(n))
+    if first:
+        order.remove(0)
+        order.insert(0, 0)
     return [int(order[i % n]) for i in range(k)]
 
 
 class PairSource(Protocol):
     def __len__(self) -> int: ...  # number of images; 0 for an endless stream
 
-    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair: ...
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1, first: bool = False) -> Pair: ...
 
     def caption_corpus(self, limit: int) -> list[str]: ...  # captions to train a tokenizer on
 
@@ -66,10 +70,10 @@ class ShapesPairs:
     def __len__(self) -> int:
         return 0
 
-    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair:
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1, first: bool = False) -> Pair:
         scene = self.world.scene(self.split, index)
         caps = self.world.captions(scene)
-        chosen = [caps[i] for i in _draw(len(caps), k, rng)]
+        chosen = [caps[i] for i in _draw(len(caps), k, rng, first)]
         return Pair(
             np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8),
             [c.text for c in chosen],
@@ -112,9 +116,9 @@ class FolderPairs:
     def __len__(self) -> int:
         return len(self.folder)
 
-    def pair(self, index: int, rng: np.random.Generator, k: int = 1) -> Pair:
+    def pair(self, index: int, rng: np.random.Generator, k: int = 1, first: bool = False) -> Pair:
         rec = self.folder.records[index]
-        chosen = _draw(len(rec.captions), k, rng)
+        chosen = _draw(len(rec.captions), k, rng, first)
         scene = self.scenes[index] if self.scenes is not None else None
         return Pair(
             self.folder.images[index],
@@ -153,6 +157,7 @@ class PairSampler:
         first_epoch_in_order: read a finite source in order in its first epoch (a curriculum export).
         captions_per_image: how many captions each image brings.
         hard_negatives: how many false captions each image brings (data with known meanings only).
+        first_caption: each image's first caption comes first (a captioner learning complete descriptions).
     """
 
     def __init__(
@@ -163,8 +168,10 @@ class PairSampler:
         first_epoch_in_order: bool = False,
         captions_per_image: int = 1,
         hard_negatives: int = 0,
+        first_caption: bool = False,
     ):
         self.source, self.seed, self.first_epoch_in_order = source, seed, first_epoch_in_order
+        self.first_caption = first_caption
         self.k, self.n_negatives = captions_per_image, hard_negatives
         self.augment = augment_cfg or AugmentConfig()
         self._perm: tuple[int, np.ndarray] | None = None
@@ -187,7 +194,7 @@ class PairSampler:
     def sample(self, position: int) -> Pair:
         _, idx = self.index(position)
         rng = np.random.default_rng([self.seed, 11, position])
-        pair = self.source.pair(idx, rng, self.k)
+        pair = self.source.pair(idx, rng, self.k, first=self.first_caption)
         if self.n_negatives:
             self._add_negatives(pair, rng)
         if self.augment.enabled:

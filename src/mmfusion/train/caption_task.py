@@ -64,7 +64,9 @@ class CaptionTask:
         model = model.to(device)
         model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cc.from_clip}}
         in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
-        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1)
+        first = cfg.data.caption_pick in ("auto", "first")
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1,
+                              first_caption=first)  # fmt: skip
         log.info("captioner: %s trainable parameters",
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
         return cls(cfg, model, sampler, device)

@@ -125,6 +125,7 @@ class ClipTask:
             in_order,
             captions_per_image=k,
             hard_negatives=cfg.train.hard_negatives,
+            first_caption=cfg.data.caption_pick == "first",
         )
         return cls(cfg, model, sampler, device)
 

@@ -31,6 +31,11 @@ class DataConfig:
         "folder data: shuffle every epoch, or take the first epoch in file order (file); auto picks file "
         "order for a ShapesWorld training export with a curriculum, whose order is the stream's",
     )
+    caption_pick: Literal["auto", "random", "first"] = field(
+        "auto",
+        "which caption of an image a step uses: random, or the first (ShapesWorld's first names every object, so a "
+        "captioner learns complete descriptions); auto: first for captioners, random for CLIP",
+    )
     tokenizer_captions: int = field(20000, "scenes (or images) whose captions train the BPE tokenizer")
     max_pixels: int = field(100_000_000, "images over this many pixels are skipped before decoding")
 
