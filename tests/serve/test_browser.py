@@ -96,6 +96,8 @@ class ColourAnswerer:
     def stream_answer(self, image, question, **options):
         colour = dominant_colour(image)
         yield "Mostly"
+        if "melt" in question:
+            raise RuntimeError("the model melted")
         if self.hold.is_set():
             self.release.wait(10)
         yield f" {colour}."
@@ -342,6 +344,11 @@ def test_ask_streams_the_answer_into_the_panel(page, servers, world, answerer):
     page.wait_for_function("document.getElementById('answer-label').textContent === 'Caption'")
     page.wait_for_function("document.getElementById('answer').getAttribute('aria-busy') === 'false'")
     assert page.inner_text("#answer-text") == f"shapes in {colour}"
+    # a model that fails mid-answer: the stream carries the error, and the page shows it
+    page.fill("#question", "Will you melt?")
+    page.press("#question", "Enter")
+    page.wait_for_selector("#ask-error.error")
+    assert "the model melted" in page.inner_text("#ask-error") and page.inner_text("#answer-text") == "Mostly"
 
 
 def test_zero_shot_labels_for_the_chosen_image(page, servers, world):
