@@ -102,3 +102,7 @@ def test_cli_train_caption_on_a_tiny_budget_then_caption_an_image(tmp_path, caps
     ShapesWorld().sample("test", 0).image.save(img)
     assert main(["-q", "caption", "--model", str(out), str(img)]) == 0
     assert str(img.name) in capsys.readouterr().out
+    assert main(["-q", "eval", "caption", "--model", str(out), "--n", "6", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "captioning.json").read_text())
+    assert report["n"] == 6 and "CIDEr" in report["metrics"] and "BLEU-4" in capsys.readouterr().out
+    assert main(["-q", "eval", "vqa", "--model", str(out), "--n", "4"]) == 2  # a captioner answers nothing

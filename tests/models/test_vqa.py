@@ -95,3 +95,6 @@ def test_cli_train_vqa_then_ask(tmp_path, capsys):
     ShapesWorld().sample("test", 0).image.save(img)
     assert main(["-q", "ask", "--model", str(out), str(img), "what colour is the circle?"]) == 0
     assert capsys.readouterr().out.strip() in mmfusion.load(out).cfg.answers
+    assert main(["-q", "eval", "vqa", "--model", str(out), "--n", "10", "--json", str(tmp_path / "v.json")]) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["n"] == 10 and 0 <= report["metrics"]["accuracy"] <= 1

@@ -139,6 +139,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     out = _eval_out(args.model, args.out)
     if args.kind == "fusion" or getattr(model, "family", None) == "fusion":
         return _eval_fusion(model, args, out)
+    if args.kind in ("caption", "vqa"):
+        return _eval_generation(model, args, out)
     kinds = ["retrieval", "zeroshot"] if args.kind == "all" else [args.kind]
     templates = None
     if args.templates:
@@ -165,6 +167,33 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         write_report(report, path)
         print("\n".join(summary_lines(report)))
         print(f"  report: {path}")
+    return 0
+
+
+def _eval_generation(model, args: argparse.Namespace, out: Path) -> int:
+    """A captioner (BLEU, CIDEr, attribute accuracy) or an answerer (VQA accuracy per question type)."""
+    from ..interfaces import Answerer, Captioner
+
+    if args.kind == "caption":
+        from ..eval.captioning import evaluate_captioner, summary_lines
+
+        if not isinstance(model, Captioner):
+            raise ValueError(f"{args.model} does not caption images; `eval caption` needs a captioner")
+        report = evaluate_captioner(model, args.data, n=args.n, out=out, split=args.split)
+        name = "captioning"
+    else:
+        from ..eval.vqa import evaluate_answerer, summary_lines
+
+        if not isinstance(model, Answerer):
+            raise ValueError(f"{args.model} does not answer questions; `eval vqa` needs an answerer")
+        report = evaluate_answerer(model, args.data, n=args.n, out=out, split=args.split)
+        name = "vqa"
+    if args.json:
+        from ..eval.report import write_report
+
+        write_report(report, Path(args.json))
+    print("\n".join(summary_lines(report)))
+    print(f"  report: {args.json or out / (name + '.json')}, plots in {out}")
     return 0
 
 
@@ -323,8 +352,9 @@ def make_parser() -> argparse.ArgumentParser:
         "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).",
     )
     e.add_argument(
-        "kind", choices=["retrieval", "zeroshot", "all", "fusion"],
-        help="which evaluation (fusion: a fusion classifier on its held-out split, or on --data FILE.npz)",
+        "kind", choices=["retrieval", "zeroshot", "all", "fusion", "caption", "vqa"],
+        help="which evaluation (fusion: a fusion classifier on its held-out split, or on --data FILE.npz; caption: "
+             "BLEU, CIDEr and attribute accuracy; vqa: accuracy per question type)",
     )  # fmt: skip
     add_model_options(e)
     e.add_argument(
@@ -333,7 +363,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="'shapes' (in memory) or a folder (captions.jsonl for "
         "retrieval; class folders root/<class>/ for zero-shot)",
     )
-    e.add_argument("--n", type=int, default=1000, help="retrieval: images to rank (0 = all in a folder)")
+    e.add_argument("--n", type=int, default=1000, help="retrieval: images to rank (0 = all in a folder); "
+                   "caption / vqa: images / questions")  # fmt: skip
     e.add_argument("--split", default="test", help="retrieval on ShapesWorld: test or heldout")
     e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")
     e.add_argument("--templates", help="zero-shot prompts: a file (one per line) or 'a photo of a {}.|a {}'")
