@@ -206,3 +206,20 @@ def test_huge_bodies_get_413_fast_and_the_server_stays_up(served, tmp_path):
         assert r.status_code == 422 and "pixels" in r.json()["error"]["message"]
         assert time.perf_counter() - t0 < 2.0
         assert json.loads(httpx.get(url + "/healthz").text)["status"] == "ok"
+
+
+def test_every_error_has_the_openai_shape_and_static_files_revalidate(served):
+    import httpx
+
+    from mmfusion.serve.app import create_app
+    from mmfusion.serve.settings import ServeSettings
+    from tests.serve.conftest import run_server
+
+    model, db = served
+    with run_server(create_app(ServeSettings(db=str(db)))) as url:
+        for r in (httpx.get(url + "/no/such/route"), httpx.post(url + "/search", json={"k": "many"}),
+                  httpx.put(url + "/search")):  # fmt: skip
+            assert r.status_code in (404, 405, 422) and r.json()["error"]["message"], r.text
+        assert "k" in httpx.post(url + "/search", json={"k": "many"}).json()["error"]["message"]
+        r = httpx.get(url + "/static/app.js")
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"

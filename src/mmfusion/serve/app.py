@@ -19,11 +19,14 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.images import ImageDecodeError
 from .batching import MicroBatcher, QueueFullError
@@ -267,6 +270,8 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
     async def count(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
+        if request.url.path.startswith("/static/"):  # the page's files: revalidate, so an upgrade shows at once
+            response.headers["Cache-Control"] = "no-cache"
         route = getattr(request.scope.get("route"), "path", "other")
         svc.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         svc.metrics.latency.labels(route).observe(time.perf_counter() - t0)
@@ -277,11 +282,17 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         return JSONResponse({"error": {"message": "the model's queue is full; retry shortly", "type": "overloaded"}},
                             status_code=503, headers={"Retry-After": "1"})  # fmt: skip
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # ours, and the router's own (404 for unknown routes, 405)
+    async def http_error(request: Request, exc: StarletteHTTPException):
         # OpenAI clients read {"error": {"message": ...}}
         return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error"}},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": {"message": f"invalid request: {problems}", "type": "invalid_request_error",
+                                       "details": jsonable_encoder(exc.errors())}}, status_code=422)  # fmt: skip
 
     def authorized(request: Request) -> str | None:
         """The caller's API key (None when the service has no keys); 401 without a valid one."""
