@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,14 +19,15 @@ from ..data.images import normalize_batch
 from ..data.pairs import PairSampler
 from ..data.tokenizer import Tokenizer
 from ..models.captioner import CaptionModel
-from ..models.registry import build_model, model_config, save_model
+from ..models.registry import build_model, model_config
 from .clip_task import build_pair_source, trained_on
 from .config import RunConfig
+from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
 
 
-class CaptionTask:
+class CaptionTask(TaskDefaults):
     """Batches, loss and checkpoints of a captioner run (see :class:`mmfusion.train.trainer.Trainer`)."""
 
     name = "caption"
@@ -97,12 +97,3 @@ class CaptionTask:
             for k in total:
                 total[k] += stats[k] * share
         return total
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def status(self) -> dict[str, float]:
-        return {}
-
-    def save_model(self, path: Path) -> Path:
-        return save_model(self.model, path)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from ..data.features import MultimodalData, load_feature_file
 from ..data.fusion_tasks import FusionTaskConfig, make_fusion_data
-from ..models.registry import build_model, model_config, save_model
+from ..models.registry import build_model, model_config
 from ..modules.losses import focal_loss
 from .config import RunConfig
+from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def rebuild_test_data(trained_on: dict[str, Any]) -> MultimodalData:
     return data.split(float(trained_on["test_fraction"]), int(trained_on["seed"]))[1]
 
 
-class FusionTask:
+class FusionTask(TaskDefaults):
     name = "fusion"
 
     def __init__(self, cfg: RunConfig, model, train: MultimodalData, test: MultimodalData, device: torch.device):
@@ -140,12 +141,3 @@ class FusionTask:
             total += loss.item() * len(part)
             correct += int((logits.argmax(-1) == labels[part]).sum())
         return {"loss": total / n, "acc": correct / n}
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def status(self) -> dict[str, float]:
-        return {}
-
-    def save_model(self, path: Path) -> Path:
-        return save_model(self.model, path)

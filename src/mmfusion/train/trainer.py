@@ -60,6 +60,25 @@ class Task(Protocol):
     def save_model(self, path: Path) -> Path: ...
 
 
+class TaskDefaults:
+    """What most task adapters share: nothing to do after an optimiser step, no status beyond the loss, and the
+    model saved as a checkpoint directory. Adapters inherit it and override what they need (CLIP clamps its
+    temperature after each step and reports it)."""
+
+    model: torch.nn.Module
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def status(self) -> dict[str, float]:
+        return {}
+
+    def save_model(self, path: Path) -> Path:
+        from ..models.registry import save_model
+
+        return save_model(self.model, path)
+
+
 @dataclass
 class TrainResult:
     out: Path

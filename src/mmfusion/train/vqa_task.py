@@ -20,9 +20,10 @@ from ..data.datasets import DataFormatError, read_qa
 from ..data.images import ImageDecodeError, load_image, normalize_batch, to_uint8
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import Tokenizer
-from ..models.registry import build_model, model_config, save_model
+from ..models.registry import build_model, model_config
 from ..models.vqa import VQAModel
 from .config import RunConfig
+from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
 VOCAB_SCENES = 3000  # ShapesWorld scenes whose questions give the answer vocabulary and tokenizer text
@@ -90,7 +91,7 @@ class FolderQuestions:
         return [r.question for r in self.records], sorted({r.answer for r in self.records})
 
 
-class VQATask:
+class VQATask(TaskDefaults):
     """Batches, loss and checkpoints of a VQA run (see :class:`mmfusion.train.trainer.Trainer`)."""
 
     name = "vqa"
@@ -169,12 +170,3 @@ class VQATask:
             total["loss"] += float(loss.detach()) * len(part) / n
             total["acc"] += float((logits.argmax(-1) == answers[part]).float().sum()) / n
         return total
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def status(self) -> dict[str, float]:
-        return {}
-
-    def save_model(self, path: Path) -> Path:
-        return save_model(self.model, path)
