@@ -69,7 +69,8 @@ def test_training_learns_shapesworld_answers(tmp_path):
     assert last < 0.6 * first, (first, last)
     model = mmfusion.load(result.out)
     answers = set(model.cfg.answers)
-    assert {"yes", "no", "red", "circle"} <= answers  # colours, shapes and yes/no all in the vocabulary
+    assert {"yes", "no", "red", "circle", "2", "3"} <= answers  # colours, shapes, counts and yes/no
+    assert any(len(a.split()) == 2 for a in answers)  # "red circle": the answers of relation questions
 
 
 def test_starts_from_a_clip_image_tower(tmp_path):

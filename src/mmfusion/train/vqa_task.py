@@ -3,7 +3,7 @@
 Data: the ShapesWorld stream (example ``i`` of step ``s`` is training scene ``s * batch + i`` with one of its
 questions, drawn by a seeded generator, so a resumed run sees the same batches), or a folder with ``qa.jsonl``
 (``{"image", "question", "answer"}``) beside its images. The answer vocabulary is every answer of the training
-data (ShapesWorld: of its first scenes, which cover every colour, shape, count and yes/no).
+data (ShapesWorld: of scenes past the curriculum, which cover every colour, shape, count, relation and yes/no).
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class ShapesQuestions:
 
     def texts_and_answers(self, scenes: int) -> tuple[list[str], list[str]]:
         texts, answers = list(self.world.vocabulary_texts()), set()
-        for i in range(scenes):
+        # scenes past the curriculum (the stream starts with single objects, which have no relation questions)
+        start = 2 * self.world.cfg.curriculum if self.split == "train" else 0
+        for i in range(start, start + scenes):
             scene = self.world.scene(self.split, i)
             for qa in self.world.questions(scene):
                 texts.append(qa.question)
