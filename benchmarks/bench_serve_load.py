@@ -1,11 +1,18 @@
 """Load on loopback: text-embedding requests from concurrent clients, with dynamic batching and without.
 
 The service runs in a subprocess (uvicorn, as `mmfusion serve` runs it) with a native CLIP of the given
-preset (random weights, a BPE tokenizer trained on ShapesWorld captions), once with
-``--max-batch-size 32 --max-wait-ms 20`` and once with ``--max-batch-size 1`` (one model call per
-request). ``--clients`` concurrent clients send ``POST /v1/embeddings`` with one caption each (every text
-unique, so the cache never answers) for ``--seconds``; reported: requests/s, p50/p99 latency, errors,
-and the batch-size histogram read from the server's /metrics.
+preset (random weights, a BPE tokenizer trained on ShapesWorld captions), text cache off. Two arms, the
+same server and settings but the batcher's: ``--max-batch-size 32 --max-wait-ms 20`` and
+``--max-batch-size 1 --max-wait-ms 0`` (one model call per request). In each arm ``--clients`` concurrent
+clients send ``POST /v1/embeddings`` with one caption each (every text unique) for ``--seconds``, with
+``encoding_format`` base64 by default, as the OpenAI Python SDK sends it (``--encoding float`` for JSON
+floats). The clients are asyncio tasks in this process (a separate one from the server's, unpinned in both
+arms), each on one keep-alive connection of a minimal HTTP/1.1 client: httpx took ~2 ms of CPU a request,
+which on a 2-core machine the server's model then lacks.
+
+Reported per arm: requests/s, p50/p99 latency, errors, the batch-size histogram and model time per call read
+from the server's /metrics (this run's requests only), and CPU per request of the server and of the clients.
+Before the arms, the model alone is timed per batch size in this process (the ceiling batching can reach).
 
 Run: python benchmarks/bench_serve_load.py [--preset vit-b-32] [--clients 32] [--seconds 60] [--json out.json]
 """
@@ -14,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -26,6 +35,8 @@ from datetime import date
 from pathlib import Path
 
 import httpx
+
+ARMS = {"batching": (32, 20.0), "no batching": (1, 0.0)}  # name -> (max batch size, max wait ms)
 
 
 def make_model(preset: str, path: Path) -> Path:
@@ -45,6 +56,14 @@ def make_model(preset: str, path: Path) -> Path:
     torch.manual_seed(0)
     save_model(create_model(preset, tokenizer=tok), path)
     return path
+
+
+def captions(n: int = 5000) -> list[str]:
+    """Test-split ShapesWorld captions, made before the clocks start (a request only adds its counter)."""
+    from mmfusion.data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    return [world.captions(world.scene("test", i))[0].text for i in range(n)]
 
 
 def free_port() -> int:
@@ -71,87 +90,272 @@ def start_server(model: Path, batch: int, port: int, wait_ms: float) -> subproce
     raise RuntimeError("the server did not start in 120 s")
 
 
-async def load(url: str, clients: int, seconds: float) -> dict:
-    from mmfusion.data.shapes import ShapesWorld
+# ---- the clients ----------------------------------------------------------------------------------------
 
-    world = ShapesWorld()
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON and reads Content-Length replies: all the load
+    generator needs, at a fraction of a general client's CPU."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        self.writer.write(head.encode() + body)
+        status_line, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines if ": " in line)
+        if "content-length" not in headers:
+            raise ValueError(f"a reply without Content-Length ({status_line!r}): this client reads no other kind")
+        data = await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection") == "close":
+            self.close()
+        return int(status_line.split(" ", 2)[1]), data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def check_embedding(data: bytes, encoding: str, dim: int | None) -> bool:
+    """Whether a reply holds one embedding of ``dim`` numbers (any width when ``dim`` is None)."""
+    items = json.loads(data)["data"]
+    if len(items) != 1:
+        return False
+    emb = items[0]["embedding"]
+    n = len(base64.b64decode(emb)) // 4 if encoding == "base64" else len(emb)
+    return dim is None or n == dim
+
+
+async def load(port: int, clients: int, seconds: float, texts: list[str], encoding: str, start: int) -> dict:
+    """``clients`` closed-loop clients for ``seconds``. Text ``k`` is caption ``k`` plus `` #k``: unique, the same
+    ones in both arms, and with 7-digit counters everywhere, as long in each (``start`` picks the first ``k``)."""
     latencies: list[float] = []
-    errors = 0
-    counter = 0
+    failures: list[str] = []
+    counter = start
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async def client(c: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors, counter
-        while time.perf_counter() < stop_at:
-            counter += 1
-            text = f"{world.captions(world.scene('test', counter % 5000))[0].text} #{counter}"
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(url + "/v1/embeddings", json={"input": text})
-                ok = r.status_code == 200 and len(r.json()["data"]) == 1
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
+    async def client() -> None:
+        nonlocal counter
+        conn = Connection(port)
+        try:
+            while time.perf_counter() < stop_at:
+                counter += 1
+                text = f"{texts[counter % len(texts)]} #{counter}"
+                body = json.dumps({"input": text, "encoding_format": encoding}).encode()
+                t0 = time.perf_counter()
+                try:
+                    status, data = await conn.post("/v1/embeddings", body)
+                    ok = status == 200 and check_embedding(data, encoding, None)
+                    why = "" if ok else f"HTTP {status}: {data[:200]!r}"
+                except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
+                    ok, why = False, f"{type(e).__name__}: {e}"
+                    conn.close()
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    failures.append(why)
+        finally:
+            conn.close()
 
-    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c, http) for c in range(clients)))
-        wall = time.perf_counter() - t0
-    lat = sorted(latencies)
+    cpu0, t0 = _cpu_self(), time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return {"latencies": latencies, "failures": failures, "seconds": time.perf_counter() - t0,
+            "client_cpu": _cpu_self() - cpu0, "next": counter}  # fmt: skip
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- what the server says -------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The text batcher's series from /metrics: batch-size buckets (cumulative), batch seconds sum and count."""
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if 'batcher="text"' in line and line.startswith(("mmfusion_batch_size_", "mmfusion_batch_seconds_")):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def batch_report(before: dict[str, float], after: dict[str, float]) -> dict:
+    """This run's model calls: a histogram of batch sizes over the Prometheus buckets, mean size and time."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    edges = sorted(
+        (float(k.split('le="')[1].split('"')[0]), v) for k, v in delta.items() if k.startswith("mmfusion_batch_size_b")
+    )
+    histogram, lo, prev = {}, 1, 0.0
+    for le, cum in edges:
+        if cum > prev:
+            hi = "inf" if le == float("inf") else int(le)
+            histogram[str(hi) if lo == hi else f"{lo}-{hi}"] = int(cum - prev)
+        prev, lo = cum, int(le) + 1 if le != float("inf") else lo
+    calls = delta.get('mmfusion_batch_size_count{batcher="text"}', 0.0)
+    items = delta.get('mmfusion_batch_size_sum{batcher="text"}', 0.0)
+    busy = delta.get('mmfusion_batch_seconds_sum{batcher="text"}', 0.0)
     return {
-        "requests": len(lat),
-        "errors": errors,
-        "seconds": wall,
-        "requests_per_s": len(lat) / wall,
-        "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
+        "calls": int(calls),
+        "histogram": histogram,
+        "mean_batch": items / calls if calls else float("nan"),
+        "model_ms_per_call": 1000 * busy / calls if calls else float("nan"),
+        "model_ms_per_item": 1000 * busy / items if items else float("nan"),
+        "model_busy_s": busy,
     }
 
 
-def batch_histogram(url: str) -> dict[str, float]:
-    """Cumulative counts of the server's batch-size histogram for text (Prometheus buckets)."""
-    out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith('mmfusion_batch_size_bucket{batcher="text"'):
-            le = line.split('le="')[1].split('"')[0]
-            out[le] = float(line.rsplit(" ", 1)[1])
+def model_table(model: Path, texts: list[str], sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[str, dict]:
+    """Milliseconds per text of the model alone at each batch size: in one call of ``encode_text``, and as the
+    server runs a batch (``Service._encode_texts``: tokenized at once, run in groups of similar length)."""
+    import torch
+
+    import mmfusion
+    from mmfusion.serve.app import Service
+    from mmfusion.serve.settings import ServeSettings
+
+    embedder = mmfusion.load(str(model), device="cpu")
+    ways = {"one call": embedder.encode_text, "as served": Service(ServeSettings(), embedder, None, None)._encode_texts}
+    out: dict[str, dict] = {way: {} for way in ways}
+    n = 9 * 10**6
+    with torch.inference_mode():
+        for size in sizes:
+            times: dict[str, list[float]] = {way: [] for way in ways}
+            for _ in range(max(4, 48 // size)):
+                batch = [f"{texts[(n + i) % len(texts)]} #{n + i}" for i in range(size)]
+                n += size
+                for way, fn in ways.items():  # the same texts both ways, in turn
+                    t0 = time.perf_counter()
+                    fn(batch)
+                    times[way].append(time.perf_counter() - t0)
+            for way in ways:
+                out[way][size] = 1000 * statistics.median(times[way]) / size
     return out
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+class Arm:
+    """One server and what its clients saw, summed over the rounds."""
+
+    def __init__(self, name: str, model: Path, batch: int, wait_ms: float):
+        self.name, self.batch, self.wait_ms = name, batch, wait_ms
+        self.port = free_port()
+        self.proc = start_server(model, batch, self.port, wait_ms)
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.seconds = self.client_cpu = self.server_cpu = 0.0
+        self.next = 10**6
+        self.metrics: dict[str, float] = {}
+
+    def warm_up(self, texts: list[str], encoding: str) -> None:
+        asyncio.run(load(self.port, 4, 3, texts, encoding, start=8 * 10**6))  # not counted
+        self.metrics = scrape(self.port)
+
+    def measure(self, clients: int, seconds: float, texts: list[str], encoding: str) -> None:
+        cpu0 = _cpu_of(self.proc.pid)
+        r = asyncio.run(load(self.port, clients, seconds, texts, encoding, start=self.next))
+        self.server_cpu += _cpu_of(self.proc.pid) - cpu0
+        self.latencies += r["latencies"]
+        self.failures += r["failures"]
+        self.seconds += r["seconds"]
+        self.client_cpu += r["client_cpu"]
+        self.next = r["next"]
+
+    def report(self, before: dict[str, float]) -> dict:
+        lat, n = sorted(self.latencies), len(self.latencies)
+        out = {
+            "max_batch_size": self.batch,
+            "max_wait_ms": self.wait_ms,
+            "requests": n,
+            "errors": len(self.failures),
+            "error_samples": sorted(set(self.failures))[:5],
+            "seconds": self.seconds,
+            "requests_per_s": n / self.seconds,
+            "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
+            "p99_ms": 1000 * lat[min(n - 1, int(0.99 * n))] if lat else float("nan"),
+            "server_cpu_ms_per_request": 1000 * self.server_cpu / max(n, 1),
+            "client_cpu_ms_per_request": 1000 * self.client_cpu / max(n, 1),
+        }
+        return out | batch_report(before, scrape(self.port))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def describe(name: str, r: dict) -> str:
+    return (f"{name} (max {r['max_batch_size']}, wait {r['max_wait_ms']:g} ms): {r['requests_per_s']:.1f} req/s, "
+            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['errors']} errors {r['error_samples'] or ''}; "
+            f"{r['calls']} model calls, mean batch {r['mean_batch']:.1f}, sizes {r['histogram']}, model "
+            f"{r['model_ms_per_call']:.1f} ms/call = {r['model_ms_per_item']:.2f} ms/text, busy "
+            f"{r['model_busy_s'] / r['seconds']:.0%}; CPU per request: server {r['server_cpu_ms_per_request']:.1f} "
+            f"ms, clients {r['client_cpu_ms_per_request']:.2f} ms")  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="vit-b-32")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--max-wait-ms", type=float, default=20, help="the batching server's wait for a batch to fill")
+    ap.add_argument("--seconds", type=float, default=60, help="load time of each arm (all rounds together)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="the arms take turns this many times (AB BA AB ...), so that load from other programs "
+                         "on the machine falls on both alike")  # fmt: skip
+    ap.add_argument("--encoding", choices=("base64", "float"), default="base64",
+                    help="encoding_format of the requests (base64 is the OpenAI Python SDK's default)")  # fmt: skip
+    ap.add_argument("--max-wait-ms", type=float, default=ARMS["batching"][1], help="the batching arm's max wait")
+    ap.add_argument("--no-model-table", action="store_true", help="skip timing the model alone per batch size")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = make_model(args.preset, Path("runs/bench-serve") / args.preset)
-    results = {}
-    for name, batch in (("batching (max 32)", 32), ("no batching", 1)):
-        port = free_port()
-        proc = start_server(model, batch, port, args.max_wait_ms)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(load(url, 4, 3))  # warm-up
-            r = asyncio.run(load(url, args.clients, args.seconds))
-            r["batch_size_histogram"] = batch_histogram(url)
-            results[name] = r
-            print(f"{name}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-                  f"{r['errors']} errors, batch sizes {r['batch_size_histogram']}", flush=True)  # fmt: skip
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    b, n = results["batching (max 32)"], results["no batching"]
-    summary = {"throughput_ratio": b["requests_per_s"] / n["requests_per_s"], "p99_ratio": b["p99_ms"] / n["p99_ms"]}
+    texts = captions()
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "preset": args.preset, "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
+            "encoding": args.encoding, "loadavg_start": os.getloadavg()}  # fmt: skip
+    if not args.no_model_table:
+        table = model_table(model, texts)
+        meta["model_ms_per_text"] = table
+        for way, row in table.items():
+            print(f"model alone ({way}), ms per text by batch size:", {k: round(v, 2) for k, v in row.items()})
+    arms = []
+    try:
+        for name, (batch, wait_ms) in ARMS.items():
+            arms.append(Arm(name, model, batch, args.max_wait_ms if batch > 1 else wait_ms))
+        before = {}
+        for arm in arms:
+            arm.warm_up(texts, args.encoding)
+            before[arm.name] = arm.metrics
+        for r in range(args.rounds):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                arm.measure(args.clients, args.seconds / args.rounds, texts, args.encoding)
+        results = {arm.name: arm.report(before[arm.name]) for arm in arms}
+    finally:
+        for arm in arms:
+            arm.stop()
+    meta["loadavg_end"] = os.getloadavg()
+    for name, r in results.items():
+        print(describe(name, r), flush=True)
+    b, n = results["batching"], results["no batching"]
+    summary = {"throughput_ratio": b["requests_per_s"] / n["requests_per_s"], "p99_ratio": b["p99_ms"] / n["p99_ms"],
+               "errors": b["errors"] + n["errors"],
+               "load_1min_start_end": [meta["loadavg_start"][0], meta["loadavg_end"][0]]}  # fmt: skip
     print(json.dumps(summary))
     if args.json:
-        meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                "preset": args.preset, "clients": args.clients, "seconds": args.seconds}  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(meta | {"results": results, "summary": summary}, indent=2))
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mmfusion.serve.batching import MicroBatcher, QueueFullError
+from mmfusion.serve.batching import MicroBatcher, QueueFullError, split_by_length
 
 
 class Recorder:
@@ -277,3 +277,80 @@ def test_bad_settings_are_refused(kwargs):
 def test_start_needs_a_running_loop():
     with pytest.raises(RuntimeError, match="running event loop"):
         MicroBatcher(lambda xs: xs).start()
+
+
+# ---- split_by_length ----------------------------------------------------------------------------------------
+
+
+def _cost(groups, lengths, min_rows):
+    return sum(max(len(g) * max(lengths[i] for i in g), min_rows) for g in groups)
+
+
+def _best_cost(lengths, min_rows):
+    """Brute force: every split of the sorted distinct lengths into runs."""
+    distinct = sorted(set(lengths))
+    best = float("inf")
+    for mask in range(2 ** (len(distinct) - 1)):
+        runs, run = [], [distinct[0]]
+        for k, n in enumerate(distinct[1:]):
+            if mask >> k & 1:
+                runs.append(run)
+                run = []
+            run.append(n)
+        runs.append(run)
+        groups = [[i for i, n in enumerate(lengths) if n in r] for r in runs]
+        best = min(best, _cost(groups, lengths, min_rows))
+    return best
+
+
+def test_split_by_length_edges():
+    assert split_by_length([]) == []
+    assert split_by_length([7]) == [[0]]
+    assert split_by_length([5, 5, 5], min_rows=0) == [[0, 1, 2]]
+    lengths = [21, 12, 17, 12, 21, 17]
+    assert split_by_length(lengths, min_rows=0) == [[1, 3], [2, 5], [0, 4]]  # a group per length, shortest first
+    assert split_by_length(lengths, min_rows=10**9) == [list(range(6))]  # calls too dear to split
+
+
+def test_split_by_length_is_optimal_and_covers_every_index():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(3, 30) for _ in range(rng.randint(1, 40))]
+        min_rows = rng.choice([0, 16, 64, 128, 400])
+        groups = split_by_length(lengths, min_rows)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(g == sorted(g) and g for g in groups)
+        longest = [max(lengths[i] for i in g) for g in groups]
+        assert longest == sorted(longest)  # runs of the sorted lengths, shortest first
+        assert all(lengths[i] > (longest[k - 1] if k else 0) for k, g in enumerate(groups) for i in g)
+        if len(set(lengths)) <= 12:
+            assert _cost(groups, lengths, min_rows) == _best_cost(lengths, min_rows)
+
+
+def test_split_by_length_ties_prefer_fewer_calls():
+    # one group: 4 * 10 = 40 rows; two: max(2 * 5, 20) + max(2 * 10, 20) = 40 as well
+    assert split_by_length([5, 5, 10, 10], min_rows=20) == [[0, 1, 2, 3]]
+
+
+def test_service_text_batches_split_by_length_give_the_embeddings_of_one_call(tmp_path):
+    import numpy as np
+    import torch
+
+    import mmfusion
+    from mmfusion.serve.app import Service
+    from mmfusion.serve.settings import ServeSettings
+    from tests.utils import tiny_clip
+
+    model = mmfusion.load(str(tiny_clip(tmp_path / "clip")), device="cpu")
+    texts = ["a red circle", "a blue square and a green star", "a cyan star", "a white cross, a blue square and"
+             " a green star", "a red circle", "a yellow triangle and a purple star"]  # fmt: skip
+    svc = Service(ServeSettings(), model, None, None)
+    svc.text_call_min_rows = 0  # a group per length: these texts are too short to split at the default
+    with torch.inference_mode():
+        expected = model.encode_text(texts).numpy()
+    got = np.stack(svc._encode_texts(texts))
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+    lengths = (model.tokenize(texts) != 0).sum(-1).tolist()
+    assert len(set(lengths)) > 2 and len(split_by_length(lengths, 0)) > 1  # the test does split

@@ -161,11 +161,29 @@ class Service:
 
         return MicroBatcher(fn, s.max_batch_size, s.max_wait_ms, s.max_queue, name=name, on_batch=on_batch)
 
+    text_call_min_rows = 128  # a CPU call of a text tower costs at least as much as this many token positions
+
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """One batch of texts through the model. A native model pads a call to its longest text, and texts in a
+        batch differ in length, so on CPU the batch is tokenized at once and run in groups of similar length
+        (``split_by_length``): 20-25% fewer rows in the benchmark's batches. An adapter that tokenizes inside
+        (HF pads to a fixed length for some models), or a GPU, where small calls cost as much as large ones,
+        gets the batch in one call."""
         import torch
 
+        from ..data.tokenizer import PAD_ID
+        from .batching import split_by_length
+
+        tokenize = getattr(self.embedder, "tokenize", None)
+        device = getattr(self.embedder, "device", None)
         with torch.inference_mode():
-            return list(self.embedder.encode_text(texts).float().cpu().numpy())
+            if tokenize is None or len(texts) < 2 or getattr(device, "type", "cpu") != "cpu":
+                return list(self.embedder.encode_text(texts).float().cpu().numpy())
+            tokens = tokenize(texts)  # (B, L): <pad> after each text's <eot>
+            out = np.empty((len(texts), self.embedder.embed_dim), dtype=np.float32)
+            for group in split_by_length((tokens != PAD_ID).sum(-1).tolist(), self.text_call_min_rows):
+                out[group] = self.embedder.encode_text(tokens[group]).float().cpu().numpy()
+            return list(out)
 
     def _encode_images(self, images: list[Image.Image]) -> list[np.ndarray]:
         import torch
@@ -375,10 +393,11 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         data = []
         for i, v in enumerate(vecs):
             emb: Any = (base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
-                        if req.encoding_format == "base64" else [float(x) for x in v])  # fmt: skip
+                        if req.encoding_format == "base64" else np.asarray(v, dtype=np.float32).tolist())  # fmt: skip
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {"object": "list", "data": data, "model": model_id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        # rendered as it is: FastAPI's validation of the returned dict would walk every float again (50 us a vector)
+        return JSONResponse({"object": "list", "data": data, "model": model_id,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
     async def _terms(req: SearchRequest) -> list:
         from ..index.query import Term
