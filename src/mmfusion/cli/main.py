@@ -31,6 +31,9 @@ examples:
   mmfusion train caption --time 10m                           # the caption-tiny captioner on ShapesWorld
   mmfusion train caption --init.from_clip=runs/clip --init.freeze_vision=true --time 5m
   mmfusion train vqa --time 10m                               # the vqa-tiny answerer on ShapesWorld questions
+  mmfusion train video --time 3m                              # TimeSformer (video-tiny) on ShapesWorld actions
+  mmfusion train video --model.encoder.attention=pool --time 3m --out runs/video-pool   # frame-pooling baseline
+  mmfusion train video --data runs/video-data --epochs 30     # video files + labels.jsonl (data shapes --video)
 
 every option (YAML keys have the same dotted names):
 """
@@ -75,7 +78,7 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
             data = read_state(ckpt)["run"]
     if args.config:
         data = _deep_update(data, load_yaml(args.config))
-    task_presets = {"fusion": "fusion-small", "caption": "caption-tiny", "vqa": "vqa-tiny"}
+    task_presets = {"fusion": "fusion-small", "caption": "caption-tiny", "vqa": "vqa-tiny", "video": "video-tiny"}
     preset = args.preset or (None if data.get("preset") else task_presets.get(args.task))
     named = {"data": {"source": args.data} if args.data else {}, "preset": preset, "out": args.out}
     if getattr(args, "strategy", None):
@@ -89,7 +92,7 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
     for text in _overrides(extra):
         data = _deep_update(data, parse_override(text))
     data["task"] = args.task
-    if args.task in ("fusion", "caption", "vqa") and not data.get("out"):
+    if args.task in ("fusion", "caption", "vqa", "video") and not data.get("out"):
         data["out"] = f"runs/{args.task}"
     cfg = from_dict(RunConfig, data)
     from ..models.registry import model_config
@@ -111,7 +114,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"try:     mmfusion caption --model {result.out} IMAGE...")
     if cfg.task == "vqa":
         print(f"try:     mmfusion ask --model {result.out} IMAGE 'what colour is the circle?'")
-    if result.report is not None:
+    if cfg.task == "video" and result.report is not None:
+        m, n = result.report["metrics"], result.report["n"]
+        directions = f", directions {m['direction_accuracy']:.3f}" if "direction_accuracy" in m else ""
+        print(f"held-out: top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}{directions} on {n} clips")
+        print(f"report:  {result.out / 'eval' / 'video.json'}, {result.out / 'eval' / 'confusion.png'}")
+    elif result.report is not None:
         m = result.report["metrics"]
         print(f"held-out: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on {result.report['n']} examples")
         for mod, mm in result.report.get("missing_modality", {}).items():
@@ -226,7 +234,29 @@ def _eval_fusion(model, args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def _data_video(args: argparse.Namespace, extra: list[str]) -> int:
+    """`mmfusion data shapes --video`: ShapesWorld clips as MP4 files + labels.jsonl per split."""
+    from ..data.video import ShapesVideo, ShapesVideoConfig, export_videos
+
+    cfg = ShapesVideoConfig()
+    for text in _overrides(extra):
+        override = parse_override(text)
+        if "video" not in override:
+            raise ConfigError(f"unknown option {text!r}; with --video, options look like --video.frames=16")
+        cfg = merge(cfg, override["video"], prefix="video.")
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    out = export_videos(ShapesVideo(cfg), args.out, counts, progress=not args.quiet)
+    print(
+        f"ShapesWorld video written to {out}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        + f" clips of {cfg.frames} frames at {cfg.image_size} px; train with: mmfusion train video --data {out}"
+    )
+    return 0
+
+
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.video:
+        return _data_video(args, extra)
     from ..data.export import export_shapes
     from ..data.shapes import ShapesConfig, ShapesWorld
     from ..data.sound import SoundConfig
@@ -321,6 +351,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="also write each scene's sound, <split>/sounds/*.wav (pitch = colour, timbre and rhythm = shape); "
         "sound options like --sound.snr_db=5, --sound.seconds=2",
     )
+    d.add_argument(
+        "--video",
+        action="store_true",
+        help="write video clips instead of images: <split>/video/*.mp4 + <split>/labels.jsonl, one object moving "
+        "left/right/up/down, growing, shrinking or rotating (needs mmfusion[video]); --train/--val/--test "
+        "count clips; options like --video.frames=16, --video.image_size=64",
+    )
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser(
@@ -330,9 +367,12 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a model. Length: exactly one of --steps, --epochs, --time.",
         epilog=EXAMPLES_TRAIN + _train_options_help(),
     )
-    t.add_argument("task", choices=["clip", "fusion", "caption", "vqa"], help="what to train")
+    t.add_argument("task", choices=["clip", "fusion", "caption", "vqa", "video"], help="what to train")
     t.add_argument("--config", help="YAML file with any of the options below")
-    t.add_argument("--data", help="'shapes' (default) or a folder with images/ + captions.jsonl")
+    t.add_argument(
+        "--data",
+        help="'shapes' (default) or a folder with images/ + captions.jsonl (video: video files + labels.jsonl)",
+    )
     t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny / fusion-small")
     t.add_argument(
         "--strategy", help="fusion: early/late/... strategy (concat, late, attention, cross_attention, gated, "

@@ -30,6 +30,7 @@ from ..utils.io import atomic_replace_dir, atomic_write_json
 from .captioner import CaptionerConfig, CaptionModel
 from .clip import CLIP, CLIPConfig
 from .fusion import FusionClassifier, FusionConfig
+from .video import VideoClassifier, VideoConfig
 from .vqa import VQAConfig, VQAModel
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -38,6 +39,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "fusion": (FusionConfig, FusionClassifier),
     "captioner": (CaptionerConfig, CaptionModel),
     "vqa": (VQAConfig, VQAModel),
+    "video": (VideoConfig, VideoClassifier),
 }
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "mmfusion.checkpoint/1"

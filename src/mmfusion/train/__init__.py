@@ -25,8 +25,8 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     from .checkpoint import latest_checkpoint
     from .clip_task import ClipTask
 
-    if cfg.task not in ("clip", "fusion", "caption", "vqa"):
-        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion, caption, vqa")
+    if cfg.task not in ("clip", "fusion", "caption", "vqa", "video"):
+        raise ValueError(f"unknown task {cfg.task!r}; mmfusion can train: clip, fusion, caption, vqa, video")
     set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     out = Path(cfg.out)
@@ -57,6 +57,10 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         from .vqa_task import VQATask
 
         task = VQATask.build(cfg, device, tokenizer)
+    elif cfg.task == "video":
+        from .video_task import VideoTask
+
+        task = VideoTask.build(cfg, device)
     else:
         task = ClipTask.build(cfg, device, tokenizer)
     trainer = Trainer(cfg, task, out, device)
@@ -67,4 +71,6 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         from ..eval.classification import evaluate_fusion
 
         result.report = evaluate_fusion(task.model.eval(), task.test, out / "eval")
+    elif cfg.task == "video":  # top-1/top-5 and the confusion matrix on the held-out clips
+        result.report = task.evaluate(out / "eval")
     return result

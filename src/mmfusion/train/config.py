@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ..config import field
 from ..data.images import AugmentConfig
 from ..data.shapes import ShapesConfig
+from ..data.video import ACTIONS
 
 
 @dataclass
@@ -107,6 +108,17 @@ class FusionDataConfig:
 
 
 @dataclass
+class VideoDataConfig:
+    """The data of a video run (task video)."""
+
+    actions: tuple[str, ...] = field(ACTIONS, "ShapesWorld: the actions (the classes)")
+    max_distractors: int = field(1, "ShapesWorld: still objects beside the acting one, 0..max_distractors")
+    train_size: int = field(0, "ShapesWorld: training clips, reused every epoch; 0 streams new clips without end")
+    test_size: int = field(1000, "ShapesWorld: test clips for the report (a folder: its test/ split)")
+    test_fraction: float = field(0.2, "a folder without a test/ split: the share held out for the report")
+
+
+@dataclass
 class InitConfig:
     """What a captioner or VQA run starts from."""
 
@@ -118,13 +130,14 @@ class InitConfig:
 class RunConfig:
     """One training run."""
 
-    task: str = field("clip", "what is trained (clip, fusion, caption or vqa)")
+    task: str = field("clip", "what is trained (clip, fusion, caption, vqa or video)")
     preset: str = field("clip-tiny", "model preset (mmfusion models lists them)")
     model: dict[str, Any] = field(factory=dict, help="overrides of the preset's config, e.g. vision.layers")
     data: DataConfig = field(factory=DataConfig, help="training data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
     init: InitConfig = field(factory=InitConfig, help="initialisation of captioner and VQA runs")
+    video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
 
 
