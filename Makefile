@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 PORT   ?= 8000
 
-.PHONY: install demo test test-all lint bench bench-index bench-hf bench-fusion clean
+.PHONY: install demo test test-all lint bench bench-index bench-hf bench-fusion bench-video bench-serve clean
 
 install: $(STAMP)
 
@@ -54,6 +54,17 @@ bench-fusion: $(STAMP)
 bench-hf: $(STAMP)
 	mkdir -p runs
 	$(PY) benchmarks/bench_hf_embed.py --repeats 9 --json runs/bench-hf-embed.json
+
+# about 15 minutes: TimeSformer vs joint attention vs frame pooling on ShapesWorld actions, FLOPs and time per clip,
+# batched divided attention vs its frame-by-frame loop
+bench-video: $(STAMP)
+	mkdir -p runs
+	$(PY) benchmarks/bench_video.py --json runs/bench-video.json
+
+# about 4 minutes: the service on loopback under 32 concurrent clients, dynamic batching vs none, 60 s each
+bench-serve: $(STAMP)
+	mkdir -p runs
+	$(PY) benchmarks/bench_serve_load.py --preset vit-b-32 --seconds 60 --json runs/bench-serve-load.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
