@@ -120,18 +120,34 @@ def cost(image_size: int, batch: int, reps: int) -> dict:
     return row
 
 
-def batching(image_size: int, batch: int, reps: int) -> dict:
+def batching(image_size: int, batch: int, reps: int, device: str = "cpu", patch: int = 8, width: int = 96,
+             heads: int = 4, layers: int = 4) -> dict:  # fmt: skip
     torch.manual_seed(0)
-    enc = build_video_encoder(VideoEncoderConfig(attention="divided", image_size=image_size)).eval()
-    clips = torch.randn(batch, 8, 3, image_size, image_size)
+    cfg = VideoEncoderConfig(attention="divided", image_size=image_size, patch_size=patch, width=width, heads=heads,
+                             layers=layers)  # fmt: skip
+    enc = build_video_encoder(cfg).eval().to(device)
+    clips = torch.randn(batch, 8, 3, image_size, image_size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(reference: bool):
+        def go():
+            enc.forward_features(clips, reference=reference)
+            sync()
+
+        return go
+
     with torch.no_grad():
         diff = float((enc.forward_features(clips) - enc.forward_features(clips, reference=True)).abs().max())
+        t = interleaved({"batched": run(False), "loop": run(True)}, reps)
+    return {"device": device, "image_size": image_size, "patch_size": patch, "width": width, "layers": layers,
+            "batch": batch, "patches_per_frame": (image_size // patch) ** 2, "batched_ms": 1000 * t["batched"],
+            "loop_ms": 1000 * t["loop"], "speedup": t["loop"] / t["batched"], "max_abs_difference": diff}  # fmt: skip
 
-        t = interleaved({"batched": lambda: enc.forward_features(clips),
-                         "loop": lambda: enc.forward_features(clips, reference=True)}, reps)  # fmt: skip
-    return {"image_size": image_size, "batch": batch, "patches_per_frame": (image_size // 8) ** 2,
-            "batched_ms": 1000 * t["batched"], "loop_ms": 1000 * t["loop"], "speedup": t["loop"] / t["batched"],
-            "max_abs_difference": diff}  # fmt: skip
+
+# (image_size, batch, patch, width, heads, layers): video-tiny at 32 and 64 px, one clip and a batch, and the
+# geometry of the TimeSformer paper's base model (224 px, 16 px patches, width 768, 12 layers), cut to 2 layers
+BATCHING_ROWS = [(32, 1, 8, 96, 4, 4), (32, 32, 8, 96, 4, 4), (64, 1, 8, 96, 4, 4), (64, 8, 8, 96, 4, 4),
+                 (224, 1, 16, 768, 12, 2), (224, 8, 16, 768, 12, 2)]  # fmt: skip
 
 
 def main() -> None:
@@ -142,19 +158,30 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="30 steps and fewer repetitions (a smoke run)")
     ap.add_argument("--skip-quality", action="store_true", help="only the cost and batching measurements")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--device", default="cpu", help="where the batching comparison runs (cpu, cuda)")
+    ap.add_argument("--only-batching", action="store_true", help="only batched vs loop (e.g. with --device cuda)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     reps = 3 if args.quick else 7
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     results: dict = {"date": date.today().isoformat(), "torch": torch.__version__, "machine": machine}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+        results["machine"] += f", {results['gpu']}"
     print(results["machine"], flush=True)
     results["batching"] = []
-    for size, batch in ((32, 32), (64, 8)):
-        r = batching(size, batch, reps)
+    for size, batch, patch, width, heads, layers in BATCHING_ROWS:
+        r = batching(size, batch, reps, args.device, patch, width, heads, layers)
         results["batching"].append(r)
-        print(f"divided attention, {size} px ({r['patches_per_frame']} patches x 8 frames), batch {batch}: batched "
-              f"{r['batched_ms']:.1f} ms, frame-by-frame loop {r['loop_ms']:.1f} ms -> {r['speedup']:.1f}x "
-              f"(outputs differ by at most {r['max_abs_difference']:.1e})", flush=True)  # fmt: skip
+        print(f"divided attention on {args.device}, {size} px ({r['patches_per_frame']} patches x 8 frames), width "
+              f"{width}, {layers} layers, batch {batch}: batched {r['batched_ms']:.1f} ms, frame-by-frame loop "
+              f"{r['loop_ms']:.1f} ms -> {r['speedup']:.1f}x (outputs differ by at most "
+              f"{r['max_abs_difference']:.1e})", flush=True)  # fmt: skip
+    if args.only_batching:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     results["cost"] = []
     for size, batch in ((32, 32), (64, 8)):
         r = cost(size, batch, reps)
