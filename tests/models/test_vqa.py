@@ -1,5 +1,6 @@
 """The VQA classifier: an Answerer, a checkpoint like any other, learning from ShapesWorld questions."""
 
+import contextlib
 import json
 
 import pytest
@@ -44,6 +45,41 @@ def test_answers_one_question_per_image_or_one_for_all(model):
         model.answer(images, ["a", "b"])
     with pytest.raises(ValueError, match="unknown generation option"):
         model.answer(images, "q", beams=3)
+
+
+def test_several_questions_per_image_encode_the_image_once(model):
+    world = ShapesWorld()
+    pixels = model.transform([world.sample("test", i).image for i in range(2)])
+    qs = ["what colour is the circle?", "how many shapes?", "is there a star?"]
+    tokens = model.tokenizer.encode(qs)
+    index = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        shared = model(pixels, tokens, index)
+        separate = model(pixels[index], tokens)
+    torch.testing.assert_close(shared, separate)
+    with pytest.raises(ValueError, match="pass image_index"):
+        model(pixels, tokens)
+
+
+def test_training_batches_ask_k_different_questions_of_each_image():
+    from mmfusion.train.vqa_task import VQATask
+
+    cfg = RunConfig(task="vqa", preset="vqa-tiny", model=TINY, train=TrainConfig(batch_size=3, progress=False))
+    cfg.vqa.questions_per_image = 4
+    task = VQATask.build(cfg, torch.device("cpu"))
+    images, tokens, image_index, answers = task.prepare(0)
+    assert images.shape[0] == 3 and image_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    questions = [task.model.tokenizer.decode(row) for row in tokens]
+    assert all(len(set(questions[i * 4 : i * 4 + 4])) == 4 for i in range(3))  # different questions
+    assert (answers >= 0).all()
+    # micro-batches (accumulation) split by image give the gradient of the whole batch (no dropout)
+    task.model.eval()
+    grads = []
+    for accum in (1, 2):
+        task.model.zero_grad()
+        task.train_step((images, tokens, image_index, answers), accum, contextlib.nullcontext)
+        grads.append(torch.cat([p.grad.flatten() for p in task.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_round_trip_through_a_checkpoint(tmp_path, model):

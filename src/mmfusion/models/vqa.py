@@ -89,8 +89,15 @@ class VQAModel(nn.Module):
     def transform(self) -> ImageTransform:
         return ImageTransform(self.cfg.vision.image_size, self.cfg.image_mean, self.cfg.image_std)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Answer logits (B, answers) for preprocessed images (B, 3, H, W) and question ids (B, L)."""
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Answer logits (Q, answers) for preprocessed images (B, 3, H, W) and question ids (Q, L).
+
+        Question ``q`` is about image ``image_index[q]`` (default: question i about image i, Q == B). Each
+        image is encoded once however many questions it has: training asks several of each image this way."""
+        if image_index is None and tokens.shape[0] != images.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} questions for {images.shape[0]} images: pass image_index")
         L = int((tokens != PAD_ID).sum(dim=1).max())
         tokens = tokens[:, :L]
         real = tokens != PAD_ID  # (B, L)
@@ -100,6 +107,8 @@ class VQAModel(nn.Module):
                 image = self.visual.forward_features(images)
         else:
             image = self.visual.forward_features(images)  # (B, 1 + N, Wv)
+        if image_index is not None:
+            image = image[image_index]  # (Q, 1 + N, Wv)
         x = self.token_embed(tokens) + self.pos_embed[:L]
         for block in self.encoder:
             x = block(x, mask=mask)

@@ -119,6 +119,15 @@ class VideoDataConfig:
 
 
 @dataclass
+class VQADataConfig:
+    """The data of a VQA run (task vqa)."""
+
+    questions_per_image: int = field(
+        4, "questions asked of each image in a batch (the image is encoded once): train.batch_size counts images"
+    )
+
+
+@dataclass
 class InitConfig:
     """What a captioner or VQA run starts from."""
 
@@ -138,6 +147,7 @@ class RunConfig:
     fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
     init: InitConfig = field(factory=InitConfig, help="initialisation of captioner and VQA runs")
     video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
+    vqa: VQADataConfig = field(factory=VQADataConfig, help="VQA data (task vqa)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
 
 

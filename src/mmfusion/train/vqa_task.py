@@ -1,9 +1,11 @@
 """Training adapter for the VQA classifier: (image, question) -> answer, cross-entropy over the answer vocabulary.
 
-Data: the ShapesWorld stream (example ``i`` of step ``s`` is training scene ``s * batch + i`` with one of its
-questions, drawn by a seeded generator, so a resumed run sees the same batches), or a folder with ``qa.jsonl``
-(``{"image", "question", "answer"}``) beside its images. The answer vocabulary is every answer of the training
-data (ShapesWorld: of scenes past the curriculum, which cover every colour, shape, count, relation and yes/no).
+Data: the ShapesWorld stream (example ``i`` of step ``s`` is training scene ``s * batch + i`` with
+``vqa.questions_per_image`` of its questions, drawn by a seeded generator, so a resumed run sees the same
+batches), or a folder with ``qa.jsonl`` (``{"image", "question", "answer"}``) beside its images, an epoch
+being every image with up to that many of its questions. Each image is encoded once for all its questions.
+The answer vocabulary is every answer of the training data (ShapesWorld: of scenes past the curriculum, which
+cover every colour, shape, count, relation and yes/no).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ class ShapesQuestions:
     def __len__(self) -> int:
         return 0  # endless
 
-    def example(self, index: int, rng: np.random.Generator):
+    def example(self, index: int, rng: np.random.Generator, k: int = 1):
+        """(image, up to ``k`` different (question, answer) pairs about it)."""
         scene = self.world.scene(self.split, index)
         qas = self.world.questions(scene)
-        qa = qas[int(rng.integers(len(qas)))]
+        picked = rng.choice(len(qas), size=min(k, len(qas)), replace=False)
         image = np.asarray(self.world.render(scene, self.image_size), dtype=np.uint8)
-        return image, qa.question, qa.answer
+        return image, [(qas[int(i)].question, qas[int(i)].answer) for i in picked]
 
     def texts_and_answers(self, scenes: int) -> tuple[list[str], list[str]]:
         texts, answers = list(self.world.vocabulary_texts()), set()
@@ -81,13 +84,19 @@ class FolderQuestions:
         if not self.records:
             raise DataFormatError(f"{path}: no question has a readable image")
         self.images = cache
+        by_image: dict[str, list] = {}
+        for r in self.records:
+            by_image.setdefault(r.image, []).append(r)
+        self.by_image = list(by_image.items())  # in file order
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.by_image)  # an epoch: every image, with up to k of its questions
 
-    def example(self, index: int, rng: np.random.Generator):
-        r = self.records[index % len(self.records)]
-        return self.images[r.image], r.question, r.answer
+    def example(self, index: int, rng: np.random.Generator, k: int = 1):
+        """(image, up to ``k`` different (question, answer) pairs about it)."""
+        image, records = self.by_image[index % len(self.by_image)]
+        picked = rng.choice(len(records), size=min(k, len(records)), replace=False)
+        return self.images[image], [(records[int(i)].question, records[int(i)].answer) for i in picked]
 
     def texts_and_answers(self, scenes: int) -> tuple[list[str], list[str]]:
         return [r.question for r in self.records], sorted({r.answer for r in self.records})
@@ -153,22 +162,26 @@ class VQATask(TaskDefaults):
             indices = order[pos : pos + B]
         else:
             indices = range(step * B, step * B + B)
-        examples = [self.source.example(int(i), rng) for i in indices]
+        examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
         images = torch.from_numpy(np.stack([e[0] for e in examples]))
-        tokens = self.model.tokenizer.encode([e[1] for e in examples])
+        pairs = [(i, q, a) for i, e in enumerate(examples) for q, a in e[1]]
+        image_index = torch.tensor([i for i, _, _ in pairs], dtype=torch.long)
+        tokens = self.model.tokenizer.encode([q for _, q, _ in pairs])
         index = {a: i for i, a in enumerate(self.model.cfg.answers)}
-        answers = torch.tensor([index.get(e[2], -100) for e in examples], dtype=torch.long)  # unknown: ignored
-        return normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens, answers
+        answers = torch.tensor([index.get(a, -100) for _, _, a in pairs], dtype=torch.long)  # unknown: ignored
+        images = normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std)
+        return images, tokens, image_index, answers
 
     def train_step(self, batch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]):
-        images, tokens, answers = (t.to(self.device) for t in batch)
-        n = len(images)
+        images, tokens, image_index, answers = (t.to(self.device) for t in batch)
+        n, q = len(images), len(answers)
         total = {"loss": 0.0, "acc": 0.0}
-        for part in torch.arange(n).chunk(max(1, min(accum, n))):
+        for part in torch.arange(n).chunk(max(1, min(accum, n))):  # micro-batches of images, with their questions
+            rows = torch.isin(image_index, part).nonzero().squeeze(1)
             with autocast():
-                logits = self.model(images[part], tokens[part])
-            loss = torch.nn.functional.cross_entropy(logits.float(), answers[part], ignore_index=-100)
-            (loss * len(part) / n).backward()
-            total["loss"] += float(loss.detach()) * len(part) / n
-            total["acc"] += float((logits.argmax(-1) == answers[part]).float().sum()) / n
+                logits = self.model(images[part], tokens[rows], image_index[rows] - part[0])
+            loss = torch.nn.functional.cross_entropy(logits.float(), answers[rows], ignore_index=-100)
+            (loss * len(rows) / q).backward()
+            total["loss"] += float(loss.detach()) * len(rows) / q
+            total["acc"] += float((logits.argmax(-1) == answers[rows]).float().sum()) / q
         return total
