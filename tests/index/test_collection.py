@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfusion.index import AnnConfig, Index, IndexLockedError, IndexMismatchError
+from mmfusion.index import AnnConfig, Index, IndexLockedError, IndexMismatchError, Term, VectorQuery
 from tests.utils import huge_png_header, photo, tiny_clip
 
 
@@ -173,6 +173,26 @@ def test_search_matches_an_exact_reference_with_filters(tmp_path, model_dir):
         assert mix[0].path == paths[int(np.argmax(mat @ expect))]
         first = got[0]
         assert ix.search(like=first.id, k=1)[0].id == first.id
+
+
+def test_search_many_gives_each_query_what_it_gets_alone(tmp_path, model_dir):
+    photos = _folder(tmp_path / "photos", 30)
+    os.utime(photos / "img010.jpg", (1_600_000_000, 1_600_000_000))
+    with Index.open(tmp_path / "db", model=model_dir, write=True) as ix:
+        ix.update([photos], progress=False)
+        texts = ["a blue square", "a red circle", "green", "a small yellow star"]
+        vecs = [ix.embed_text(t) for t in texts]
+        queries = [VectorQuery(vecs[0], k=3), VectorQuery(vecs[1], k=9), VectorQuery(vecs[2], k=50, path="*/sub/*"),
+                   VectorQuery(vecs[3], k=50, before=1_700_000_000), VectorQuery(vecs[0], k=30, threshold=-2.0),
+                   VectorQuery(vecs[1], k=5, threshold=2.0), VectorQuery(vecs[2], k=5, path="nowhere/*")]  # fmt: skip
+        together = ix.search_many(queries)
+        alone = [ix.search([Term(1.0, "vector", q.vector)], k=q.k, threshold=q.threshold, path=q.path,
+                           after=q.after, before=q.before) for q in queries]  # fmt: skip
+        assert [[(r.id, round(r.score, 5)) for r in rs] for rs in together] == [
+            [(r.id, round(r.score, 5)) for r in rs] for rs in alone
+        ]
+        assert [len(r) for r in together] == [3, 9, 10, 1, 30, 0, 0]  # 10 of 30 files are in sub/
+        assert ix.search_many([]) == []
 
 
 def test_approximate_layout_past_the_threshold(tmp_path, model_dir):

@@ -97,6 +97,40 @@ def test_search_by_text_image_id_and_terms(client, served):
     assert path is None
 
 
+def test_concurrent_searches_share_one_index_call(served):
+    """Searches arriving together go to FAISS in one call; each gets its own results, and one failing term (an
+    unknown id) fails only its own request."""
+    import asyncio
+
+    import httpx
+
+    from mmfusion.index import Index
+
+    texts = ["a red circle", "a blue square", "two green stars", "a small white cross", "a cyan diamond"]
+    with Index.open(served[1]) as ix:
+        expected = [[r.id for r in ix.search(text=t, k=k)] for k, t in enumerate(texts, start=2)]
+    app = create_app(ServeSettings(db=str(served[1]), max_batch_size=32, max_wait_ms=200))
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            bodies = [{"text": t, "k": k} for k, t in enumerate(texts, start=2)] + [{"id": 99999}]
+            responses = await asyncio.gather(*(c.post("/search", json=b) for b in bodies))
+            metrics = (await c.get("/metrics")).text
+            return [*responses, metrics]
+
+    *responses, metrics = asyncio.run(run())
+    assert [[x["id"] for x in r.json()["results"]] for r in responses[:-1]] == expected
+    assert responses[-1].status_code == 404 and "99999" in responses[-1].json()["error"]["message"]
+
+    # six searches in at most two index calls: the five texts, embedded together, are searched together (the id
+    # search, which needs no embedding, may go first on its own)
+    def value(name: str) -> float:
+        return float(next(x for x in metrics.splitlines() if x.startswith(name + '{batcher="search"}')).split()[-1])
+
+    assert value("mmfusion_batch_size_count") <= 2 and value("mmfusion_batch_size_sum") == 6
+
+
 def test_files_are_served_by_id_only(client, served):
     r = client.get("/images/3")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

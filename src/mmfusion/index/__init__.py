@@ -1,7 +1,7 @@
 """The image-collection index: scan folders, decode, embed, store in SQLite + FAISS, search by text or example."""
 
 from .ann import AnnConfig, VectorIndex
-from .collection import Index, load_embedder, model_fingerprint
+from .collection import Index, VectorQuery, load_embedder, model_fingerprint
 from .query import SearchResult, Term, parse_query
 from .store import IndexLockedError, IndexMismatchError
 from .writer import CheckReport, IndexReport
@@ -16,6 +16,7 @@ __all__ = [
     "SearchResult",
     "Term",
     "VectorIndex",
+    "VectorQuery",
     "load_embedder",
     "model_fingerprint",
     "parse_query",

@@ -151,15 +151,36 @@ class Service:
         if embedder is not None:
             self.batchers["text"] = self._batcher("text", self._encode_texts)
             self.batchers["image"] = self._batcher("image", self._encode_images)
+        if index is not None:  # searches of concurrent requests share one FAISS call, in the index's thread
+            self.batchers["search"] = self._batcher("search", self._search_batch, executor=index_pool)
 
-    def _batcher(self, name: str, fn) -> MicroBatcher:
+    def _batcher(self, name: str, fn, executor: ThreadPoolExecutor | None = None) -> MicroBatcher:
         s = self.settings
 
         def on_batch(size: int, seconds: float) -> None:
             self.metrics.batch.labels(name).observe(size)
             self.metrics.batch_seconds.labels(name).observe(seconds)
 
-        return MicroBatcher(fn, s.max_batch_size, s.max_wait_ms, s.max_queue, name=name, on_batch=on_batch)
+        return MicroBatcher(fn, s.max_batch_size, s.max_wait_ms, s.max_queue, name=name, on_batch=on_batch,
+                            executor=executor)  # fmt: skip
+
+    def _search_batch(self, items: list[tuple[list, dict]]) -> list:
+        """Runs in the index thread: the query vector of each (terms, options) item, then one
+        :meth:`~mmfusion.index.Index.search_many` for all. An item whose terms fail (an id not in the index,
+        terms that cancel out) gets its exception as its result, and the others go on."""
+        from ..index.collection import VectorQuery
+        from ..index.query import combine_terms
+
+        out: list = [None] * len(items)
+        queries: list[tuple[int, VectorQuery]] = []
+        for i, (terms, options) in enumerate(items):
+            try:
+                queries.append((i, VectorQuery(combine_terms(terms, self.index), **options)))
+            except (KeyError, ValueError) as e:
+                out[i] = e
+        for (i, _), results in zip(queries, self.index.search_many([q for _, q in queries]), strict=True):
+            out[i] = results
+        return out
 
     text_call_min_rows = 128  # a CPU call of a text tower costs at least as much as this many token positions
 
@@ -427,20 +448,17 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
                              "thumbnail_url": f"/thumbs/{r.id}"} for r in results]}  # fmt: skip
 
     async def _search(req: SearchRequest) -> dict[str, Any]:
-        ix = need_index()
+        need_index()
         need_embedder()
         terms = await _terms(req)
 
-        def run():
-            try:
-                return ix.search(terms, k=req.k, threshold=req.threshold, path=req.path, after=req.after,
-                                 before=req.before)  # fmt: skip
-            except KeyError as e:
-                raise HTTPException(404, f"no indexed image has id {e.args[0] if e.args else ''}") from e
-            except ValueError as e:
-                raise HTTPException(400, str(e)) from e
-
-        return _results(await svc.in_index_thread(run))
+        options = {"k": req.k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
+        result = (await svc._submit("search", [(terms, options)]))[0]  # batched with concurrent searches
+        if isinstance(result, KeyError):
+            raise HTTPException(404, f"no indexed image has id {result.args[0] if result.args else ''}")
+        if isinstance(result, ValueError):
+            raise HTTPException(400, str(result))
+        return _results(result)
 
     @app.post("/search", tags=["search"])
     async def search(req: SearchRequest, _=Depends(authorized)) -> dict[str, Any]:
