@@ -14,7 +14,13 @@ Reported per arm: requests/s, p50/p99 latency, errors, the batch-size histogram 
 from the server's /metrics (this run's requests only), and CPU per request of the server and of the clients.
 Before the arms, the model alone is timed per batch size in this process (the ceiling batching can reach).
 
-Run: python benchmarks/bench_serve_load.py [--preset vit-b-32] [--clients 32] [--seconds 60] [--json out.json]
+``--route search`` sends ``POST /search`` (a caption, k 10) instead, against an index of ``--gallery`` images
+(default 20,000: 16 real ShapesWorld images indexed by the served model, the rest rows with random unit
+vectors, which cost the same to search): each request is one text embedding and one index search, and both
+are batched across requests in the batching arm. The index alone is then timed per batch size as well.
+
+Run: python benchmarks/bench_serve_load.py [--preset vit-b-32] [--route embeddings|search] [--clients 32]
+     [--seconds 60] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,6 +64,70 @@ def make_model(preset: str, path: Path) -> Path:
     return path
 
 
+def make_gallery(model: Path, path: Path, n: int) -> Path:
+    """An index of ``n`` images for the search route: 16 real ShapesWorld images embedded by ``model`` (so the
+    index knows its model), plus ``n - 16`` rows with random unit vectors; FAISS is rebuilt from SQLite."""
+    import hashlib
+
+    import numpy as np
+
+    from mmfusion.data.shapes import ShapesWorld
+    from mmfusion.index import Index
+
+    done = path / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == {"model": str(model), "n": n}:
+        return path / "db"
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    photos = path / "photos"
+    photos.mkdir(parents=True)
+    world = ShapesWorld()
+    for i in range(16):
+        world.sample("test", i).image.save(photos / f"scene{i:02d}.png")
+    rng = np.random.default_rng(0)
+    with Index.open(path / "db", model=str(model), write=True) as ix:
+        ix.update([photos], progress=False)
+        dim, root = ix.dim, str(photos.resolve())
+        with ix.store.transaction():
+            for start in range(0, n - 16, 5000):
+                vecs = rng.standard_normal((min(5000, n - 16 - start), dim)).astype(np.float32)
+                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+                rows = []
+                for j, v in enumerate(vecs):
+                    name = f"{root}/synthetic/{start + j:07d}.png"
+                    rows.append({"path": name, "display": name, "root": root, "size": 1, "mtime_ns": 0,
+                                 "hash": hashlib.blake2b(name.encode(), digest_size=16).digest(),
+                                 "indexed_at": time.time(), "vector": v})  # fmt: skip
+                ix.store.insert(rows)
+    with Index.open(path / "db", write=True) as ix:  # FAISS catches up with SQLite on opening, and is saved
+        assert len(ix.vi) == n, (len(ix.vi), n)
+    done.write_text(json.dumps({"model": str(model), "n": n}))
+    return path / "db"
+
+
+def index_table(db: Path, model: Path, texts: list[str], sizes: tuple[int, ...] = (1, 8, 32)) -> dict[int, float]:
+    """Milliseconds per query of the index alone (``Index.search_many``, k 10) at each batch size."""
+    import numpy as np
+
+    from mmfusion.index import Index, VectorQuery
+
+    with Index.open(db) as ix:
+        rng = np.random.default_rng(1)
+        vecs = rng.standard_normal((64, ix.dim)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        out = {}
+        for size in sizes:
+            times = []
+            for r in range(max(3, 64 // size)):
+                batch = [VectorQuery(vecs[(r * size + i) % 64], k=10) for i in range(size)]
+                t0 = time.perf_counter()
+                ix.search_many(batch)
+                times.append(time.perf_counter() - t0)
+            out[size] = 1000 * statistics.median(times) / size
+    return out
+
+
 def captions(n: int = 5000) -> list[str]:
     """Test-split ShapesWorld captions, made before the clocks start (a request only adds its counter)."""
     from mmfusion.data.shapes import ShapesWorld
@@ -72,9 +142,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, batch: int, port: int, wait_ms: float) -> subprocess.Popen:
+def start_server(model: Path, batch: int, port: int, wait_ms: float, db: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "-q", "serve", "--model", str(model), "--port", str(port),
            "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms), "--max-concurrency", "1024"]  # fmt: skip
+    if db is not None:
+        cmd += ["--db", str(db)]
     env = {**os.environ, "MMFUSION_TEXT_CACHE_SIZE": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -133,7 +205,14 @@ def check_embedding(data: bytes, encoding: str, dim: int | None) -> bool:
     return dim is None or n == dim
 
 
-async def load(port: int, clients: int, seconds: float, texts: list[str], encoding: str, start: int) -> dict:
+def check_search(data: bytes, k: int) -> bool:
+    """Whether a reply holds ``k`` search results, best first."""
+    scores = [r["score"] for r in json.loads(data)["results"]]
+    return len(scores) == k and scores == sorted(scores, reverse=True)
+
+
+async def load(port: int, clients: int, seconds: float, texts: list[str], encoding: str, start: int,
+               route: str = "embeddings") -> dict:  # fmt: skip
     """``clients`` closed-loop clients for ``seconds``. Text ``k`` is caption ``k`` plus `` #k``: unique, the same
     ones in both arms, and with 7-digit counters everywhere, as long in each (``start`` picks the first ``k``)."""
     latencies: list[float] = []
@@ -148,11 +227,15 @@ async def load(port: int, clients: int, seconds: float, texts: list[str], encodi
             while time.perf_counter() < stop_at:
                 counter += 1
                 text = f"{texts[counter % len(texts)]} #{counter}"
-                body = json.dumps({"input": text, "encoding_format": encoding}).encode()
+                if route == "search":
+                    path, body = "/search", json.dumps({"text": text, "k": 10}).encode()
+                else:
+                    path, body = "/v1/embeddings", json.dumps({"input": text, "encoding_format": encoding}).encode()
                 t0 = time.perf_counter()
                 try:
-                    status, data = await conn.post("/v1/embeddings", body)
-                    ok = status == 200 and check_embedding(data, encoding, None)
+                    status, data = await conn.post(path, body)
+                    ok = status == 200 and (check_search(data, 10) if route == "search"
+                                            else check_embedding(data, encoding, None))  # fmt: skip
                     why = "" if ok else f"HTTP {status}: {data[:200]!r}"
                 except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
                     ok, why = False, f"{type(e).__name__}: {e}"
@@ -185,18 +268,19 @@ def _cpu_of(pid: int) -> float:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The text batcher's series from /metrics: batch-size buckets (cumulative), batch seconds sum and count."""
+    """The batchers' series from /metrics: batch-size buckets (cumulative), batch seconds sum and count."""
     out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
-        if 'batcher="text"' in line and line.startswith(("mmfusion_batch_size_", "mmfusion_batch_seconds_")):
+        if line.startswith(("mmfusion_batch_size_", "mmfusion_batch_seconds_")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
 
 
-def batch_report(before: dict[str, float], after: dict[str, float]) -> dict:
-    """This run's model calls: a histogram of batch sizes over the Prometheus buckets, mean size and time."""
-    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+def batch_report(before: dict[str, float], after: dict[str, float], batcher: str = "text") -> dict:
+    """This run's calls of one batcher: a histogram of batch sizes over the Prometheus buckets, mean size, time."""
+    label = f'batcher="{batcher}"'
+    delta = {k.replace(label, 'batcher="text"'): after[k] - before.get(k, 0.0) for k in after if label in k}
     edges = sorted(
         (float(k.split('le="')[1].split('"')[0]), v) for k, v in delta.items() if k.startswith("mmfusion_batch_size_b")
     )
@@ -253,10 +337,11 @@ def model_table(model: Path, texts: list[str], sizes: tuple[int, ...] = (1, 2, 4
 class Arm:
     """One server and what its clients saw, summed over the rounds."""
 
-    def __init__(self, name: str, model: Path, batch: int, wait_ms: float):
+    def __init__(self, name: str, model: Path, batch: int, wait_ms: float, db: Path | None = None):
         self.name, self.batch, self.wait_ms = name, batch, wait_ms
+        self.route = "search" if db is not None else "embeddings"
         self.port = free_port()
-        self.proc = start_server(model, batch, self.port, wait_ms)
+        self.proc = start_server(model, batch, self.port, wait_ms, db)
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.seconds = self.client_cpu = self.server_cpu = 0.0
@@ -264,12 +349,12 @@ class Arm:
         self.metrics: dict[str, float] = {}
 
     def warm_up(self, texts: list[str], encoding: str) -> None:
-        asyncio.run(load(self.port, 4, 3, texts, encoding, start=8 * 10**6))  # not counted
+        asyncio.run(load(self.port, 4, 3, texts, encoding, start=8 * 10**6, route=self.route))  # not counted
         self.metrics = scrape(self.port)
 
     def measure(self, clients: int, seconds: float, texts: list[str], encoding: str) -> None:
         cpu0 = _cpu_of(self.proc.pid)
-        r = asyncio.run(load(self.port, clients, seconds, texts, encoding, start=self.next))
+        r = asyncio.run(load(self.port, clients, seconds, texts, encoding, start=self.next, route=self.route))
         self.server_cpu += _cpu_of(self.proc.pid) - cpu0
         self.latencies += r["latencies"]
         self.failures += r["failures"]
@@ -292,7 +377,11 @@ class Arm:
             "server_cpu_ms_per_request": 1000 * self.server_cpu / max(n, 1),
             "client_cpu_ms_per_request": 1000 * self.client_cpu / max(n, 1),
         }
-        return out | batch_report(before, scrape(self.port))
+        after = scrape(self.port)
+        out |= batch_report(before, after)
+        if self.route == "search":
+            out["search"] = batch_report(before, after, "search")
+        return out
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -300,6 +389,13 @@ class Arm:
 
 
 def describe(name: str, r: dict) -> str:
+    search = r.get("search")
+    extra = "" if search is None else (f"; index: {search['calls']} calls, mean batch {search['mean_batch']:.1f}, "
+                                       f"{search['model_ms_per_item']:.2f} ms/query")  # fmt: skip
+    return describe_main(name, r) + extra
+
+
+def describe_main(name: str, r: dict) -> str:
     return (f"{name} (max {r['max_batch_size']}, wait {r['max_wait_ms']:g} ms): {r['requests_per_s']:.1f} req/s, "
             f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['errors']} errors {r['error_samples'] or ''}; "
             f"{r['calls']} model calls, mean batch {r['mean_batch']:.1f}, sizes {r['histogram']}, model "
@@ -320,13 +416,24 @@ def main() -> None:
                     help="encoding_format of the requests (base64 is the OpenAI Python SDK's default)")  # fmt: skip
     ap.add_argument("--max-wait-ms", type=float, default=ARMS["batching"][1], help="the batching arm's max wait")
     ap.add_argument("--no-model-table", action="store_true", help="skip timing the model alone per batch size")
+    ap.add_argument("--route", choices=("embeddings", "search"), default="embeddings",
+                    help="POST /v1/embeddings, or POST /search against an index of --gallery images")  # fmt: skip
+    ap.add_argument("--gallery", type=int, default=20_000, help="images in the searched index (--route search)")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = make_model(args.preset, Path("runs/bench-serve") / args.preset)
     texts = captions()
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "preset": args.preset, "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
-            "encoding": args.encoding, "loadavg_start": os.getloadavg()}  # fmt: skip
+            "encoding": args.encoding, "route": args.route, "loadavg_start": os.getloadavg()}  # fmt: skip
+    db = None
+    if args.route == "search":
+        db = make_gallery(model, Path("runs/bench-serve") / f"gallery-{args.preset}", args.gallery)
+        meta["gallery"] = args.gallery
+        meta["index_ms_per_query"] = index_table(db, model, texts)
+        print(
+            "index alone, ms per query by batch size:", {k: round(v, 2) for k, v in meta["index_ms_per_query"].items()}
+        )
     if not args.no_model_table:
         table = model_table(model, texts)
         meta["model_ms_per_text"] = table
@@ -335,7 +442,7 @@ def main() -> None:
     arms = []
     try:
         for name, (batch, wait_ms) in ARMS.items():
-            arms.append(Arm(name, model, batch, args.max_wait_ms if batch > 1 else wait_ms))
+            arms.append(Arm(name, model, batch, args.max_wait_ms if batch > 1 else wait_ms, db))
         before = {}
         for arm in arms:
             arm.warm_up(texts, args.encoding)
