@@ -135,3 +135,57 @@ def test_cli_train_vqa_then_ask(tmp_path, capsys):
     assert main(["-q", "eval", "vqa", "--model", str(out), "--n", "10", "--json", str(tmp_path / "v.json")]) == 0
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["n"] == 10 and 0 <= report["metrics"]["accuracy"] <= 1
+
+
+# ---- answering by generation, through a captioner's decoder ------------------------------------------------
+
+GEN_TINY = {
+    "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+    "vision_embed_dim": 16,
+    "decoder": {"width": 32, "layers": 1, "heads": 2},
+}
+
+
+def test_generative_vqa_learns_answers_and_still_captions(tmp_path):
+    from mmfusion.interfaces import Answerer, Captioner
+
+    cfg = RunConfig(task="vqa", preset="caption-tiny", model=GEN_TINY, data=DataConfig(tokenizer_captions=300),
+                    train=TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=4, log_every=1,
+                                      progress=False, threads=1), out=str(tmp_path / "run"))  # fmt: skip
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < 0.6 * rows[0]["loss"]
+    model = mmfusion.load(result.out)
+    assert model.family == "captioner" and model.cfg.answers_questions
+    assert isinstance(model, Answerer) and isinstance(model, Captioner)
+    world = ShapesWorld()
+    images = [world.sample("test", i).image for i in range(4)]
+    answers = model.answer(images, "is there a red square?")
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    # questions of different lengths in one call: each answered as if alone
+    qs = ["how many objects are there?", "what colour is the star?", "is there a blue circle?", "what shape?"]
+    assert model.answer(images, qs) == [model.answer([im], q)[0] for im, q in zip(images, qs, strict=True)]
+    assert "".join(model.stream_answer(images[0], qs[0])) == model.answer(images[0], qs[0])[0]
+    assert len(model.caption(images[:2])) == 2
+
+
+def test_the_loss_of_a_question_sequence_is_on_its_answer_only():
+    torch.manual_seed(0)
+    model = create_model("caption-tiny", shapes_tokenizer(), **GEN_TINY).train(False)
+    tok = model.tokenizer
+    prompt = model.prompt_ids("what colour is the circle?")
+    seq = [*prompt, *tok.ids("red"), 3]
+    tokens = torch.zeros(1, 24, dtype=torch.long)
+    tokens[0, : len(seq)] = torch.tensor(seq)
+    images = torch.randn(1, 3, 16, 16)
+    loss, _ = model.loss(images, tokens, torch.tensor([len(prompt)]))
+    logits = model(images, tokens[:, : len(seq)])[0]  # (len - 1, vocab): position j predicts token j + 1
+    answer_part = torch.nn.functional.cross_entropy(logits[len(prompt) - 1 :], tokens[0, len(prompt) : len(seq)])
+    torch.testing.assert_close(loss, answer_part)
+    assert not torch.allclose(model.loss(images, tokens)[0], loss)  # without prompt lengths: every token counts
+
+
+def test_a_caption_only_model_says_how_to_get_answers():
+    model = create_model("caption-tiny", shapes_tokenizer(), **GEN_TINY)
+    with pytest.raises(RuntimeError, match="train vqa --preset caption-tiny"):
+        model.answer(ShapesWorld().sample("test", 0).image, "what colour?")

@@ -106,3 +106,28 @@ def test_bad_combinations_are_refused(decoder, memory):
         generate(decoder, memory, sot_id=SOT, eot_id=EOT, pad_id=PAD, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="context length"):
         decoder(torch.zeros(1, 30, dtype=torch.long), memory=memory[:1])
+
+
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3}, {"do_sample": True, "seed": 3}])
+def test_a_prompt_is_continued_with_and_without_the_cache(decoder, memory, options):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 12, **options}
+    prompt = torch.tensor([[SOT, 7, 9, 11]] * 3)
+    cached = generate(decoder, memory, prompt=prompt, use_cache=True, **kw)
+    assert cached == generate(decoder, memory, prompt=prompt, use_cache=False, **kw)
+    # a prompt of <sot> alone is no prompt at all
+    assert generate(decoder, memory, prompt=prompt[:, :1], **kw) == generate(decoder, memory, **kw)
+    if not options:  # greedy: each token is the argmax after the prompt and what came before
+        seq = [SOT, 7, 9, 11]
+        for tok in cached[0]:
+            assert int(decoder(torch.tensor([seq]), memory=memory[:1])[0, -1].argmax()) == tok
+            seq.append(tok)
+
+
+def test_bad_prompts_are_refused(decoder, memory):
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD}
+    with pytest.raises(ValueError, match="starting with <sot>"):
+        generate(decoder, memory, prompt=torch.tensor([[5, 6]] * 3), **kw)
+    with pytest.raises(ValueError, match="starting with <sot>"):
+        generate(decoder, memory, prompt=torch.tensor([[SOT, 6]] * 2), **kw)
+    with pytest.raises(ValueError, match="no room"):
+        generate(decoder, memory, prompt=torch.full((3, 24), SOT), **kw)

@@ -39,6 +39,9 @@ class CaptionerConfig:
     num_beams: int = field(1, "default decoding: 1 greedy, more for beam search")
     length_penalty: float = field(1.0, "beam search: scores are divided by length ** length_penalty")
     max_new_tokens: int = field(30, "default longest caption in tokens")
+    answers_questions: bool = field(
+        False, "trained on questions too (`mmfusion train vqa --preset caption-tiny`): answer() generates answers"
+    )
 
 
 class CaptionModel(nn.Module):
@@ -96,16 +99,35 @@ class CaptionModel(nn.Module):
                 return self.visual.forward_features(images)
         return self.visual.forward_features(images)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, L - 1, vocab) for captions ``tokens`` (B, L) (``<sot> ... <eot> <pad>...``)."""
-        return self.decoder(tokens[:, :-1], memory=self.image_tokens(images))
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token logits (B, L - 1, vocab) for captions ``tokens`` (B, L) (``<sot> ... <eot> <pad>...``).
+        Sequence ``i`` reads image ``image_index[i]`` (default: image i), each image encoded once."""
+        memory = self.image_tokens(images)
+        if image_index is not None:
+            memory = memory[image_index]
+        return self.decoder(tokens[:, :-1], memory=memory)
 
-    def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Teacher-forced cross-entropy over the real tokens (padding ignored), and next-token accuracy."""
+    def loss(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced cross-entropy over the real tokens (padding ignored), and next-token accuracy. With
+        ``prompt_lengths`` (B,), the first tokens of each sequence (``<sot>`` and a question) are context only:
+        the loss is on what follows them (the answer)."""
         L = int((tokens != PAD_ID).sum(dim=1).max())  # no column of padding only
         tokens = tokens[:, :L]
-        logits = self(images, tokens)
+        logits = self(images, tokens, image_index)
         target = tokens[:, 1:]
+        if prompt_lengths is not None:  # target j is token j + 1: a prompt token while j + 1 < prompt length
+            in_prompt = (
+                torch.arange(L - 1, device=tokens.device)[None, :] + 1 < prompt_lengths.to(tokens.device)[:, None]
+            )
+            target = target.masked_fill(in_prompt, PAD_ID)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID)
         real = target != PAD_ID
         acc = ((logits.argmax(-1) == target) & real).sum() / real.sum().clamp_min(1)
@@ -121,9 +143,11 @@ class CaptionModel(nn.Module):
         return self.transform(pil).to(self.device)
 
     @torch.no_grad()
-    def generate_ids(self, images, use_cache: bool = True, **options: Any) -> list[list[int]]:
+    def generate_ids(
+        self, images, use_cache: bool = True, prompt: torch.Tensor | None = None, **options: Any
+    ) -> list[list[int]]:
         """Token ids of a caption per image (``options``: :class:`GenerationOptions` fields and
-        ``length_penalty``)."""
+        ``length_penalty``), or of what follows each row of ``prompt`` (B, P) (see :meth:`answer`)."""
         length_penalty = options.pop("length_penalty", self.cfg.length_penalty)
         defaults = {"max_new_tokens": self.cfg.max_new_tokens, "num_beams": self.cfg.num_beams}
         opts = GenerationOptions.parse(options, extra_names=("length_penalty",), **defaults)
@@ -131,7 +155,8 @@ class CaptionModel(nn.Module):
         return generate(self.decoder, memory, sot_id=SOT_ID, eot_id=EOT_ID, pad_id=PAD_ID,
                         max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams, length_penalty=length_penalty,
                         do_sample=opts.do_sample, temperature=opts.temperature, top_p=opts.top_p,
-                        repetition_penalty=opts.repetition_penalty, seed=opts.seed, use_cache=use_cache)  # fmt: skip
+                        repetition_penalty=opts.repetition_penalty, seed=opts.seed, use_cache=use_cache,
+                        prompt=prompt)  # fmt: skip
 
     def caption(self, images, prompt: str | None = None, **options: Any) -> list[str]:
         """One caption per image (PIL images, paths, or a preprocessed tensor)."""
@@ -145,6 +170,51 @@ class CaptionModel(nn.Module):
             return [self.tokenizer.decode(ids) for ids in self.generate_ids(images, **options)]
         finally:
             self.train(was_training)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """``<sot>`` and the question's tokens: the prompt an answer follows (in training and in :meth:`answer`)."""
+        if self.tokenizer is None:
+            raise RuntimeError(f"captioner {self.name!r} has no tokenizer; load a trained checkpoint")
+        room = self.cfg.decoder.context_length - 8  # leave room for the answer
+        return [SOT_ID, *self.tokenizer.ids(question)[:room]]
+
+    @torch.no_grad()
+    def answer(self, images, questions: str | Sequence[str], **options: Any) -> list[str]:
+        """Answers generated by the decoder after each question (the Answerer interface); one question may be asked
+        of every image, or one image asked several questions. Needs a model trained on questions
+        (``mmfusion train vqa --preset caption-tiny``)."""
+        if not self.cfg.answers_questions:
+            raise RuntimeError(f"captioner {self.name!r} was trained on captions only; to answer questions, train "
+                               "one with questions: mmfusion train vqa --preset caption-tiny")  # fmt: skip
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        qs = [questions] if isinstance(questions, str) else list(questions)
+        if len(qs) == 1 and len(items) > 1:
+            qs = qs * len(items)
+        if len(items) == 1 and len(qs) > 1:
+            items = items * len(qs)
+        if len(qs) != len(items):
+            raise ValueError(f"{len(qs)} questions for {len(items)} images: give one per image, or one for all")
+        options.setdefault("max_new_tokens", 8)
+        prompts = [self.prompt_ids(q) for q in qs]
+        out: list[str] = [""] * len(qs)
+        was_training = self.training
+        self.eval()
+        try:
+            pixels = self._pixels(items)
+            by_length: dict[int, list[int]] = {}
+            for i, p in enumerate(prompts):  # prompts of one length run together (no padding inside a prompt)
+                by_length.setdefault(len(p), []).append(i)
+            for rows in by_length.values():
+                prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
+                for i, ids in zip(rows, self.generate_ids(pixels[rows], prompt=prompt, **options), strict=True):
+                    out[i] = self.tokenizer.decode(ids)
+        finally:
+            self.train(was_training)
+        return out
+
+    def stream_answer(self, image, question: str, **options: Any):
+        """The answer in one piece (answers are a few tokens)."""
+        yield self.answer([image], question, **options)[0]
 
 
 def caption_batches(model: CaptionModel, images: Sequence, batch_size: int = 64, **options: Any) -> list[str]:

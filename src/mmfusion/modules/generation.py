@@ -38,30 +38,41 @@ def generate(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
+    prompt: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per image (without ``<sot>``, cut before ``<eot>``).
+    """Generated token ids per image (without ``<sot>`` or the prompt, cut before ``<eot>``).
 
     Args:
         decoder: the text decoder.
         memory: image tokens (B, M, memory_width).
         max_new_tokens: the most tokens generated (also bounded by the decoder's context length).
         num_beams: 1 for greedy or sampling; more for beam search (sampling then is not allowed).
+        prompt: (B, P) token ids the generation continues, ``<sot>`` first, no padding (rows of one length;
+            callers group prompts by length). A question, for a decoder trained on questions and answers.
     """
     if num_beams > 1 and do_sample:
         raise ValueError("beam search and sampling do not mix: use num_beams=1 to sample")
-    steps = min(max_new_tokens, decoder.cfg.context_length - 1)
+    if prompt is None:
+        prompt = torch.full((memory.shape[0], 1), sot_id, dtype=torch.long, device=memory.device)
+    if prompt.shape[0] != memory.shape[0] or prompt.shape[1] < 1 or bool((prompt[:, 0] != sot_id).any()):
+        raise ValueError(f"prompt must be (B={memory.shape[0]}, P) token ids starting with <sot>, "
+                         f"got {tuple(prompt.shape)}")  # fmt: skip
+    given = prompt.shape[1]
+    if given >= decoder.cfg.context_length:
+        raise ValueError(f"a prompt of {given} tokens leaves no room in the decoder's {decoder.cfg.context_length}")
+    steps = min(max_new_tokens, decoder.cfg.context_length - given)
     if num_beams > 1:
-        seqs = _beam_search(decoder, memory, sot_id, eot_id, pad_id, steps, num_beams, length_penalty,
+        seqs = _beam_search(decoder, memory, prompt, eot_id, pad_id, steps, num_beams, length_penalty,
                             repetition_penalty, use_cache)  # fmt: skip
     else:
         sample = do_sample and temperature > 0
         gen = None
         if sample and seed is not None:
             gen = torch.Generator(device=memory.device).manual_seed(seed)
-        seqs = _greedy_or_sample(decoder, memory, sot_id, eot_id, pad_id, steps, sample, temperature, top_p,
+        seqs = _greedy_or_sample(decoder, memory, prompt, eot_id, pad_id, steps, sample, temperature, top_p,
                                  repetition_penalty, gen, use_cache)  # fmt: skip
     out = []
-    for row in seqs[:, 1:].tolist():
+    for row in seqs[:, given:].tolist():
         out.append(row[: row.index(eot_id)] if eot_id in row else row)
     return out
 
@@ -80,10 +91,10 @@ def _penalise(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch
     return logits.scatter(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
-def _greedy_or_sample(decoder, memory, sot_id, eot_id, pad_id, steps, sample, temperature, top_p, penalty, gen,
+def _greedy_or_sample(decoder, memory, prompt, eot_id, pad_id, steps, sample, temperature, top_p, penalty, gen,
                       use_cache) -> torch.Tensor:  # fmt: skip
     B = memory.shape[0]
-    seqs = torch.full((B, 1), sot_id, dtype=torch.long, device=memory.device)
+    seqs = prompt
     cache = decoder.start(memory) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=memory.device)
     new = seqs
@@ -113,12 +124,12 @@ def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator | None) -> 
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
-def _beam_search(decoder, memory, sot_id, eot_id, pad_id, steps, K, length_penalty, penalty,
+def _beam_search(decoder, memory, prompt, eot_id, pad_id, steps, K, length_penalty, penalty,
                  use_cache) -> torch.Tensor:  # fmt: skip
     B, dev = memory.shape[0], memory.device
     memory = memory.repeat_interleave(K, dim=0)  # (B*K, M, W), beams of an image side by side
     cache = decoder.start(memory) if use_cache else None
-    seqs = torch.full((B * K, 1), sot_id, dtype=torch.long, device=dev)
+    seqs = prompt.repeat_interleave(K, dim=0)
     scores = torch.zeros(B, K, device=dev)
     scores[:, 1:] = float("-inf")  # the first step expands one beam, not K copies of it
     finished = torch.zeros(B * K, dtype=torch.bool, device=dev)

@@ -54,9 +54,11 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
 
         task = CaptionTask.build(cfg, device, tokenizer)
     elif cfg.task == "vqa":
-        from .vqa_task import VQATask
+        from ..models.registry import model_config
+        from .vqa_task import GenerativeVQATask, VQATask
 
-        task = VQATask.build(cfg, device, tokenizer)
+        generative = model_config(cfg.preset, cfg.model)[0] == "captioner"  # answers through a caption decoder
+        task = (GenerativeVQATask if generative else VQATask).build(cfg, device, tokenizer)
     elif cfg.task == "video":
         from .video_task import VideoTask
 

@@ -125,6 +125,11 @@ class VQADataConfig:
     questions_per_image: int = field(
         4, "questions asked of each image in a batch (the image is encoded once): train.batch_size counts images"
     )
+    caption_share: float = field(
+        0.5,
+        "generative VQA (a captioner preset): caption images added per question image (their captions "
+        "teach which colour goes with which shape)",
+    )
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from ..data.datasets import DataFormatError, read_qa
 from ..data.images import ImageDecodeError, load_image, normalize_batch, to_uint8
 from ..data.shapes import ShapesWorld
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, Tokenizer
 from ..models.registry import build_model, model_config
 from ..models.vqa import VQAModel
 from .config import RunConfig
@@ -184,4 +184,131 @@ class VQATask(TaskDefaults):
             (loss * len(rows) / q).backward()
             total["loss"] += float(loss.detach()) * len(rows) / q
             total["acc"] += float((logits.argmax(-1) == answers[rows]).float().sum()) / q
+        return total
+
+
+class GenerativeVQATask(TaskDefaults):
+    """VQA by generation through a captioner's decoder (``mmfusion train vqa --preset caption-tiny``).
+
+    Each question becomes the sequence ``<sot> question answer <eot>``, with the loss on the answer only; at
+    inference :meth:`CaptionModel.answer` feeds ``<sot> question`` and decodes the rest, so compositional answers
+    ("red circle") are spelled out word by word rather than picked from a fixed list. ``vqa.caption_share`` mixes
+    captions into every batch (images of their own, the loss on the whole caption): the dense signal that binds
+    each object's colour to its shape, which the question-only loss learns slowly. The trained model captions and
+    answers.
+    """
+
+    name = "vqa"
+
+    def __init__(self, cfg: RunConfig, model, questions, captions, device: torch.device):
+        self.cfg, self.model, self.source, self.captions, self.device = cfg, model, questions, captions, device
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> GenerativeVQATask:
+        from ..data.pairs import PairSampler
+        from ..models.captioner import CaptionModel
+        from .clip_task import build_pair_source, trained_on
+
+        family, mcfg = model_config(cfg.preset, cfg.model)
+        if family != "captioner":
+            raise ValueError(f"preset {cfg.preset!r} is a {family} model; generative VQA needs a captioner preset")
+        if cfg.init.from_clip:
+            model = CaptionModel.from_clip(cfg.init.from_clip, mcfg, freeze=cfg.init.freeze_vision, name=cfg.preset)
+            tokenizer = tokenizer or model.tokenizer
+        else:
+            mcfg.freeze_vision = cfg.init.freeze_vision
+            model = None
+        size = mcfg.vision.image_size
+        if cfg.data.source == "shapes":
+            questions = ShapesQuestions(ShapesWorld(cfg.data.shapes), size)
+        else:
+            questions = FolderQuestions(Path(cfg.data.source), size)
+        texts, answers = questions.texts_and_answers(min(cfg.data.tokenizer_captions, VOCAB_SCENES))
+        if tokenizer is None:
+            tokenizer = Tokenizer.train(texts + answers, mcfg.decoder.vocab_size, mcfg.decoder.context_length)
+        tokenizer.context_length = mcfg.decoder.context_length
+        if tokenizer.vocab_size > mcfg.decoder.vocab_size:
+            mcfg.decoder.vocab_size = tokenizer.vocab_size
+        mcfg.answers_questions = True
+        if model is None:
+            model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
+        model.cfg.answers_questions = True
+        model.tokenizer = tokenizer
+        captions = None
+        if cfg.vqa.caption_share > 0:
+            try:
+                source = build_pair_source(cfg, size)
+            except (DataFormatError, FileNotFoundError) as e:
+                raise DataFormatError(f"{e}; vqa.caption_share mixes in captions: give a folder with captions.jsonl "
+                                      "too, or set --vqa.caption_share=0") from e  # fmt: skip
+            in_order = cfg.data.order == "file" or (
+                cfg.data.order == "auto" and getattr(source, "ordered_stream", False)
+            )
+            captions = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1,
+                                   first_caption=True)  # fmt: skip
+        model = model.to(device)
+        model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cfg.init.from_clip, "task": "vqa"}}
+        log.info("generative vqa (%s), captions %.0f%% of images: %s trainable parameters", cfg.preset,
+                 100 * cfg.vqa.caption_share / (1 + cfg.vqa.caption_share),
+                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
+        return cls(cfg, model, questions, captions, device)
+
+    def dataset_size(self) -> int:
+        return len(self.source)
+
+    def prepare(self, step: int):
+        """Images (question images, then caption images), sequences (N, L), prompt lengths (N,) and the image of
+        each sequence (N,)."""
+        B, tok = self.cfg.train.batch_size, self.model.tokenizer
+        rng = np.random.default_rng([self.cfg.train.seed, step])
+        if len(self.source):
+            n = len(self.source)
+            epoch, pos = divmod(step * B, n)
+            order = np.concatenate([np.random.default_rng([self.cfg.train.seed, e]).permutation(n)
+                                    for e in (epoch, epoch + 1)])  # fmt: skip
+            indices = order[pos : pos + B]
+        else:
+            indices = range(step * B, step * B + B)
+        examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
+        images = [e[0] for e in examples]
+        seqs, prompts, owner = [], [], []
+        for i, (_, qas) in enumerate(examples):
+            for q, a in qas:
+                prompt = self.model.prompt_ids(q)
+                seqs.append([*prompt, *tok.ids(a), EOT_ID])
+                prompts.append(len(prompt))
+                owner.append(i)
+        C = round(B * self.cfg.vqa.caption_share) if self.captions is not None else 0
+        if C:
+            for pair in self.captions.batch(step * C, C):
+                owner.append(len(images))
+                images.append(pair.image)
+                seqs.append([SOT_ID, *tok.ids(pair.texts[0]), EOT_ID])
+                prompts.append(1)
+        L = self.model.cfg.decoder.context_length
+        tokens = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+        for r, ids in enumerate(seqs):
+            ids = ids[: L - 1] + [EOT_ID] if len(ids) > L else ids
+            tokens[r, : len(ids)] = torch.tensor(ids)
+        pixels = normalize_batch(torch.from_numpy(np.stack(images)), self.model.cfg.image_mean,
+                                 self.model.cfg.image_std)  # fmt: skip
+        return pixels, tokens, torch.tensor(prompts), torch.tensor(owner)
+
+    def train_step(self, batch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]):
+        images, tokens, prompts, owner = (t.to(self.device) for t in batch)
+        # supervised tokens: real, and past the prompt; micro-batches (of images, with their sequences) are
+        # weighted by them, so accumulation equals one big step
+        positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
+        supervised = (tokens[:, 1:] != PAD_ID) & (positions >= prompts[:, None])
+        total_sup = supervised.sum().clamp_min(1)
+        total = {"loss": 0.0, "token_acc": 0.0}
+        n = len(images)
+        for part in torch.arange(n, device=tokens.device).chunk(max(1, min(accum, n))):
+            rows = torch.isin(owner, part).nonzero().squeeze(1)
+            share = float(supervised[rows].sum() / total_sup)
+            with autocast():
+                loss, stats = self.model.loss(images[part], tokens[rows], prompts[rows], owner[rows] - part[0])
+            (loss * share).backward()
+            for k in total:
+                total[k] += stats[k] * share
         return total
