@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,16 @@ def test_diverging_loss_is_stopped_with_advice(tmp_path, monkeypatch):
     )
     with pytest.raises(FloatingPointError, match="lower --train.lr"):
         train(tiny_run(tmp_path))
+
+
+@pytest.mark.parametrize("size, batch", [(10, 4), (5, 12), (7, 7)])
+def test_batch_indices_cover_every_example_once_an_epoch(size, batch):
+    from mmfusion.train.trainer import batch_indices
+
+    seen = np.concatenate([batch_indices(3, step, batch, size) for step in range(size * 3)])
+    assert all(len(batch_indices(3, s, batch, size)) == batch for s in range(5))
+    epochs = seen[: (len(seen) // size) * size].reshape(-1, size)
+    assert all(sorted(e) == list(range(size)) for e in epochs)  # a permutation per epoch
+    assert not all((e == epochs[0]).all() for e in epochs[1:])  # a fresh one each time
+    assert (batch_indices(3, 4, batch, size) == batch_indices(3, 4, batch, size)).all()  # a function of the step
+    assert batch_indices(3, 2, 5, 0).tolist() == [10, 11, 12, 13, 14]  # a stream

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -77,6 +78,19 @@ class TaskDefaults:
         from ..models.registry import save_model
 
         return save_model(self.model, path)
+
+
+def batch_indices(seed: int, step: int, batch: int, size: int):
+    """The examples of optimiser step ``step``: for a dataset of ``size`` examples, positions ``step * batch`` on
+    in a sequence of fresh seeded permutations, one per epoch (a pure function of the step, so a resumed run
+    sees the same batches; a batch larger than the data spans several epochs); for a stream (``size`` 0), the
+    next ``batch`` indices."""
+    if not size:
+        return np.arange(step * batch, step * batch + batch)
+    epoch, pos = divmod(step * batch, size)
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(size)
+                            for e in range(epoch, epoch + 2 + batch // size)])  # fmt: skip
+    return order[pos : pos + batch]
 
 
 @dataclass

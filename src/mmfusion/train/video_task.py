@@ -30,7 +30,7 @@ from ..data.video import DIRECTIONS, ShapesVideo, ShapesVideoConfig, VideoFolder
 from ..models.registry import build_model, model_config
 from ..models.video import VideoClassifier
 from .config import RunConfig
-from .trainer import TaskDefaults
+from .trainer import TaskDefaults, batch_indices
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,7 @@ class VideoTask(TaskDefaults):
         return len(self.source)
 
     def prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        B, n = self.cfg.train.batch_size, len(self.source)
-        if n:  # a fresh seeded permutation per epoch: a pure function of the step
-            epoch, pos = divmod(step * B, n)
-            order = np.concatenate([np.random.default_rng([self.cfg.train.seed, k]).permutation(n)
-                                    for k in range(epoch, epoch + 1 + B // n + 1)])  # fmt: skip
-            indices = order[pos : pos + B]
-        else:
-            indices = np.arange(step * B, step * B + B)
+        indices = batch_indices(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.source))
         clips, labels = self.source.batch(indices)
         mean, std = self.model.cfg.image_mean, self.model.cfg.image_std
         return normalize_video(torch.from_numpy(clips), mean, std), torch.from_numpy(labels)

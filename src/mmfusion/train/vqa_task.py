@@ -25,7 +25,7 @@ from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, Tokenizer
 from ..models.registry import build_model, model_config
 from ..models.vqa import VQAModel
 from .config import RunConfig
-from .trainer import TaskDefaults
+from .trainer import TaskDefaults, batch_indices
 
 log = logging.getLogger(__name__)
 VOCAB_SCENES = 3000  # ShapesWorld scenes whose questions give the answer vocabulary and tokenizer text
@@ -154,14 +154,7 @@ class VQATask(TaskDefaults):
     def prepare(self, step: int):
         B = self.cfg.train.batch_size
         rng = np.random.default_rng([self.cfg.train.seed, step])
-        if len(self.source):  # a folder: a fresh permutation per epoch, a pure function of the step
-            n = len(self.source)
-            epoch, pos = divmod(step * B, n)
-            order = np.concatenate([np.random.default_rng([self.cfg.train.seed, e]).permutation(n)
-                                    for e in (epoch, epoch + 1)])  # fmt: skip
-            indices = order[pos : pos + B]
-        else:
-            indices = range(step * B, step * B + B)
+        indices = batch_indices(self.cfg.train.seed, step, B, len(self.source))
         examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
         images = torch.from_numpy(np.stack([e[0] for e in examples]))
         pairs = [(i, q, a) for i, e in enumerate(examples) for q, a in e[1]]
@@ -261,14 +254,7 @@ class GenerativeVQATask(TaskDefaults):
         each sequence (N,)."""
         B, tok = self.cfg.train.batch_size, self.model.tokenizer
         rng = np.random.default_rng([self.cfg.train.seed, step])
-        if len(self.source):
-            n = len(self.source)
-            epoch, pos = divmod(step * B, n)
-            order = np.concatenate([np.random.default_rng([self.cfg.train.seed, e]).permutation(n)
-                                    for e in (epoch, epoch + 1)])  # fmt: skip
-            indices = order[pos : pos + B]
-        else:
-            indices = range(step * B, step * B + B)
+        indices = batch_indices(self.cfg.train.seed, step, B, len(self.source))
         examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
         images = [e[0] for e in examples]
         seqs, prompts, owner = [], [], []
