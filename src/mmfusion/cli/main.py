@@ -31,6 +31,7 @@ examples:
   mmfusion train caption --time 10m                           # the caption-tiny captioner on ShapesWorld
   mmfusion train caption --init.from_clip=runs/clip --init.freeze_vision=true --time 5m
   mmfusion train vqa --time 10m                               # the vqa-tiny answerer on ShapesWorld questions
+  mmfusion train vqa --preset caption-tiny --init.from_clip=runs/clip --time 10m   # answers generated
   mmfusion train video --time 3m                              # TimeSformer (video-tiny) on ShapesWorld actions
   mmfusion train video --model.encoder.attention=pool --time 3m --out runs/video-pool   # frame-pooling baseline
   mmfusion train video --data runs/video-data --epochs 30     # video files + labels.jsonl (data shapes --video)
@@ -373,7 +374,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--data",
         help="'shapes' (default) or a folder with images/ + captions.jsonl (video: video files + labels.jsonl)",
     )
-    t.add_argument("--preset", help="model preset (see `mmfusion models`), default clip-tiny / fusion-small")
+    t.add_argument(
+        "--preset",
+        help="model preset (see `mmfusion models`); default per task: clip-tiny, fusion-small, caption-tiny, "
+        "vqa-tiny, video-tiny. `train vqa --preset caption-tiny` answers by generation through a caption decoder",
+    )
     t.add_argument(
         "--strategy", help="fusion: early/late/... strategy (concat, late, attention, cross_attention, gated, "
         "unified, lowrank); same as --model.strategy"
