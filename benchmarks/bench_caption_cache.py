@@ -5,7 +5,8 @@ captions for a batch of images (``<eot>`` is never accepted, so every caption is
 paths do the same number of steps). Both paths run side by side, alternating, ``--repeats`` times; the median
 of each is reported with the ratio, and the generated token ids are checked to be identical.
 
-Run: python benchmarks/bench_caption_cache.py [--batch 1 16] [--tokens 32] [--beams 1 4] [--json out.json]
+Run: python benchmarks/bench_caption_cache.py [--batch 1 16] [--tokens 32] [--beams 1 4] [--decoder 512 6 8]
+     [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--decoder", nargs=3, type=int, metavar=("WIDTH", "LAYERS", "HEADS"),
+                    help="a decoder geometry other than the preset's, e.g. 512 6 8 (base-sized)")  # fmt: skip
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = create_model(args.preset, decoder={"context_length": max(args.tokens + 1, 32)}).eval()
+    decoder = {"context_length": max(args.tokens + 1, 32)}
+    if args.decoder:
+        decoder |= dict(zip(("width", "layers", "heads"), args.decoder, strict=True))
+    model = create_model(args.preset, decoder=decoder).eval()
+    geometry = {k: getattr(model.cfg.decoder, k) for k in ("width", "layers", "heads")}
+    print(f"{args.preset}, decoder {geometry}")
     size = model.cfg.vision.image_size
     rows = []
     for batch in args.batch:
@@ -68,7 +76,7 @@ def main() -> None:
                   f"{1e3 * p / batch:7.2f} ms/caption, {p / c:4.1f}x faster, outputs identical: {same}")  # fmt: skip
     result = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads", "torch": torch.__version__, "preset": args.preset,
-              "rows": rows}  # fmt: skip
+              "decoder": geometry, "rows": rows}  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
