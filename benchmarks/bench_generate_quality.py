@@ -2,7 +2,9 @@
 
 The recipe, per seed: train clip-tiny on the ShapesWorld stream for ``--clip-budget`` (3 minutes), then
 train caption-tiny for ``--caption-budget`` (7 minutes; 10 in all) with its image encoder initialised from
-that CLIP and fine-tuned, and vqa-tiny for ``--vqa-budget`` from the same CLIP. The captioner is scored on
+that CLIP and fine-tuned; then fine-tune that captioner on questions for ``--vqa-budget`` (VQA by
+generation, captions still mixed in, no single-object curriculum: the captioner has seen crowded scenes).
+``--vqa-from clip`` instead trains the vqa-tiny classifier from the CLIP. The captioner is scored on
 ``--caption-n`` held-out test scenes (BLEU-1..4, CIDEr-D, attribute accuracy: every object's colour and
 shape named, nothing extra), the answerer on ``--vqa-n`` held-out questions (accuracy overall and per
 question type). With ``--scratch``, the captioner is also trained from scratch for the whole budget
@@ -40,12 +42,18 @@ def seconds(budget: str) -> float:
     return float(budget.rstrip("smh")) * unit
 
 
-def run(task: str, out: Path, budget: str, seed: int, init: str | None = None) -> float:
+def run(task: str, out: Path, budget: str, seed: int, init: str | None = None, captioner: str | None = None,
+        reuse: bool = False) -> float:  # fmt: skip
+    if reuse and (out / "model" / "config.json").is_file():
+        return float("nan")
     shutil.rmtree(out, ignore_errors=True)  # each benchmark run starts fresh
     cfg = RunConfig(task=task, out=str(out), train=TrainConfig(time=budget, seed=seed, progress=False))
     if task != "clip":
         cfg.preset = f"{task}-tiny"
         cfg.init = InitConfig(from_clip=init)
+    if captioner:  # VQA by generation, fine-tuning a captioner
+        cfg.preset, cfg.init = "caption-tiny", InitConfig(from_captioner=captioner)
+        cfg.data.shapes.curriculum = 0
     return train(cfg).elapsed_s
 
 
@@ -64,6 +72,13 @@ def main() -> None:
     ap.add_argument("--vqa-n", type=int, default=1000)
     ap.add_argument("--scratch", action="store_true", help="also a captioner from scratch for the whole budget")
     ap.add_argument("--no-vqa", action="store_true")
+    ap.add_argument(
+        "--vqa-from",
+        choices=("captioner", "clip"),
+        default="captioner",
+        help="fine-tune the captioner on questions (generation), or train the classifier from the CLIP",
+    )
+    ap.add_argument("--reuse", action="store_true", help="keep CLIP and captioner runs already in --work")
     ap.add_argument("--work", default="runs/bench-generate", help="where the runs are written")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -76,8 +91,9 @@ def main() -> None:
     for seed in args.seeds:
         row: dict = {"seed": seed}
         clip = work / f"clip-{seed}"
-        row["clip_s"] = run("clip", clip, args.clip_budget, seed)
-        row["caption_s"] = run("caption", work / f"caption-{seed}", args.caption_budget, seed, init=str(clip))
+        row["clip_s"] = run("clip", clip, args.clip_budget, seed, reuse=args.reuse)
+        row["caption_s"] = run("caption", work / f"caption-{seed}", args.caption_budget, seed, init=str(clip),
+                               reuse=args.reuse)  # fmt: skip
         row["caption"] = caption_scores(work / f"caption-{seed}", args.caption_n)
         print(f"seed {seed}: CLIP {row['clip_s']:.0f}s + captioner {row['caption_s']:.0f}s -> "
               + ", ".join(f"{k} {v:.3f}" for k, v in row["caption"].items()), flush=True)  # fmt: skip
@@ -87,7 +103,9 @@ def main() -> None:
             print(f"seed {seed}: captioner from scratch, {whole} -> "
                   + ", ".join(f"{k} {v:.3f}" for k, v in row["caption_scratch"].items()), flush=True)  # fmt: skip
         if not args.no_vqa:
-            row["vqa_s"] = run("vqa", work / f"vqa-{seed}", args.vqa_budget, seed, init=str(clip))
+            captioner = str(work / f"caption-{seed}") if args.vqa_from == "captioner" else None
+            row["vqa_s"] = run("vqa", work / f"vqa-{seed}", args.vqa_budget, seed, init=str(clip), captioner=captioner)
+            row["vqa_from"] = args.vqa_from
             r = evaluate_answerer(mmfusion.load(work / f"vqa-{seed}"), "shapes", n=args.vqa_n,
                                   out=work / f"vqa-{seed}" / "eval")  # fmt: skip
             row["vqa"] = {"overall": r["metrics"]["accuracy"], **r["metrics"]["per_type"]}

@@ -189,3 +189,22 @@ def test_a_caption_only_model_says_how_to_get_answers():
     model = create_model("caption-tiny", shapes_tokenizer(), **GEN_TINY)
     with pytest.raises(RuntimeError, match="train vqa --preset caption-tiny"):
         model.answer(ShapesWorld().sample("test", 0).image, "what colour?")
+
+
+def test_generative_vqa_fine_tunes_a_trained_captioner(tmp_path):
+    cap = RunConfig(task="caption", preset="caption-tiny", model=GEN_TINY, data=DataConfig(tokenizer_captions=300),
+                    train=TrainConfig(steps=3, batch_size=8, progress=False, threads=1, warmup_steps=1),
+                    out=str(tmp_path / "cap"))  # fmt: skip
+    captioner = mmfusion.load(train(cap).out)
+    cfg = RunConfig(task="vqa", preset="caption-tiny", out=str(tmp_path / "vqa"),
+                    train=TrainConfig(steps=2, batch_size=4, progress=False, threads=1, warmup_steps=1))  # fmt: skip
+    cfg.init.from_captioner, cfg.init.freeze_vision = str(tmp_path / "cap"), True
+    model = mmfusion.load(train(cfg).out)
+    assert model.cfg.answers_questions and model.cfg.decoder == captioner.cfg.decoder  # its geometry, not the preset's
+    assert model.tokenizer.vocab_size == captioner.tokenizer.vocab_size
+    for k, v in captioner.visual.state_dict().items():  # frozen image encoder: unchanged
+        torch.testing.assert_close(model.visual.state_dict()[k], v)
+    assert model.meta["trained_on"]["from_captioner"] == str(tmp_path / "cap")
+    cfg.init.from_captioner, cfg.out = str(tiny_clip(tmp_path / "clip")), str(tmp_path / "vqa2")
+    with pytest.raises(ValueError, match="not a captioner"):
+        train(cfg)

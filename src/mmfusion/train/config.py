@@ -137,6 +137,9 @@ class InitConfig:
     """What a captioner or VQA run starts from."""
 
     from_clip: str | None = field(None, "a trained CLIP checkpoint whose image encoder (and tokenizer) to start from")
+    from_captioner: str | None = field(
+        None, "generative VQA: a trained captioner to fine-tune on questions (its encoder, decoder and tokenizer)"
+    )
     freeze_vision: bool = field(False, "keep the image encoder fixed (train the rest only)")
 
 

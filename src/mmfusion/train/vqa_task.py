@@ -205,7 +205,17 @@ class GenerativeVQATask(TaskDefaults):
         family, mcfg = model_config(cfg.preset, cfg.model)
         if family != "captioner":
             raise ValueError(f"preset {cfg.preset!r} is a {family} model; generative VQA needs a captioner preset")
-        if cfg.init.from_clip:
+        if cfg.init.from_captioner:  # caption pre-training, then questions: the captioner already binds attributes
+            from ..models.registry import load
+
+            model = load(cfg.init.from_captioner)
+            if getattr(model, "family", None) != "captioner":
+                raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is not a captioner checkpoint")
+            mcfg, tokenizer = model.cfg, model.tokenizer
+            if cfg.init.freeze_vision:
+                mcfg.freeze_vision = True
+                model.visual.requires_grad_(False)
+        elif cfg.init.from_clip:
             model = CaptionModel.from_clip(cfg.init.from_clip, mcfg, freeze=cfg.init.freeze_vision, name=cfg.preset)
             tokenizer = tokenizer or model.tokenizer
         else:
@@ -240,7 +250,8 @@ class GenerativeVQATask(TaskDefaults):
             captions = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1,
                                    first_caption=True)  # fmt: skip
         model = model.to(device)
-        model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cfg.init.from_clip, "task": "vqa"}}
+        model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cfg.init.from_clip,
+                                     "from_captioner": cfg.init.from_captioner, "task": "vqa"}}  # fmt: skip
         log.info("generative vqa (%s), captions %.0f%% of images: %s trainable parameters", cfg.preset,
                  100 * cfg.vqa.caption_share / (1 + cfg.vqa.caption_share),
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
