@@ -166,6 +166,10 @@ def test_generative_vqa_learns_answers_and_still_captions(tmp_path):
     qs = ["how many objects are there?", "what colour is the star?", "is there a blue circle?", "what shape?"]
     assert model.answer(images, qs) == [model.answer([im], q)[0] for im, q in zip(images, qs, strict=True)]
     assert "".join(model.stream_answer(images[0], qs[0])) == model.answer(images[0], qs[0])[0]
+    assert model.answer(images[0], qs) == [model.answer(images[0], q)[0] for q in qs]  # one image, many questions
+    assert model.answer(model.transform(images), qs) == model.answer(images, qs)  # preprocessed pixels
+    with pytest.raises(ValueError, match="3 questions for 4 images"):
+        model.answer(images, qs[:3])
     assert len(model.caption(images[:2])) == 2
 
 

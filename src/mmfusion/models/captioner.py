@@ -186,27 +186,30 @@ class CaptionModel(nn.Module):
         if not self.cfg.answers_questions:
             raise RuntimeError(f"captioner {self.name!r} was trained on captions only; to answer questions, train "
                                "one with questions: mmfusion train vqa --preset caption-tiny")  # fmt: skip
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if isinstance(images, torch.Tensor):  # preprocessed (B, 3, H, W)
+            items = images if images.dim() == 4 else images[None]
+        else:
+            items = list(images) if isinstance(images, (list, tuple)) else [images]
         qs = [questions] if isinstance(questions, str) else list(questions)
         if len(qs) == 1 and len(items) > 1:
             qs = qs * len(items)
-        if len(items) == 1 and len(qs) > 1:
-            items = items * len(qs)
-        if len(qs) != len(items):
+        if len(items) not in (1, len(qs)):
             raise ValueError(f"{len(qs)} questions for {len(items)} images: give one per image, or one for all")
+        image_of = list(range(len(qs))) if len(items) == len(qs) else [0] * len(qs)  # one image: every question
         options.setdefault("max_new_tokens", 8)
         prompts = [self.prompt_ids(q) for q in qs]
         out: list[str] = [""] * len(qs)
         was_training = self.training
         self.eval()
         try:
-            pixels = self._pixels(items)
+            pixels = self._pixels(items)  # each image decoded and encoded once
             by_length: dict[int, list[int]] = {}
             for i, p in enumerate(prompts):  # prompts of one length run together (no padding inside a prompt)
                 by_length.setdefault(len(p), []).append(i)
             for rows in by_length.values():
                 prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
-                for i, ids in zip(rows, self.generate_ids(pixels[rows], prompt=prompt, **options), strict=True):
+                batch = pixels[[image_of[i] for i in rows]]
+                for i, ids in zip(rows, self.generate_ids(batch, prompt=prompt, **options), strict=True):
                     out[i] = self.tokenizer.decode(ids)
         finally:
             self.train(was_training)
