@@ -572,10 +572,11 @@ class Index:
         """Several searches by query vector at once, each with its own ``k``, threshold and filters.
 
         The unfiltered ones go to FAISS together, in one call for the largest ``k`` (an exact index then reads
-        its vectors once for all of them, a matrix product instead of one pass per query: 5-13x less time per
-        query at 32 queries); filtered ones each search their own allowed ids. The rows of every hit are read
-        from SQLite in one query. A query gets what :meth:`search` would give it alone (on an IVF layout, its
-        candidates come from the largest ``k`` of the call, so it can only find as much or more).
+        its vectors once for all of them, a matrix product instead of one pass per query: 3.4x less time per
+        query at 32 queries and 20,000 vectors); filtered ones each search their own allowed ids. The rows of
+        every hit are read from SQLite in one query. A query gets what :meth:`search` would give it alone (on
+        an IVF layout, its candidates come from the largest ``k`` of the call, so it can only find as much or
+        more).
         """
         out: list[list[SearchResult]] = [[] for _ in queries]
         if self.vi is None or not len(self.vi) or not queries:

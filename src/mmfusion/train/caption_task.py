@@ -17,10 +17,10 @@ import torch
 
 from ..data.images import normalize_batch
 from ..data.pairs import PairSampler
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import PAD_ID, Tokenizer
 from ..models.captioner import CaptionModel
 from ..models.registry import build_model, model_config
-from .clip_task import build_pair_source, trained_on
+from .clip_task import build_pair_source, first_epoch_in_order, trained_on
 from .config import RunConfig
 from .trainer import TaskDefaults
 
@@ -63,10 +63,9 @@ class CaptionTask(TaskDefaults):
         model.tokenizer = tokenizer
         model = model.to(device)
         model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cc.from_clip}}
-        in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
         first = cfg.data.caption_pick in ("auto", "first")
-        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1,
-                              first_caption=first)  # fmt: skip
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
+                              captions_per_image=1, first_caption=first)  # fmt: skip
         log.info("captioner: %s trainable parameters",
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
         return cls(cfg, model, sampler, device)
@@ -85,15 +84,36 @@ class CaptionTask(TaskDefaults):
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], accum: int,
                    autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
         images, tokens = batch[0].to(self.device), batch[1].to(self.device)
-        n = len(images)
-        # a token-level loss: micro-batches are weighted by their real tokens, so accumulation equals one big step
-        real = (tokens[:, 1:] != 0).sum()
-        total: dict[str, float] = {"loss": 0.0, "token_acc": 0.0}
-        for part in torch.arange(n).chunk(max(1, min(accum, n))):
-            share = float((tokens[part, 1:] != 0).sum() / real)
-            with autocast():
-                loss, stats = self.model.loss(images[part], tokens[part])
-            (loss * share).backward()
-            for k in total:
-                total[k] += stats[k] * share
-        return total
+        return sequence_step(self.model, images, tokens, accum, autocast)
+
+
+def sequence_step(
+    model: CaptionModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    accum: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    prompts: torch.Tensor | None = None,
+    owner: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Forward and backward of a captioner's teacher-forced loss over sequences ``tokens`` (N, L) reading
+    ``images`` (B, ...): sequence ``i`` reads image ``owner[i]`` (default: image i) and is supervised after its
+    first ``prompts[i]`` tokens (default: all but ``<sot>``). Micro-batches of ``accum`` image groups, each with
+    its sequences, are weighted by their supervised tokens, so accumulation equals one big step."""
+    positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
+    supervised = tokens[:, 1:] != PAD_ID
+    if prompts is not None:
+        supervised &= positions >= prompts[:, None]
+    total_sup = supervised.sum().clamp_min(1)
+    total: dict[str, float] = {"loss": 0.0, "token_acc": 0.0}
+    n = len(images)
+    for part in torch.arange(n, device=tokens.device).chunk(max(1, min(accum, n))):
+        rows = part if owner is None else torch.isin(owner, part).nonzero().squeeze(1)
+        share = float(supervised[rows].sum() / total_sup)
+        with autocast():
+            loss, stats = model.loss(images[part], tokens[rows], None if prompts is None else prompts[rows],
+                                     None if owner is None else owner[rows] - part[0])  # fmt: skip
+        (loss * share).backward()
+        for k in total:
+            total[k] += stats[k] * share
+    return total

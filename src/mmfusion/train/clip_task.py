@@ -63,6 +63,12 @@ def build_pair_source(cfg: RunConfig, image_size: int) -> PairSource:
     return FolderPairs(folder, image_size)
 
 
+def first_epoch_in_order(cfg: RunConfig, source: PairSource) -> bool:
+    """Whether a pair sampler reads its source's first epoch in order: ``data.order=file``, or ``auto`` on a
+    ShapesWorld export with a curriculum (whose file order is the stream's)."""
+    return cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
+
+
 def trained_on(cfg: RunConfig) -> dict:
     """What a checkpoint records of its data, so evaluation can rebuild the same world and split."""
     if cfg.data.source == "shapes":
@@ -112,7 +118,6 @@ class ClipTask:
             )
         model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg)}
-        in_order = cfg.data.order == "file" or (cfg.data.order == "auto" and getattr(source, "ordered_stream", False))
         k = cfg.train.captions_per_image
         if k > 1 and cfg.train.loss == "triplet":
             raise ValueError("the triplet loss takes one caption per image: set train.captions_per_image=1")
@@ -122,7 +127,7 @@ class ClipTask:
             source,
             cfg.train.seed,
             cfg.data.augment,
-            in_order,
+            first_epoch_in_order(cfg, source),
             captions_per_image=k,
             hard_negatives=cfg.train.hard_negatives,
             first_caption=cfg.data.caption_pick == "first",

@@ -102,6 +102,13 @@ class FolderQuestions:
         return [r.question for r in self.records], sorted({r.answer for r in self.records})
 
 
+def question_source(cfg: RunConfig, image_size: int) -> ShapesQuestions | FolderQuestions:
+    """The questions of a run: the ShapesWorld stream, or a folder with qa.jsonl."""
+    if cfg.data.source == "shapes":
+        return ShapesQuestions(ShapesWorld(cfg.data.shapes), image_size)
+    return FolderQuestions(Path(cfg.data.source), image_size)
+
+
 class VQATask(TaskDefaults):
     """Batches, loss and checkpoints of a VQA run (see :class:`mmfusion.train.trainer.Trainer`)."""
 
@@ -126,10 +133,7 @@ class VQATask(TaskDefaults):
             mcfg.vision, mcfg.vision_embed_dim, size = clip.cfg.vision, clip.cfg.embed_dim, clip.cfg.vision.image_size
             mcfg.image_mean, mcfg.image_std = clip.cfg.image_mean, clip.cfg.image_std
             tokenizer = tokenizer or clip.tokenizer
-        if cfg.data.source == "shapes":
-            source = ShapesQuestions(ShapesWorld(cfg.data.shapes), size)
-        else:
-            source = FolderQuestions(Path(cfg.data.source), size)
+        source = question_source(cfg, size)
         texts, answers = source.texts_and_answers(min(cfg.data.tokenizer_captions, VOCAB_SCENES))
         if not mcfg.answers:
             mcfg.answers = answers
@@ -200,7 +204,7 @@ class GenerativeVQATask(TaskDefaults):
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> GenerativeVQATask:
         from ..data.pairs import PairSampler
         from ..models.captioner import CaptionModel
-        from .clip_task import build_pair_source, trained_on
+        from .clip_task import build_pair_source, first_epoch_in_order, trained_on
 
         family, mcfg = model_config(cfg.preset, cfg.model)
         if family != "captioner":
@@ -222,17 +226,13 @@ class GenerativeVQATask(TaskDefaults):
             mcfg.freeze_vision = cfg.init.freeze_vision
             model = None
         size = mcfg.vision.image_size
-        if cfg.data.source == "shapes":
-            questions = ShapesQuestions(ShapesWorld(cfg.data.shapes), size)
-        else:
-            questions = FolderQuestions(Path(cfg.data.source), size)
+        questions = question_source(cfg, size)
         texts, answers = questions.texts_and_answers(min(cfg.data.tokenizer_captions, VOCAB_SCENES))
         if tokenizer is None:
             tokenizer = Tokenizer.train(texts + answers, mcfg.decoder.vocab_size, mcfg.decoder.context_length)
         tokenizer.context_length = mcfg.decoder.context_length
         if tokenizer.vocab_size > mcfg.decoder.vocab_size:
             mcfg.decoder.vocab_size = tokenizer.vocab_size
-        mcfg.answers_questions = True
         if model is None:
             model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
         model.cfg.answers_questions = True
@@ -244,11 +244,8 @@ class GenerativeVQATask(TaskDefaults):
             except (DataFormatError, FileNotFoundError) as e:
                 raise DataFormatError(f"{e}; vqa.caption_share mixes in captions: give a folder with captions.jsonl "
                                       "too, or set --vqa.caption_share=0") from e  # fmt: skip
-            in_order = cfg.data.order == "file" or (
-                cfg.data.order == "auto" and getattr(source, "ordered_stream", False)
-            )
-            captions = PairSampler(source, cfg.train.seed, cfg.data.augment, in_order, captions_per_image=1,
-                                   first_caption=True)  # fmt: skip
+            captions = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
+                                   captions_per_image=1, first_caption=True)  # fmt: skip
         model = model.to(device)
         model.meta = {"trained_on": {**trained_on(cfg), "from_clip": cfg.init.from_clip,
                                      "from_captioner": cfg.init.from_captioner, "task": "vqa"}}  # fmt: skip
@@ -292,20 +289,7 @@ class GenerativeVQATask(TaskDefaults):
         return pixels, tokens, torch.tensor(prompts), torch.tensor(owner)
 
     def train_step(self, batch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]):
+        from .caption_task import sequence_step
+
         images, tokens, prompts, owner = (t.to(self.device) for t in batch)
-        # supervised tokens: real, and past the prompt; micro-batches (of images, with their sequences) are
-        # weighted by them, so accumulation equals one big step
-        positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
-        supervised = (tokens[:, 1:] != PAD_ID) & (positions >= prompts[:, None])
-        total_sup = supervised.sum().clamp_min(1)
-        total = {"loss": 0.0, "token_acc": 0.0}
-        n = len(images)
-        for part in torch.arange(n, device=tokens.device).chunk(max(1, min(accum, n))):
-            rows = torch.isin(owner, part).nonzero().squeeze(1)
-            share = float(supervised[rows].sum() / total_sup)
-            with autocast():
-                loss, stats = self.model.loss(images[part], tokens[rows], prompts[rows], owner[rows] - part[0])
-            (loss * share).backward()
-            for k in total:
-                total[k] += stats[k] * share
-        return total
+        return sequence_step(self.model, images, tokens, accum, autocast, prompts, owner)
