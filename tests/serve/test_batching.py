@@ -117,6 +117,19 @@ def test_exception_reaches_exactly_the_callers_of_its_batch():
     assert stats.errors == 1
 
 
+def test_an_exception_returned_for_one_item_fails_that_item_only():
+    def fn(items):
+        return [KeyError(x) if x < 0 else 2 * x for x in items]
+
+    async def main():
+        async with MicroBatcher(fn, max_batch_size=8, max_wait_ms=20) as b:
+            return await asyncio.gather(*(b.submit(x) for x in [1, -2, 3]), return_exceptions=True), b.stats
+
+    (one, bad, three), stats = asyncio.run(main())
+    assert (one, three) == (2, 6) and isinstance(bad, KeyError) and bad.args == (-2,)
+    assert stats.errors == 0 and stats.batches == 1  # the batch itself succeeded
+
+
 def test_wrong_result_count_is_a_runtime_error():
     async def main():
         async with MicroBatcher(lambda xs: xs[:-1], max_batch_size=4, max_wait_ms=20) as b:

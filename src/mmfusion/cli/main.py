@@ -93,7 +93,7 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
     for text in _overrides(extra):
         data = _deep_update(data, parse_override(text))
     data["task"] = args.task
-    if args.task in ("fusion", "caption", "vqa", "video") and not data.get("out"):
+    if args.task in task_presets and not data.get("out"):
         data["out"] = f"runs/{args.task}"
     cfg = from_dict(RunConfig, data)
     from ..models.registry import model_config

@@ -124,7 +124,7 @@ class Store:
     # ---- transactions -----------------------------------------------------------------------------
 
     def transaction(self):
-        return _Transaction(self.db)
+        return Transaction(self.db)
 
     # ---- files ------------------------------------------------------------------------------------
 
@@ -258,7 +258,9 @@ class Store:
         return {"started": r[0], "finished": r[1], **json.loads(r[2] or "{}")} if r else None
 
 
-class _Transaction:
+class Transaction:
+    """``with Transaction(db):`` BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any exception."""
+
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 

@@ -167,7 +167,7 @@ class Service:
     def _search_batch(self, items: list[tuple[list, dict]]) -> list:
         """Runs in the index thread: the query vector of each (terms, options) item, then one
         :meth:`~mmfusion.index.Index.search_many` for all. An item whose terms fail (an id not in the index,
-        terms that cancel out) gets its exception as its result, and the others go on."""
+        terms that cancel out) gets its exception as its result, which the batcher raises for that item alone."""
         from ..index.collection import VectorQuery
         from ..index.query import combine_terms
 
@@ -453,12 +453,13 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
         terms = await _terms(req)
 
         options = {"k": req.k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
-        result = (await svc._submit("search", [(terms, options)]))[0]  # batched with concurrent searches
-        if isinstance(result, KeyError):
-            raise HTTPException(404, f"no indexed image has id {result.args[0] if result.args else ''}")
-        if isinstance(result, ValueError):
-            raise HTTPException(400, str(result))
-        return _results(result)
+        try:
+            results = await svc.batchers["search"].submit((terms, options))  # batched with concurrent searches
+        except KeyError as e:
+            raise HTTPException(404, f"no indexed image has id {e.args[0] if e.args else ''}") from e
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        return _results(results)
 
     @app.post("/search", tags=["search"])
     async def search(req: SearchRequest, _=Depends(authorized)) -> dict[str, Any]:

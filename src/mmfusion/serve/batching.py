@@ -56,7 +56,8 @@ class MicroBatcher(Generic[T, R]):
 
     Args:
         fn: the model call, ``fn(items) -> results``, one result per item in the same order (any sized iterable
-            works; a tensor or array yields its rows). It blocks, and runs in ``executor``.
+            works; a tensor or array yields its rows). It blocks, and runs in ``executor``. An exception raised
+            fails the whole batch; an exception *returned* as an item's result fails that item only.
         max_batch_size: the most items per call; 1 turns batching off (one call per item).
         max_wait_ms: how long the first item of a batch waits for company before the call starts.
         max_queue: the most items waiting (not yet in a running batch); beyond it ``submit`` raises
@@ -259,10 +260,12 @@ class MicroBatcher(Generic[T, R]):
         for i, entry in enumerate(batch):
             if entry.future.done():  # cancelled while its batch ran: the result is dropped
                 continue
-            if ok:
-                entry.future.set_result(value[i])
-            else:
+            if not ok:
                 entry.future.set_exception(value)
+            elif isinstance(value[i], BaseException):  # this item failed alone; the rest of the batch stands
+                entry.future.set_exception(value[i])
+            else:
+                entry.future.set_result(value[i])
 
     def _call(self, items: list[T]) -> tuple[bool, Any, float]:
         """Runs in the worker thread: (ok, results or the exception, seconds in fn)."""

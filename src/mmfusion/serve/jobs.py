@@ -32,6 +32,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from ..index.store import Transaction
 from .chat import resolve_image
 from .generation import Prompt, options_from
 
@@ -83,6 +84,9 @@ def owner_of(key: str | None) -> str:
     return "" if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+JOB_FIELDS = ("id", "task", "status", "created", "started", "finished", "total", "done", "error")  # what GET shows
+
+
 class JobStore:
     """The jobs table. Every method is short and thread-safe (one connection behind a lock)."""
 
@@ -99,15 +103,8 @@ class JobStore:
             self._db.executescript(SCHEMA)
 
     def _tx(self, fn):
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return out
+        with self._lock, Transaction(self._db) as db:
+            return fn(db)
 
     def create(self, owner: str, task: str, request: dict[str, Any], total: int) -> str:
         job_id = uuid.uuid4().hex
@@ -119,24 +116,22 @@ class JobStore:
 
     def get(self, job_id: str, owner: str, with_results: bool = True) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, task, status, created, started, finished, total, done, error FROM jobs "
-                "WHERE id = ? AND owner = ?",
-                (job_id, owner),
-            ).fetchone()
+            row = self._db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE id = ? AND owner = ?",
+                                   (job_id, owner)).fetchone()  # fmt: skip
             if row is None:
                 return None
-            job = dict(zip(("id", "task", "status", "created", "started", "finished", "total", "done", "error"), row))
+            job = dict(zip(JOB_FIELDS, row))
             if with_results:
                 rows = self._db.execute("SELECT result FROM job_results WHERE job = ? ORDER BY item", (job_id,))
                 job["results"] = [json.loads(r) for (r,) in rows]
         return job
 
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The owner's newest jobs, without their results: one query."""
         with self._lock:
-            ids = [r for (r,) in self._db.execute(
-                "SELECT id FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit))]  # fmt: skip
-        return [j for j in (self.get(i, owner, with_results=False) for i in ids) if j is not None]
+            rows = self._db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE owner = ? ORDER BY created DESC "
+                                    "LIMIT ?", (owner, limit)).fetchall()  # fmt: skip
+        return [dict(zip(JOB_FIELDS, row)) for row in rows]
 
     def claim(self, worker: str) -> tuple[str, str, dict[str, Any], int] | None:
         """The oldest queued job, now running for ``worker``: (id, task, request, items already done)."""
