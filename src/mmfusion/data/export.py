@@ -18,28 +18,20 @@ Each folder is written beside its final place and renamed into it when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..utils.io import atomic_replace_dir, atomic_write_json
+from ..utils.io import atomic_replace_dir, atomic_write_json, fresh_dir
 from .shapes import ShapesWorld
 from .sound import SoundConfig
-
-
-def _fresh_tmp(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def export_split(
     world: ShapesWorld, out: Path, split: str, n: int, progress: bool = True, sound: SoundConfig | None = None
 ) -> Path:
-    tmp = _fresh_tmp(out / f".{split}.tmp")
+    tmp = fresh_dir(out / f".{split}.tmp")
     (tmp / "images").mkdir()
     if sound is not None:
         from .audio import _soundfile
@@ -68,7 +60,7 @@ def export_split(
 
 
 def export_zeroshot(world: ShapesWorld, out: Path, per_class: int, progress: bool = True) -> Path:
-    tmp = _fresh_tmp(out / ".zeroshot.tmp")
+    tmp = fresh_dir(out / ".zeroshot.tmp")
     for which in ("seen", "heldout"):
         items = world.classification_set(which, per_class)
         for scene, label in tqdm(items, desc=f"zero-shot {which}", unit="img", disable=not progress):

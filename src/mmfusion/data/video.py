@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..config import field
-from ..utils.io import atomic_replace_dir, atomic_write_json
+from ..utils.io import atomic_replace_dir, atomic_write_json, fresh_dir
 from .datasets import DataFormatError, read_jsonl
 from .images import CLIP_MEAN, CLIP_STD, normalize_batch, resize_center_crop
 from .shapes import COLOURS, SHAPES, ShapesConfig, ShapesWorld, _polygon
@@ -311,9 +310,7 @@ def sample_indices(n: int, frames: int) -> np.ndarray:
 
 
 def _to_array(frame, size: int | None) -> np.ndarray:
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    if frame.width == frame.height == size:
+    if size is None or frame.width == frame.height == size:
         return frame.to_ndarray(format="rgb24")
     return np.asarray(resize_center_crop(frame.to_image(), size), dtype=np.uint8)  # short side, centre crop
 
@@ -403,8 +400,8 @@ class VideoFolder:
         """Decode every clip of ``root/labels.jsonl``.
 
         Args:
-            class_names: the classes in order (a model's); default: those of ``root/../video.json`` if there
-                is one, else the labels found, sorted. A label outside given classes is an error.
+            class_names: the classes in order (a model's); default: those of the folder's video.json (see
+                :func:`video_classes`), else the labels found, sorted. A label outside given classes is an error.
         """
         root = Path(root)
         path = root / "labels.jsonl"
@@ -417,9 +414,7 @@ class VideoFolder:
                 raise DataFormatError(f"{path}:{lineno}: needs strings 'video' and {label_key!r}, got {obj}")
             records.append((video, label))
         if class_names is None:
-            meta = root.parent / "video.json"
-            known = json.loads(meta.read_text()).get("actions") if meta.is_file() else None
-            class_names = known or sorted({label for _, label in records})
+            class_names = video_classes(root) or sorted({label for _, label in records})
         names = list(class_names)
         lookup = {c: i for i, c in enumerate(names)}
         unknown = sorted({label for _, label in records} - set(lookup))
@@ -440,6 +435,17 @@ class VideoFolder:
                         "; ".join(f"{v} ({why})" for v, why in skipped[:10]), more)  # fmt: skip
         out = np.stack(clips) if clips else np.zeros((0, frames, size, size, 3), np.uint8)
         return cls(out, np.asarray(labels, dtype=np.int64), names, files, skipped)
+
+
+def video_classes(root: str | Path) -> list[str] | None:
+    """The actions listed by the video.json of an export, in their order: ``root/video.json`` (the export) or
+    ``root/../video.json`` (one of its splits); None when there is none."""
+    for meta in (Path(root) / "video.json", Path(root).parent / "video.json"):
+        if meta.is_file():
+            actions = json.loads(meta.read_text()).get("actions")
+            if actions:
+                return list(actions)
+    return None
 
 
 def export_videos(
@@ -465,10 +471,8 @@ def export_videos(
     for split, n in counts.items():
         if n <= 0:
             continue
-        tmp = out / f".{split}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "video").mkdir(parents=True)
+        tmp = fresh_dir(out / f".{split}.tmp")
+        (tmp / "video").mkdir()
         with open(tmp / "labels.jsonl", "w") as f:
             for i in tqdm(range(n), desc=f"ShapesWorld video {split}", unit="clip", disable=not progress):
                 clip = video.clip(split, i)

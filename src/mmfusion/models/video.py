@@ -66,7 +66,7 @@ class VideoClassifier(nn.Module):
         e = self.cfg.encoder
         if not isinstance(clips, (torch.Tensor, np.ndarray)):
             clips = np.stack([read_video(p, e.frames, e.image_size) for p in clips])
-        x = torch.as_tensor(np.asarray(clips) if isinstance(clips, np.ndarray) else clips)
+        x = torch.as_tensor(clips)
         if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
         return normalize_video(x, self.cfg.image_mean, self.cfg.image_std)

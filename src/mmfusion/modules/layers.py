@@ -148,15 +148,21 @@ class Transformer(nn.Module):
         return self.blocks[-1].forward_query(x, index, mask).squeeze(1)
 
     def init_weights(self, width: int) -> None:
-        """Scaled init of CLIP: residual-branch outputs shrink with depth so the stack starts near identity."""
-        layers = len(self.blocks)
-        attn_std = width**-0.5
-        proj_std = attn_std * (2 * max(layers, 1)) ** -0.5
-        fc_std = (2 * width) ** -0.5
-        for b in self.blocks:
-            nn.init.normal_(b.attn.qkv.weight, std=attn_std)
-            nn.init.normal_(b.attn.out.weight, std=proj_std)
-            nn.init.normal_(b.mlp.fc1.weight, std=fc_std)
-            nn.init.normal_(b.mlp.fc2.weight, std=proj_std)
-            for lin in (b.attn.qkv, b.attn.out, b.mlp.fc1, b.mlp.fc2):
-                nn.init.zeros_(lin.bias)
+        init_blocks(self.blocks, width)
+
+
+def init_blocks(blocks: nn.ModuleList, width: int) -> None:
+    """Scaled init of CLIP: residual-branch outputs shrink with depth so the stack starts near identity. Each
+    block's attentions (one in a :class:`Block`, time then space in a divided space-time block) and its MLP."""
+    attn_std = width**-0.5
+    proj_std = attn_std * (2 * max(len(blocks), 1)) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for b in blocks:
+        attns = [m for m in b.modules() if isinstance(m, Attention)]
+        for a in attns:
+            nn.init.normal_(a.qkv.weight, std=attn_std)
+            nn.init.normal_(a.out.weight, std=proj_std)
+        nn.init.normal_(b.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(b.mlp.fc2.weight, std=proj_std)
+        for lin in [*(a.qkv for a in attns), *(a.out for a in attns), b.mlp.fc1, b.mlp.fc2]:
+            nn.init.zeros_(lin.bias)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import field
 from .encoders import VisionConfig, VisionTransformer
-from .layers import MLP, Attention, Block
+from .layers import MLP, Attention, Block, init_blocks
 
 ATTENTIONS = ("divided", "joint", "pool")
 
@@ -135,7 +135,7 @@ class VideoTransformer(nn.Module):
         else:
             self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act) for _ in range(cfg.layers))
         self.ln_post = nn.LayerNorm(cfg.width)
-        _init_blocks(self.blocks, cfg.width)
+        init_blocks(self.blocks, cfg.width)
 
     def embed(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> input tokens (B, 1 + T*N, width): class token, then each frame's patches."""
@@ -198,21 +198,6 @@ def build_video_encoder(cfg: VideoEncoderConfig) -> VideoTransformer | FramePool
         case "pool":
             return FramePooling(cfg)
     raise ValueError(f"unknown video attention {cfg.attention!r}; choose from {', '.join(ATTENTIONS)}")
-
-
-def _init_blocks(blocks: nn.ModuleList, width: int) -> None:
-    """CLIP's scaled init (as :meth:`Transformer.init_weights`): residual outputs shrink with depth."""
-    std = width**-0.5
-    proj_std = std * (2 * max(len(blocks), 1)) ** -0.5
-    for b in blocks:
-        attns = [b.time_attn, b.space_attn] if isinstance(b, DividedSpaceTimeBlock) else [b.attn]
-        for a in attns:
-            nn.init.normal_(a.qkv.weight, std=std)
-            nn.init.normal_(a.out.weight, std=proj_std)
-        nn.init.normal_(b.mlp.fc1.weight, std=(2 * width) ** -0.5)
-        nn.init.normal_(b.mlp.fc2.weight, std=proj_std)
-        for lin in [*(a.qkv for a in attns), *(a.out for a in attns), b.mlp.fc1, b.mlp.fc2]:
-            nn.init.zeros_(lin.bias)
 
 
 def count_flops(cfg: VideoEncoderConfig) -> dict[str, int]:

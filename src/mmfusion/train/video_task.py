@@ -14,7 +14,6 @@ order tells apart.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import DataFormatError, read_jsonl
-from ..data.video import DIRECTIONS, ShapesVideo, ShapesVideoConfig, VideoFolder, normalize_video
+from ..data.video import DIRECTIONS, ShapesVideo, ShapesVideoConfig, VideoFolder, normalize_video, video_classes
 from ..models.registry import build_model, model_config
 from ..models.video import VideoClassifier
 from .config import RunConfig
@@ -64,11 +63,9 @@ class FolderClips:
 
 def _folder_classes(root: Path, parts: list[Path]) -> list[str]:
     """The class list of a video folder: its video.json's actions, else every label found, sorted."""
-    if (root / "video.json").is_file():
-        actions = json.loads((root / "video.json").read_text()).get("actions")
-        if actions:
-            return list(actions)
-    return sorted({str(obj.get("action")) for p in parts for _, obj in read_jsonl(p / "labels.jsonl")})
+    return video_classes(root) or sorted(
+        {str(obj.get("action")) for p in parts for _, obj in read_jsonl(p / "labels.jsonl")}
+    )
 
 
 def video_data(cfg: RunConfig, frames: int, size: int) -> tuple[Any, Any, list[str], dict[str, Any]]:
@@ -157,27 +154,20 @@ class VideoTask(TaskDefaults):
         return evaluate_video(self.model, clips, labels, out, batch_size)
 
 
-def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Share of examples whose true class is among the ``k`` most likely (all of them when k >= classes)."""
-    if len(labels) == 0:
-        return float("nan")
-    top = probs.topk(min(k, probs.shape[1]), dim=-1).indices  # (N, k)
-    return float((top == labels[:, None]).any(-1).float().mean())
-
-
 def evaluate_video(
     model: VideoClassifier, clips: np.ndarray, labels: np.ndarray, out: str | Path | None = None, batch_size: int = 64
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy, macro-F1, per-class and direction-class accuracy of ``model`` on uint8 clips
     (N, T, H, W, 3) with labels (N,); writes ``video.json`` and ``confusion.png`` into ``out`` when given."""
     from ..eval.classification import classification_metrics, confusion_matrix
+    from ..eval.zeroshot import topk_accuracy
 
     names = list(model.cfg.class_names)
     probs = model.predict(clips, batch_size)
     truth = torch.as_tensor(labels, dtype=torch.long)
     preds = probs.argmax(-1).numpy()
     metrics = classification_metrics(labels, preds, len(names))
-    metrics.update(top1=metrics["accuracy"], top5=topk_accuracy(probs, truth, 5))
+    metrics.update(top1=metrics["accuracy"], **topk_accuracy(probs, truth, (5,)))
     per_class = {c: float((preds[labels == i] == i).mean()) for i, c in enumerate(names) if (labels == i).any()}
     directions = [names.index(d) for d in DIRECTIONS if d in names]
     on_dir = np.isin(labels, directions)

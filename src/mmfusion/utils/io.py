@@ -69,6 +69,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def fresh_dir(path: Path) -> Path:
+    """``path`` as a new empty directory (what a previous attempt left there is removed): where a result is
+    written before :func:`atomic_replace_dir` moves it into place."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Path:
     """Move a fully written directory into place, replacing an older one of the same name.
 
