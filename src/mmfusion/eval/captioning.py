@@ -398,8 +398,9 @@ def open_images(items: Sequence[Image.Image | Path]) -> list[Image.Image]:
 
 def caption_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None = None) -> CaptionSet:
     """The first ``n`` images of a ShapesWorld split (``data="shapes"``) or of a caption folder (0: all)."""
-    from ..data.datasets import DataFormatError, read_captions, read_jsonl
+    from ..data.datasets import DataFormatError, read_captions
     from ..data.shapes import ShapesWorld
+    from .report import scenes_for, split_folder
 
     if data == "shapes":
         world = ShapesWorld(shapes)
@@ -411,19 +412,13 @@ def caption_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | N
             [f"{split}/{i}" for i in range(n)],
             f"ShapesWorld {split} split, {n} scenes",
         )
-    root = next((p for p in (Path(data), Path(data) / split) if (p / "captions.jsonl").is_file()), None)
-    if root is None:
-        raise DataFormatError(f"no captions.jsonl in {data} or {Path(data) / split}; give 'shapes' or such a folder")
+    root = split_folder(data, split, "captions.jsonl")
     records = read_captions(root)[:n] if n else read_captions(root)
     ok = readable_images(root, [r.image for r in records])
     kept = [r for r in records if r.image in ok]
     if not kept:
         raise DataFormatError(f"{root}: none of the {len(records)} images could be read")
-    scenes = None
-    if (root / "scenes.jsonl").is_file():
-        by_image = {obj["image"]: Scene.from_dict(obj) for _, obj in read_jsonl(root / "scenes.jsonl")}
-        if all(r.image in by_image for r in kept):
-            scenes = [by_image[r.image] for r in kept]
+    scenes = scenes_for(root, [r.image for r in kept])
     return CaptionSet(
         [root / r.image for r in kept],
         [r.captions for r in kept],

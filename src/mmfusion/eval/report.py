@@ -43,6 +43,22 @@ class RetrievalSet:
     source: str
 
 
+def split_folder(data: str | Path, split: str, filename: str) -> Path:
+    """The folder of an evaluation set: ``data`` itself or its ``split`` subfolder, whichever holds ``filename``."""
+    root = next((p for p in (Path(data), Path(data) / split) if (p / filename).is_file()), None)
+    if root is None:
+        raise DataFormatError(f"no {filename} in {data} or {Path(data) / split}; give 'shapes' or such a folder")
+    return root
+
+
+def scenes_for(root: Path, images: list[str]) -> list[Scene] | None:
+    """The ShapesWorld scenes of ``images`` from ``root/scenes.jsonl`` (an export's), when it lists every one."""
+    if not (root / "scenes.jsonl").is_file():
+        return None
+    by_image = {obj["image"]: Scene.from_dict(obj) for _, obj in read_jsonl(root / "scenes.jsonl")}
+    return [by_image[im] for im in images] if all(im in by_image for im in images) else None
+
+
 def retrieval_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None = None) -> RetrievalSet:
     if data == "shapes":
         world = ShapesWorld(shapes)
@@ -54,21 +70,11 @@ def retrieval_set(data: str, n: int, split: str = "test", shapes: ShapesConfig |
             [[c.meaning for c in s.captions] for s in samples],
             f"ShapesWorld {split} split, {n} scenes",
         )
-    root = Path(data)
-    for candidate in (root, root / split):
-        if (candidate / "captions.jsonl").is_file():
-            root = candidate
-            break
-    else:
-        raise DataFormatError(f"no captions.jsonl in {root} or {root / split}")
+    root = split_folder(data, split, "captions.jsonl")
     first = next(iter(read_jsonl(root / "captions.jsonl")))[1].get("image", "")
     folder = CaptionFolder(root, _eval_size([root / first]))
     records = folder.records[:n] if n else folder.records
-    scenes = None
-    if (root / "scenes.jsonl").is_file():
-        by_image = {obj["image"]: Scene.from_dict(obj) for _, obj in read_jsonl(root / "scenes.jsonl")}
-        if all(r.image in by_image for r in records):
-            scenes = [by_image[r.image] for r in records]
+    scenes = scenes_for(root, [r.image for r in records])
     meanings = [[e.get("meaning") for e in r.extras] for r in records]
     has_meaning = scenes is not None and all(m is not None for ms in meanings for m in ms)
     return RetrievalSet(

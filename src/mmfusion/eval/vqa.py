@@ -161,6 +161,7 @@ def qa_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None =
     from ..data.datasets import DataFormatError, read_qa
     from ..data.shapes import ShapesWorld
     from .captioning import readable_images
+    from .report import split_folder
 
     ds = QASet([], [], [], [], [], "")
     if data == "shapes":
@@ -173,9 +174,7 @@ def qa_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None =
             i += 1
         ds.source = f"ShapesWorld {split} split, {i} scenes"
         return ds
-    root = next((p for p in (Path(data), Path(data) / split) if (p / "qa.jsonl").is_file()), None)
-    if root is None:
-        raise DataFormatError(f"no qa.jsonl in {data} or {Path(data) / split}; give 'shapes' or such a folder")
+    root = split_folder(data, split, "qa.jsonl")
     records = read_qa(root / "qa.jsonl")
     records = records[:n] if n else records
     ok = readable_images(root, [r.image for r in records])
