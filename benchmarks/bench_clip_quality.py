@@ -73,6 +73,7 @@ def one_run(out: Path, budget: str, seed: int, source: str, overrides: list[str]
         "samples_per_s": round(res.samples / res.elapsed_s, 1),
         "metrics": m,
         "semantic_P@1_by_caption_kind": r.get("by_caption_kind", {}).get("semantic_P@1"),
+        "top1_misses_by_caption_kind": r.get("by_caption_kind", {}).get("top1_misses"),
     }
 
 

@@ -11,6 +11,7 @@ from mmfusion.data.shapes import (
     make_captions,
     make_questions,
     satisfies,
+    why_false,
 )
 
 
@@ -91,6 +92,32 @@ def test_satisfies_hand_checked():
     assert not satisfies(s, {"objects": [{"shape": "circle"}, {"shape": "circle"}], "relations": [], "count": None})
     assert satisfies(s, {"objects": [{"shape": "circle", "region": "left"}], "relations": [], "count": None})
     assert not satisfies(s, {"objects": [{"shape": "circle", "region": "right"}], "relations": [], "count": None})
+
+
+def test_why_false_names_what_the_scene_gets_wrong():
+    s = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "large", 0.8, 0.5))
+
+    def ref(shape, colour, **kw):
+        return {"shape": shape, "colour": colour, "size": None, **kw}
+
+    def why(*refs, relations=(), count=None):
+        return why_false(s, {"objects": list(refs), "relations": list(relations), "count": count})
+
+    assert why(ref("circle", "red"), ref("square", "blue")) is None
+    assert why(ref("star", "red")) == "shape missing"
+    assert why(ref("star", "green")) == "shape missing"  # shape is checked first
+    assert why(ref("circle", "green")) == "colour missing"
+    assert why({"shape": "circle", "colour": None, "size": "large"}) == "binding"  # the square is the large one
+    small = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "small", 0.8, 0.5))
+    assert why_false(small, {"objects": [ref("circle", None, size="large")], "relations": [], "count": None}) == (
+        "size missing"
+    )
+    assert why(ref("circle", "blue"), ref("square", "red")) == "binding"  # both colours, both shapes, swapped
+    assert why(ref("circle", "red"), ref("circle", "red")) == "binding"  # one object cannot be two
+    assert why(ref("circle", "red"), count=3) == "count"
+    assert why(ref("circle", "red"), ref("square", "blue"), relations=[[0, "right_of", 1]]) == "relation"
+    assert why(ref("circle", "red", region="right")) == "region"
+    assert why(ref("circle", "red", region="left")) is None
 
 
 def test_questions_have_the_right_answers():

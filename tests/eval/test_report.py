@@ -7,7 +7,7 @@ import torch
 
 import mmfusion
 from mmfusion.data.export import export_shapes
-from mmfusion.data.shapes import ShapesWorld
+from mmfusion.data.shapes import MISS_REASONS, ShapesWorld
 from mmfusion.eval.plots import plot_training_curves
 from mmfusion.eval.report import evaluate_retrieval, evaluate_zeroshot, summary_lines, write_report
 from tests.utils import TINY_MODEL, shapes_tokenizer
@@ -34,6 +34,10 @@ def test_retrieval_report_and_plots(model, tmp_path):
     kinds = rep["by_caption_kind"]
     assert set(kinds["semantic_P@1"]) <= {"single", "region", "list", "relation", "count"}
     assert sum(kinds["texts"].values()) == rep["n_texts"]
+    for kind, n in kinds["texts"].items():  # every caption whose top-1 image is false has one reason
+        misses = kinds["top1_misses"].get(kind, {})
+        assert set(misses) <= set(MISS_REASONS)
+        assert sum(misses.values()) == round(n * (1 - kinds["semantic_P@1"][kind]))
 
 
 def test_zeroshot_report_ranks_all_classes(model, tmp_path):

@@ -460,6 +460,35 @@ def satisfies(scene: Scene, meaning: dict) -> bool:
     return False
 
 
+MISS_REASONS = ("shape missing", "colour missing", "size missing", "binding", "count", "relation", "region")
+
+
+def why_false(scene: Scene, meaning: dict) -> str | None:
+    """Why a caption is false of a scene (one of :data:`MISS_REASONS`), or None when it is true.
+
+    An attribute the caption names that no object has is "shape missing", "colour missing" or "size
+    missing" (checked in that order); every named attribute present, but not on objects as the caption
+    binds them (or too few objects), is "binding"; the objects right but the number of objects, a
+    relation or an object's region wrong is "count", "relation" or "region". Read over the top-1
+    retrievals of a model, it says what the model confuses.
+    """
+    if satisfies(scene, meaning):
+        return None
+    refs = meaning.get("objects", [])
+    for attr in ("shape", "colour", "size"):
+        present = {getattr(o, attr) for o in scene.objects}
+        if any(r.get(attr) is not None and r[attr] not in present for r in refs):
+            return f"{attr} missing"
+    placed = {"objects": [{k: v for k, v in r.items() if k != "region"} for r in refs], "relations": [], "count": None}
+    if not satisfies(scene, placed):
+        return "binding"
+    if meaning.get("count") is not None and meaning["count"] != len(scene.objects):
+        return "count"
+    if meaning.get("relations") and not satisfies(scene, {**placed, "relations": meaning["relations"]}):
+        return "relation"
+    return "region"
+
+
 def caption_kind(meaning: dict) -> str:
     """What a caption asks of a model: single (one object), region (one object and where it is), list (every
     object of a scene), relation (two objects and how they are placed), or count (how many, and one of them)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import CaptionFolder, ClassFolder, DataFormatError, read_jsonl
-from ..data.shapes import Scene, ShapesConfig, ShapesWorld, caption_kind, satisfies
+from ..data.shapes import MISS_REASONS, Scene, ShapesConfig, ShapesWorld, caption_kind, satisfies, why_false
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
 from . import plots
@@ -126,7 +127,11 @@ def evaluate_retrieval(
             ks,
             groups=[caption_kind(m) for m in flat_meanings],
         )
-        by_kind = {"semantic_P@1": sem.pop("semantic_P@1_by"), "texts": sem.pop("texts_by")}
+        by_kind = {
+            "semantic_P@1": sem.pop("semantic_P@1_by"),
+            "texts": sem.pop("texts_by"),
+            "top1_misses": top1_misses(img_emb, txt_emb, ds.scenes, flat_meanings),
+        }
         metrics.update(sem)
     counts: dict[str, int] = {}
     for t in texts:
@@ -152,6 +157,22 @@ def evaluate_retrieval(
             "recall": str(plots.plot_recall(metrics, out / "retrieval.png", title=f"retrieval: {ds.source}")),
         }
     return report
+
+
+def top1_misses(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, scenes: Sequence[Scene], meanings: Sequence[dict]
+) -> dict[str, dict[str, int]]:
+    """For each caption kind, why the top-1 image is false of the caption, counted over the captions
+    whose top-1 image is wrong (reasons from :func:`~mmfusion.data.shapes.why_false`, most frequent first)."""
+    top1 = torch.cat([(text_emb[s : s + 1024] @ image_emb.t()).argmax(dim=1) for s in range(0, len(text_emb), 1024)])
+    out: dict[str, dict[str, int]] = {}
+    for meaning, i in zip(meanings, top1.tolist()):
+        reason = why_false(scenes[i], meaning)
+        if reason is not None:
+            kind = out.setdefault(caption_kind(meaning), {})
+            kind[reason] = kind.get(reason, 0) + 1
+    order = {r: n for n, r in enumerate(MISS_REASONS)}
+    return {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], order[kv[0]]))) for k, v in sorted(out.items())}
 
 
 @dataclass
@@ -290,6 +311,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 "  semantic P@1 by caption kind: "
                 + ", ".join(f"{k} {v:.2f} (n={kinds['texts'][k]})" for k, v in kinds["semantic_P@1"].items())
             )
+            for kind, reasons in kinds.get("top1_misses", {}).items():
+                lines.append(
+                    f"    why the top-1 image is wrong, {kind}: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
+                )
         lines.append(
             f"  {report['n_images']} images, {report['n_texts']} captions "
             f"({report['captions_unique_fraction']:.0%} of captions unique: exact-pair R@1 is capped by it)"
