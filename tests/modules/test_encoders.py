@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mmfusion.modules.encoders import TextConfig, TextTransformer, VisionConfig, VisionTransformer
@@ -10,6 +11,31 @@ def test_vision_transformer_shapes_and_pooling():
         x = torch.randn(3, 3, 16, 16)
         assert vit.forward_features(x).shape == (3, 1 + 4, 32)
         assert vit(x).shape == (3, 12)
+
+
+def test_patch_whitening_decorrelates_the_first_layer():
+    torch.manual_seed(0)
+    vit = VisionTransformer(VisionConfig(image_size=16, patch_size=4, width=64, layers=1, heads=2), 8)
+    mix = torch.randn(48, 48) * torch.linspace(0.05, 3.0, 48)  # correlated pixels of very different variance
+    images = (torch.randn(200 * 16, 48) @ mix).view(200, 4, 4, 3, 4, 4).permute(0, 3, 1, 4, 2, 5)
+    images = images.reshape(200, 3, 16, 16)  # each 4 x 4 patch is one row of the correlated samples
+    random_init = vit.patch_embed.weight.clone()
+    assert vit.init_patch_whitening(images, eps=1e-6) == 48  # 48 pixels per patch: 48 of the 64 filters
+    assert torch.equal(vit.patch_embed.weight[48:], random_init[48:])
+    with torch.no_grad():
+        f = vit.patch_embed(images).flatten(2).transpose(1, 2).reshape(-1, 64)[:, :48]
+    cov = torch.cov(f.T)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-4  # uncorrelated
+    var = cov.diagonal()  # variance / (variance + eps): 1 but for the weakest directions
+    assert var[:40].min() > 0.99 and var.max() < 1.001 and var[0] >= var[-1]
+
+
+def test_patch_whitening_needs_the_patch_stem_and_enough_patches():
+    cfg = dict(image_size=16, patch_size=4, width=32, layers=1, heads=2)
+    with pytest.raises(ValueError, match="stem"):
+        VisionTransformer(VisionConfig(**cfg, stem="conv"), 8).init_patch_whitening(torch.randn(4, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least 48 patches"):
+        VisionTransformer(VisionConfig(**cfg), 8).init_patch_whitening(torch.randn(2, 3, 16, 16))
 
 
 def test_text_transformer_is_causal_and_pools_at_eot():

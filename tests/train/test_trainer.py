@@ -150,6 +150,27 @@ def test_training_learns_on_shapesworld(tmp_path):
     assert res.last["loss"] < math.log(32)
 
 
+def test_clip_runs_start_from_whitened_patches(tmp_path):
+    cfg = tiny_run(tmp_path)
+    cfg.init.whiten_patches = 0
+    torch.manual_seed(0)
+    plain = ClipTask.build(cfg, torch.device("cpu"))
+    cfg.init.whiten_patches = 256
+    torch.manual_seed(0)
+    white = ClipTask.build(cfg, torch.device("cpu"))
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), white.model.named_parameters()):
+        assert torch.equal(a, b) == (name != "visual.patch_embed.weight"), name  # only the patch layer moves
+    images = torch.cat([white.prepare(s).images for s in range(256 // cfg.train.batch_size)])  # the images used
+    with torch.no_grad():
+        f = white.model.visual.patch_embed(images).flatten(2).transpose(1, 2).reshape(-1, 32).double()
+    cov = torch.cov(f.T)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 1e-3 and cov.diagonal()[:8].min() > 0.9  # decorrelated, leading ones unit variance
+    cfg.init.whiten_patches = 1  # 4 patches of 192 pixels cannot be whitened
+    with pytest.raises(ValueError, match="raise init.whiten_patches"):
+        ClipTask.build(cfg, torch.device("cpu"))
+
+
 def test_length_must_be_given_once_and_epochs_need_a_finite_dataset(tmp_path):
     cfg = tiny_run(tmp_path, steps=None)
     task = ClipTask.build(cfg, torch.device("cpu"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import field
@@ -107,6 +108,31 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 self.pos_embed.zero_()
                 self.pos_embed[1:] = sincos_2d(cfg.image_size // cfg.patch_size, cfg.width)
+
+    @torch.no_grad()
+    def init_patch_whitening(self, images: torch.Tensor, eps: float = 1e-2) -> int:
+        """Make the patch embedding a whitening of the patches of ``images`` (B, 3, H, W), preprocessed as the
+        model sees them: filter i becomes the i-th principal component of the patches, scaled by
+        1 / sqrt(its variance + eps x the mean variance). The first layer then starts with decorrelated,
+        unit-variance features of what the data varies in, instead of random projections (first-layer
+        whitening is a known speed-up of training from scratch). Filters beyond the patch's pixel count keep
+        their initialisation; returns how many were set.
+        """
+        conv = self.patch_embed
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError("patch whitening initialises the patch stem; vision.stem=conv has no such layer")
+        k, dim = conv.kernel_size[0], conv.weight[0].numel()
+        patches = F.unfold(images.double(), k, stride=conv.stride[0], padding=conv.padding[0])  # (B, dim, L)
+        patches = patches.transpose(1, 2).reshape(-1, dim)
+        if len(patches) < dim:
+            raise ValueError(f"whitening {dim}-pixel patches needs at least {dim} patches, got {len(patches)}")
+        patches = patches - patches.mean(dim=0)
+        variance, components = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
+        variance, components = variance.flip(0), components.flip(1)
+        n = min(conv.out_channels, dim)
+        filters = components[:, :n] / (variance[:n] + eps * variance.mean()).sqrt()  # (dim, n)
+        conv.weight[:n] = filters.T.reshape(n, *conv.weight.shape[1:]).to(conv.weight.dtype)
+        return n
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> input tokens (B, 1 + N, W): class token, then patches, plus positions."""

@@ -132,7 +132,22 @@ class ClipTask:
             hard_negatives=cfg.train.hard_negatives,
             first_caption=cfg.data.caption_pick == "first",
         )
-        return cls(cfg, model, sampler, device)
+        task = cls(cfg, model, sampler, device)
+        if cfg.init.whiten_patches and mcfg.vision.stem == "patch":
+            task.whiten_patches(cfg.init.whiten_patches)
+        return task
+
+    def whiten_patches(self, n: int) -> None:
+        """Initialise the image tower's patch embedding from the first ``n`` training images (as they will be
+        seen: augmented and normalised); a resumed run then loads its trained weights over it."""
+        pairs = self.sampler.batch(0, n)
+        images = torch.from_numpy(np.stack([p.image for p in pairs]))
+        images = normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std)
+        try:
+            filters = self.model.visual.init_patch_whitening(images.to(self.device))
+        except ValueError as e:
+            raise ValueError(f"{e}: raise init.whiten_patches (now {n}), or set it to 0 to keep the random init") from e
+        log.info("patch embedding: %d filters whitened from %d images' patches", filters, n)
 
     def dataset_size(self) -> int:
         return len(self.sampler.source)
