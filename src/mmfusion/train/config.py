@@ -140,7 +140,7 @@ class InitConfig:
         512,
         "CLIP runs from scratch: set the ViT's patch embedding to a whitening (PCA) of the patches of the "
         "run's first this-many training images, so its features start decorrelated instead of random "
-        "(median semantic P@1 after 3 minutes on ShapesWorld 0.61 -> 0.70); 0 keeps the random init",
+        "(median semantic P@1 after 3 minutes on ShapesWorld 0.61 -> 0.69); 0 keeps the random init",
     )
 
     from_clip: str | None = field(None, "a trained CLIP checkpoint whose image encoder (and tokenizer) to start from")
@@ -160,7 +160,7 @@ class RunConfig:
     data: DataConfig = field(factory=DataConfig, help="training data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
-    init: InitConfig = field(factory=InitConfig, help="initialisation: CLIP patch whitening; captioner and VQA starting points")
+    init: InitConfig = field(factory=InitConfig, help="how a run starts: CLIP patch whitening, checkpoints")
     video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
     vqa: VQADataConfig = field(factory=VQADataConfig, help="VQA data (task vqa)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
