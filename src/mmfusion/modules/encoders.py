@@ -122,16 +122,19 @@ class VisionTransformer(nn.Module):
         if not isinstance(conv, nn.Conv2d):
             raise ValueError("patch whitening initialises the patch stem; vision.stem=conv has no such layer")
         k, dim = conv.kernel_size[0], conv.weight[0].numel()
-        patches = F.unfold(images.double(), k, stride=conv.stride[0], padding=conv.padding[0])  # (B, dim, L)
-        patches = patches.transpose(1, 2).reshape(-1, dim)
-        if len(patches) < dim:
-            raise ValueError(f"whitening {dim}-pixel patches needs at least {dim} patches, got {len(patches)}")
-        patches = patches - patches.mean(dim=0)
-        variance, components = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
+        total, sums, products = 0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64)
+        for chunk in images.split(64):  # a few hundred 224 px images would take gigabytes at once
+            patches = F.unfold(chunk.double(), k, stride=conv.stride[0], padding=conv.padding[0])  # (b, dim, L)
+            patches = patches.transpose(1, 2).reshape(-1, dim).cpu()
+            total, sums, products = total + len(patches), sums + patches.sum(0), products + patches.T @ patches
+        if total < dim:
+            raise ValueError(f"whitening {dim}-pixel patches needs at least {dim} patches, got {total}")
+        mean = sums / total
+        variance, components = torch.linalg.eigh(products / total - torch.outer(mean, mean))  # ascending
         variance, components = variance.flip(0), components.flip(1)
         n = min(conv.out_channels, dim)
         filters = components[:, :n] / (variance[:n] + eps * variance.mean()).sqrt()  # (dim, n)
-        conv.weight[:n] = filters.T.reshape(n, *conv.weight.shape[1:]).to(conv.weight.dtype)
+        conv.weight[:n] = filters.T.reshape(n, *conv.weight.shape[1:]).to(conv.weight)
         return n
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

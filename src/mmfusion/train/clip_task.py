@@ -23,7 +23,7 @@ import torch
 
 from ..data.datasets import CaptionFolder, DataFormatError
 from ..data.images import normalize_batch
-from ..data.pairs import FolderPairs, PairSampler, PairSource, ShapesPairs, matches
+from ..data.pairs import FolderPairs, Pair, PairSampler, PairSource, ShapesPairs, matches
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import Tokenizer
 from ..models.clip import CLIP
@@ -140,14 +140,17 @@ class ClipTask:
     def whiten_patches(self, n: int) -> None:
         """Initialise the image tower's patch embedding from the first ``n`` training images (as they will be
         seen: augmented and normalised); a resumed run then loads its trained weights over it."""
-        pairs = self.sampler.batch(0, n)
-        images = torch.from_numpy(np.stack([p.image for p in pairs]))
-        images = normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std)
+        images = self._images(self.sampler.batch(0, n)).to(self.device)
         try:
-            filters = self.model.visual.init_patch_whitening(images.to(self.device))
+            filters = self.model.visual.init_patch_whitening(images)
         except ValueError as e:
             raise ValueError(f"{e}: raise init.whiten_patches (now {n}), or set it to 0 to keep the random init") from e
         log.info("patch embedding: %d filters whitened from %d images' patches", filters, n)
+
+    def _images(self, pairs: list[Pair]) -> torch.Tensor:
+        """The pairs' images as the model takes them: (B, 3, S, S) float, normalised."""
+        images = torch.from_numpy(np.stack([p.image for p in pairs]))
+        return normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std)
 
     def dataset_size(self) -> int:
         return len(self.sampler.source)
@@ -158,9 +161,8 @@ class ClipTask:
         pairs = self.sampler.batch(step * B, B)
         tokens = self.model.tokenizer.encode([t for p in pairs for t in p.texts])  # the text tower trims padding
         mask = matches(pairs, self.cfg.train.positives)
-        images = torch.from_numpy(np.stack([p.image for p in pairs]))
         return PairBatch(
-            normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std),
+            self._images(pairs),
             tokens,
             torch.from_numpy(mask) if mask is not None else None,
         )
