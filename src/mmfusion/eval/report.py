@@ -21,7 +21,7 @@ from ..data.shapes import MISS_REASONS, Scene, ShapesConfig, ShapesWorld, captio
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
 from . import plots
-from .retrieval import embed_images, embed_texts, retrieval_metrics, semantic_precision
+from .retrieval import CHUNK, embed_images, embed_texts, retrieval_metrics, semantic_precision
 from .zeroshot import PHOTO_TEMPLATES, SHAPES_TEMPLATES, class_embeddings, confusion_matrix, topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def top1_misses(
 ) -> dict[str, dict[str, int]]:
     """For each caption kind, why the top-1 image is false of the caption, counted over the captions
     whose top-1 image is wrong (reasons from :func:`~mmfusion.data.shapes.why_false`, most frequent first)."""
-    top1 = torch.cat([(text_emb[s : s + 1024] @ image_emb.t()).argmax(dim=1) for s in range(0, len(text_emb), 1024)])
+    top1 = torch.cat([(text_emb[s : s + CHUNK] @ image_emb.t()).argmax(dim=1) for s in range(0, len(text_emb), CHUNK)])
     out: dict[str, dict[str, int]] = {}
     for meaning, i in zip(meanings, top1.tolist()):
         reason = why_false(scenes[i], meaning)
