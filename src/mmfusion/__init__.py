@@ -11,10 +11,9 @@ The Python API in one place::
     mmfusion.load("hf:Salesforce/blip-image-captioning-base").caption(["photo.jpg"])
 """
 
-__version__ = "0.1.0"
-
-from .backends import load  # noqa: E402
-from .models import create_model, list_models, save_model  # noqa: E402
+from .backends import load
+from .models import create_model, list_models, save_model
+from .version import __version__
 
 _LAZY = {"ZeroShotClassifier": "tasks", "best_caption": "tasks", "moderate": "tasks", "Index": "index"}
 

@@ -172,6 +172,40 @@ def parse_override(text: str) -> dict[str, Any]:
     return value
 
 
+def override_args(extra: list[str]) -> list[str]:
+    """``--a.b=v`` and ``--a.b v`` from a command line's leftover arguments, as ``a.b=v``."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise ConfigError(
+                f"unrecognised argument {tok!r}; config options look like --train.lr=1e-3 (see --help for the list)"
+            )
+        if "=" in tok:
+            out.append(tok[2:])
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{tok[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"{tok} needs a value, like {tok}=VALUE")
+    return out
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    """Merge the plain dict ``new`` into ``base``, nested mappings key by key (later layers of a config win)."""
+    for k, v in new.items():
+        base[k] = deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def with_overrides(data: dict, extra: list[str]) -> dict:
+    """``data`` with each ``--a.b=value`` of a command line's leftover arguments merged in, in order."""
+    for text in override_args(extra):
+        data = deep_update(data, parse_override(text))
+    return data
+
+
 def apply_overrides(cfg: T, overrides: list[str]) -> T:
     for text in overrides:
         cfg = merge(cfg, parse_override(text))

@@ -57,7 +57,7 @@ def test_cache_beams_and_options_on_the_model(tokenizer, images):
 
 def test_starts_from_a_clip_image_tower_frozen_or_not(tmp_path):
     clip = mmfusion.load(tiny_clip(tmp_path / "clip"))
-    cap = mmfusion.models.captioner.CaptionModel.from_clip(tmp_path / "clip", freeze=True)
+    cap = mmfusion.models.captioner.CaptionModel.from_clip(mmfusion.load(tmp_path / "clip"), freeze=True)
     for k, v in clip.visual.state_dict().items():
         torch.testing.assert_close(cap.visual.state_dict()[k], v)
     assert cap.tokenizer is not None and cap.cfg.vision == clip.cfg.vision

@@ -8,7 +8,8 @@ Offline first: a local directory is read as it is; a hub id is looked up in the 
 ``HF_HUB_OFFLINE=1`` nothing goes to the network. A model that is in neither place gives one error naming the
 model, where it was looked for and how to get it there.
 
-The families and the interface each one provides:
+The families (registered in :data:`mmfusion.models.registry.FAMILIES` with the native ones, so
+``mmfusion models`` lists them) and the interface each one provides:
 
 =============  =========================  ============================================
 model_type     interface                  adapter
@@ -23,7 +24,6 @@ whisper        Transcriber                :class:`~mmfusion.backends.hf_speech.H
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -38,19 +38,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.images import ImageDecodeError, load_image, to_rgb
+from ..models.registry import pretrained_family, resolve
 
 log = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
-
-# model_type -> (interface, module, adapter class); modules are imported when a model of the family loads
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "clip": ("Embedder", "mmfusion.backends.hf", "HFEmbedder"),
-    "siglip": ("Embedder", "mmfusion.backends.hf", "HFEmbedder"),
-    "blip": ("Captioner", "mmfusion.backends.hf_caption", "HFCaptioner"),
-    "qwen2_5_vl": ("Answerer", "mmfusion.backends.hf_vqa", "HFAnswerer"),
-    "whisper": ("Transcriber", "mmfusion.backends.hf_speech", "HFTranscriber"),
-}
 
 QUANTIZE_CHOICES = ("int8", "8bit", "4bit")
 
@@ -360,14 +352,11 @@ def load_pretrained(spec: str | os.PathLike, *, device=None, dtype=None, quantiz
     require_transformers()
     where, local_only = locate(source)
     cfg = read_config(where, local_only)
-    mtype = cfg.get("model_type")
-    if mtype not in FAMILIES:
-        raise ValueError(
-            f"{source}: model type {mtype!r} is not supported; mmfusion runs {', '.join(sorted(FAMILIES))}"
-        )
-    _, module, cls_name = FAMILIES[mtype]
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls.from_pretrained(source, device=device, dtype=dtype, quantize=quantize, **kwargs)
+    try:
+        spec = pretrained_family(cfg.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return resolve(spec.adapter).from_pretrained(source, device=device, dtype=dtype, quantize=quantize, **kwargs)
 
 
 # ---- images ------------------------------------------------------------------------------------------

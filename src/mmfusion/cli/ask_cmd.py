@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..config import ConfigError
-from .common import add_model_options, load_model
+from .common import add_model_options, command, load_model
 
 EXAMPLES_ASK = """
 examples:
@@ -23,10 +23,11 @@ or --top-p is given; --seed makes sampling repeatable. HF_HUB_OFFLINE=1 keeps ev
 
 
 def add_parser(sub) -> None:
-    a = sub.add_parser(
+    a = command(
+        sub,
         "ask",
+        cmd_ask,
         help="ask a question about an image (visual question answering)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Answer a question about an image with a model that answers questions (Qwen2.5-VL).",
         epilog=EXAMPLES_ASK,
     )
@@ -45,7 +46,6 @@ def add_parser(sub) -> None:
     )
     a.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
     a.add_argument("--json", action="store_true", help="print model, image, question and answer as JSON")
-    a.set_defaults(func=cmd_ask)
 
 
 def generation_options(args: argparse.Namespace) -> dict:

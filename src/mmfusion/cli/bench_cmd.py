@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import command
+
 EXAMPLES = """
 examples:
   mmfusion bench fusion                                   # every strategy + baselines, 2 seeds (~12 min on 2 cores)
@@ -16,10 +18,11 @@ colour; label colour x shape) and correspondence (does the sound's colour match 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "bench",
+        cmd_bench,
         help="benchmarks that train and compare models (fusion strategies)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every fusion strategy and each unimodal baseline on the ShapesWorld fusion tasks with the "
         "same data and budget; write a table (accuracy mean +- std, parameters, time, accuracy with a modality "
         "missing, with and without modality-dropout training), a JSON report and a bar chart.",
@@ -37,13 +40,12 @@ def add_parser(sub) -> None:
     p.add_argument("--test-size", type=int, default=1500, help="test examples per task")
     p.add_argument("--dropout-seeds", type=int, default=1, help="seeds of the modality-dropout runs (0: none)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from ..config import ConfigError
     from ..data.fusion_tasks import TASKS
-    from ..eval.fusion_bench import markdown_table, run_bench
+    from ..train.fusion_bench import markdown_table, run_bench
 
     if extra:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion bench --help")

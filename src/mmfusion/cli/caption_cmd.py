@@ -8,7 +8,7 @@ import sys
 
 from ..config import ConfigError
 from ..interfaces import GenerationOptions
-from .common import add_model_options
+from .common import add_model_options, command
 
 EXAMPLES_CAPTION = """
 examples:
@@ -26,10 +26,11 @@ _DEFAULTS = GenerationOptions()
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser(
+    c = command(
+        sub,
         "caption",
+        cmd_caption,
         help="describe images in words (BLIP captioning)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a caption for each IMAGE with a captioning model (a BLIP model such as "
         "hf:Salesforce/blip-image-captioning-base). With --prompt every caption continues that text.",
         epilog=EXAMPLES_CAPTION,
@@ -57,7 +58,6 @@ def add_parser(sub) -> None:
         "--batch-size", type=int, metavar="N", help="images per model call (default: the model's, 16 for BLIP)"
     )
     c.add_argument("--json", action="store_true", help='print a JSON list of {"image", "caption"}')
-    c.set_defaults(func=cmd_caption)
 
 
 def caption_options(args: argparse.Namespace) -> dict:

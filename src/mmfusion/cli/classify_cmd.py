@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import add_model_options, load_model
+from .common import add_model_options, command, load_model
 
 EXAMPLES = """
 examples:
@@ -23,10 +23,11 @@ moderation): SigLIP-style models score each label with its own sigmoid, others b
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "classify",
+        cmd_classify,
         help="zero-shot labels for images (CLIP, SigLIP or a native model)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rank the given labels for each image by how well the model matches them, with "
         "probabilities; or, with --threshold, list the labels found in each image.",
         epilog=EXAMPLES,
@@ -44,7 +45,6 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the label-embedding cache")
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
-    p.set_defaults(func=cmd_classify)
 
 
 def cmd_classify(args: argparse.Namespace, extra: list[str]) -> int:

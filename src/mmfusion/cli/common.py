@@ -27,7 +27,16 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True, help: s
 
 def load_model(args: argparse.Namespace):
     """The model named by --model with --device/--dtype/--quantize (the latter two for pretrained models)."""
-    import mmfusion
+    from ..backends import load
 
     kwargs = {k: getattr(args, k) for k in ("dtype", "quantize") if getattr(args, k, None)}
-    return mmfusion.load(args.model, device=args.device, **kwargs)
+    return load(args.model, device=args.device, **kwargs)
+
+
+def command(sub, name: str, func, *, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` keeps its examples' line breaks and that runs ``func(args, extra)``."""
+    p = sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.set_defaults(func=func)
+    return p

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .common import command
+
 if TYPE_CHECKING:
     from ..train import RunConfig
 
@@ -64,10 +66,11 @@ class DemoLayout:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "demo",
+        cmd_demo,
         help="the whole loop in a few minutes: generate data, train, evaluate, index, serve the web page",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate ShapesWorld, train clip-tiny (or reuse it), evaluate it, index the gallery (the test "
         "split's images) and serve the web page on 127.0.0.1.",
         epilog=EXAMPLES,
@@ -87,7 +90,6 @@ def add_parser(sub) -> None:
         help="an Answerer for questions about images, e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct (pretrained; trainable "
         "native ones come in a later release)",
     )
-    p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
@@ -139,20 +141,16 @@ def prepare_data(where: DemoLayout, gallery: int, progress: bool) -> None:
 def run_config(where: DemoLayout, budget: str, progress: bool, extra: list[str]) -> RunConfig:
     """clip-tiny on the ShapesWorld stream for ``budget``, with the options of ``mmfusion train`` in ``extra``;
     a training cut short keeps the options it was started with (the model it resumes has their shape)."""
-    from ..config import from_dict, parse_override
-    from ..models.registry import model_config
+    from ..config import deep_update, from_dict, with_overrides
     from ..train import RunConfig
     from ..train.checkpoint import latest_checkpoint, read_state
-    from .main import _deep_update, _overrides
 
     ckpt = latest_checkpoint(where.run / "checkpoints")
     data = read_state(ckpt)["run"] if ckpt is not None else {"preset": "clip-tiny"}
     length = {"steps": None, "epochs": None, "time": budget}
-    data = _deep_update(data, {"out": str(where.run), "train": {**length, "progress": progress}})
-    for text in _overrides(extra):  # --train.batch_size=64, --model.vision.layers=3, ...
-        data = _deep_update(data, parse_override(text))
-    cfg = from_dict(RunConfig, data)
-    model_config(cfg.preset, cfg.model)
+    data = deep_update(data, {"out": str(where.run), "train": {**length, "progress": progress}})
+    cfg = from_dict(RunConfig, with_overrides(data, extra))  # --train.batch_size=64, --model.vision.layers=3, ...
+    cfg.model_config()  # a bad model override fails now, not after the data is made
     return cfg
 
 
@@ -191,10 +189,10 @@ def evaluate(where: DemoLayout, gallery: int, fresh: bool) -> None:
         for p in paths.values():
             print("\n".join(summary_lines(json.loads(p.read_text()))))
         return
-    import mmfusion
+    from ..backends import load
 
     print(f"[3/{STEPS}] evaluating on the gallery (retrieval) and the zero-shot classes", flush=True)
-    model, data = mmfusion.load(where.run), str(where.data)
+    model, data = load(where.run), str(where.data)
     for name, run in (
         ("retrieval", lambda: evaluate_retrieval(model, data, n=gallery, out=where.eval, progress=False)),
         ("zeroshot", lambda: evaluate_zeroshot(model, data, out=where.eval, progress=False)),

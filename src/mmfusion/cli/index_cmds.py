@@ -9,6 +9,7 @@ import shutil
 import sys
 
 from ..config import ConfigError
+from .common import command
 
 EXAMPLES_INDEX = """
 examples:
@@ -36,11 +37,12 @@ A query term that names an image file is an image, id:N is an indexed image, any
 """
 
 
-def add_parsers(sub) -> None:
-    ix = sub.add_parser(
+def add_parser(sub) -> None:
+    ix = command(
+        sub,
         "index",
+        cmd_index,
         help="index folders of images for search (incremental, crash-safe)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Add the images under PATH(s) to the index in --db, or update it: new and changed files are "
         "embedded, renamed and copied ones reuse their vectors, deleted ones are removed. 'index info' and "
         "'index check' describe and verify an index.",
@@ -65,12 +67,12 @@ def add_parsers(sub) -> None:
     )
     ix.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
     ix.add_argument("--json", action="store_true", help="print the run's report (or info) as JSON")
-    ix.set_defaults(func=cmd_index)
 
-    s = sub.add_parser(
+    s = command(
+        sub,
         "search",
+        cmd_search,
         help="search an index by text, by image, or both",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rank the indexed images by cosine similarity to a query.",
         epilog=EXAMPLES_SEARCH,
     )
@@ -85,7 +87,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--before", help="only images dated before: YYYY-MM-DD")
     s.add_argument("--ensemble", action="store_true", help="average text queries over photo prompts")
     s.add_argument("--json", action="store_true", help="print results as JSON")
-    s.set_defaults(func=cmd_search)
 
 
 def _is_action(paths: list[str], name: str) -> bool:

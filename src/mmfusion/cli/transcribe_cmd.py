@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..interfaces import GenerationOptions, Transcript
-from .common import add_model_options
-
-FORMATS = ("text", "json", "srt", "vtt")
-EXTENSIONS = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
+from ..interfaces import GenerationOptions
+from ..tasks.subtitles import EXTENSIONS, FORMATS, render
+from .common import add_model_options, command
 
 EXAMPLES_TRANSCRIBE = """
 examples:
@@ -33,10 +30,11 @@ formats first: ffmpeg -i in.m4a -ac 1 -ar 16000 out.wav
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser(
+    t = command(
+        sub,
         "transcribe",
+        cmd_transcribe,
         help="speech to text with timestamps (Whisper)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Transcribe (or translate to English) the speech in each AUDIO file with a speech-to-text "
         "model (a Whisper model such as hf:openai/whisper-small).",
         epilog=EXAMPLES_TRANSCRIBE,
@@ -55,7 +53,6 @@ def add_parser(sub) -> None:
     t.add_argument("--out-dir", help="write FILE's transcript to OUT_DIR/<name>.<txt|json|srt|vtt> instead of stdout")
     t.add_argument("--max-new-tokens", type=int, help="most tokens per 30-second window (default: the model's, 224)")
     t.add_argument("--beams", type=int, help="beam search with this many beams (default 1: greedy)")
-    t.set_defaults(func=cmd_transcribe)
 
 
 def cmd_transcribe(args: argparse.Namespace, extra: list[str]) -> int:
@@ -110,63 +107,6 @@ def cmd_transcribe(args: argparse.Namespace, extra: list[str]) -> int:
     if failed:
         print(f"{failed} of {len(args.audio)} audio files could not be read", file=sys.stderr)
     return 1 if failed else 0
-
-
-# ---- output formats ----------------------------------------------------------------------------------
-
-
-def render(t: Transcript, fmt: str, path: str | None = None) -> str:
-    """A transcript as ``text``, ``json`` (one line), ``srt`` or ``vtt``, ending in a newline."""
-    if fmt == "text":
-        return t.text + "\n"
-    if fmt == "json":
-        return json.dumps(to_dict(t, path), ensure_ascii=False) + "\n"
-    if fmt == "srt":
-        return to_srt(t)
-    if fmt == "vtt":
-        return to_vtt(t)
-    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-def to_dict(t: Transcript, path: str | None = None) -> dict:
-    d = {"path": path} if path is not None else {}
-    d.update(
-        text=t.text,
-        language=t.language,
-        segments=[{"start": s.start, "end": s.end, "text": s.text} for s in t.segments],
-    )
-    return d
-
-
-def to_srt(t: Transcript) -> str:
-    """SubRip subtitles: numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, a blank line after each."""
-    cues = [
-        f"{i}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{_cue_text(s.text)}\n"
-        for i, s in enumerate(t.segments, 1)
-    ]
-    return "\n".join(cues)
-
-
-def to_vtt(t: Transcript) -> str:
-    """WebVTT subtitles: the ``WEBVTT`` header, then ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` cues."""
-    cues = [
-        f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{_cue_text(s.text).replace('-->', '->')}\n"
-        for s in t.segments
-    ]
-    return "\n".join(["WEBVTT\n", *cues])
-
-
-def _clock(seconds: float, sep: str) -> str:
-    ms = max(0, int(round(seconds * 1000)))
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    s, ms = divmod(rest, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def _cue_text(text: str) -> str:
-    """Cue text without blank lines (a blank line ends a cue in both formats)."""
-    return "\n".join(line.strip() for line in text.strip().splitlines() if line.strip()) or "..."
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

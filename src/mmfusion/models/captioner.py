@@ -73,12 +73,8 @@ class CaptionModel(nn.Module):
 
     @classmethod
     def from_clip(cls, clip, cfg: CaptionerConfig | None = None, freeze: bool = False, name: str = "captioner"):
-        """A captioner whose image encoder (and tokenizer) start as a trained CLIP's; ``clip`` is a CLIP model
-        or a checkpoint path."""
-        if not isinstance(clip, nn.Module):
-            from .registry import load
-
-            clip = load(clip)
+        """A captioner whose image encoder (and tokenizer) start as a trained CLIP's (load a checkpoint with
+        :func:`mmfusion.load` first)."""
         if getattr(clip, "family", None) != "clip":
             raise ValueError(f"{getattr(clip, 'name', clip)!r} is not a CLIP model; from_clip needs one")
         cfg = cfg or CaptionerConfig()

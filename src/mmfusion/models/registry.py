@@ -1,32 +1,32 @@
-"""One registry of model families and named presets, and the checkpoint format every model shares.
+"""One table of everything mmfusion can build, train or load: a :class:`FamilySpec` per model family.
 
-Presets are data: ``presets/<name>.json`` holds ``{"family", "description", "config"}``. Families
-are registered explicitly in :data:`FAMILIES` (no registration by import side effect).
+A native family names its config dataclass, its model class, the ``mmfusion train`` tasks that train it (the task
+adapter of each), its default preset and the ``mmfusion eval`` kinds that measure it. A pretrained backend names
+the Hugging Face ``model_type`` values it reads and the adapter class that loads them. The CLI's task list and
+defaults, :func:`mmfusion.train.train`, ``mmfusion models`` and :func:`mmfusion.load` all read this table, so a new
+family is one module and one entry in :data:`FAMILIES` (the recipe is in docs/ARCHITECTURE.md).
 
-A checkpoint is a directory::
+Entries in layers above ``models`` (task adapters in ``train``, adapters in ``backends``) are written as
+``"module:attribute"`` strings and imported on first use: the table stays at the bottom of the stack, and
+``import mmfusion`` does not import training or ``transformers``.
 
-    config.json          {"format", "family", "name", "config", "mmfusion_version"}
-    model.safetensors    the weights (never a pickle)
-    tokenizer.json       for models that read text
+Presets are data: ``presets/<name>.json`` holds ``{"family", "description", "config"}``; a family may also
+carry presets of its own (:attr:`FamilySpec.presets`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
-import os
-import tempfile
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError, apply_overrides, from_dict, merge
-from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
-from ..utils.io import atomic_replace_dir, atomic_write_json
+from ..data.tokenizer import Tokenizer
 from .captioner import CaptionerConfig, CaptionModel
 from .clip import CLIP, CLIPConfig
 from .fusion import FusionClassifier, FusionConfig
@@ -34,20 +34,140 @@ from .video import VideoClassifier, VideoConfig
 from .vqa import VQAConfig, VQAModel
 
 PRESET_DIR = Path(__file__).parent / "presets"
-FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
-    "clip": (CLIPConfig, CLIP),
-    "fusion": (FusionConfig, FusionClassifier),
-    "captioner": (CaptionerConfig, CaptionModel),
-    "vqa": (VQAConfig, VQAModel),
-    "video": (VideoConfig, VideoClassifier),
-}
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-FORMAT = "mmfusion.checkpoint/1"
-_CORE_KEYS = ("format", "family", "name", "config", "mmfusion_version")
+Ref = str  # "package.module:attribute", imported by resolve() when first needed
+
+
+def resolve(ref: Ref | Any) -> Any:
+    """The object a ``"module:attribute"`` reference names (anything else is returned as it is)."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What one model family is and where each of its parts lives.
+
+    Native families set ``config``, ``model`` and usually ``tasks``; pretrained backends set ``source``,
+    ``model_types`` and ``adapter``.
+    """
+
+    name: str
+    help: str  # one line for `mmfusion models` and `mmfusion train --help`
+    interface: str  # what it provides: Embedder, Classifier, Captioner, Answerer, Transcriber
+    config: type | None = None  # the config dataclass (native)
+    model: type[nn.Module] | None = None  # built as model(cfg, tokenizer=..., name=...) (native)
+    tasks: dict[str, Ref] = field(default_factory=dict)  # `mmfusion train TASK` -> its task adapter class
+    default_preset: str | None = None  # the preset `mmfusion train TASK` uses when none is given
+    text_field: str | None = None  # the sub-config with the tokenizer's context_length, for models that read text
+    data_config: str | None = None  # the RunConfig section with this family's data options (fusion, video, vqa)
+    eval_kinds: tuple[str, ...] = ()  # the `mmfusion eval` kinds that measure it
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # presets given in code, beside presets/*.json
+    next_steps: dict[str, str] = field(default_factory=dict)  # task -> what to try after training ({out}: the run)
+    source: str = "native"  # native, or where pretrained weights come from (hf)
+    model_types: tuple[str, ...] = ()  # pretrained: the Hugging Face config model_type values it loads
+    adapter: Ref | None = None  # pretrained: the class whose from_pretrained(source, ...) loads the model
+    example: str = ""  # pretrained: a model id to show
+
+    @property
+    def native(self) -> bool:
+        return self.source == "native"
+
+    def task_adapter(self, task: str) -> type:
+        """The adapter class that trains this family as ``task``; an error names the tasks it has."""
+        if task not in self.tasks:
+            wanted = [f.name for f in FAMILIES.values() if task in f.tasks]
+            raise ValueError(
+                f"a {self.name} model cannot be trained as `train {task}`: it needs a {' or '.join(wanted) or '?'} "
+                f"preset (a {self.name} model trains with: {', '.join(self.tasks) or 'nothing'})"
+            )
+        return resolve(self.tasks[task])
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "clip": FamilySpec(
+        "clip", "dual-encoder CLIP: embeds images and texts in one space", "Embedder",
+        CLIPConfig, CLIP, {"clip": "mmfusion.train.clip_task:ClipTask"}, "clip-tiny", text_field="text",
+        eval_kinds=("retrieval", "zeroshot", "all"),
+        next_steps={"clip": "mmfusion index PHOTOS --db photos.index --model {out}"},
+    ),
+    "fusion": FamilySpec(
+        "fusion", "classifier over several modalities' features, fused early, late or by attention", "Classifier",
+        FusionConfig, FusionClassifier, {"fusion": "mmfusion.train.fusion_task:FusionTask"}, "fusion-small",
+        data_config="fusion", eval_kinds=("fusion",),
+    ),
+    "captioner": FamilySpec(
+        "captioner", "image captioner (ViT encoder + text decoder); also answers questions by generation",
+        "Captioner", CaptionerConfig, CaptionModel,
+        {"caption": "mmfusion.train.caption_task:CaptionTask", "vqa": "mmfusion.train.vqa_task:GenerativeVQATask"},
+        "caption-tiny", text_field="decoder", data_config="vqa", eval_kinds=("caption", "vqa"),
+        next_steps={
+            "caption": "mmfusion caption --model {out} IMAGE...",
+            "vqa": "mmfusion ask --model {out} IMAGE 'what colour is the circle?'",
+        },
+    ),
+    "vqa": FamilySpec(
+        "vqa", "visual question answering as classification over an answer vocabulary", "Answerer",
+        VQAConfig, VQAModel, {"vqa": "mmfusion.train.vqa_task:VQATask"}, "vqa-tiny", text_field="question",
+        data_config="vqa", eval_kinds=("vqa",),
+        next_steps={"vqa": "mmfusion ask --model {out} IMAGE 'what colour is the circle?'"},
+    ),
+    "video": FamilySpec(
+        "video", "video classifier (TimeSformer divided attention, joint attention or frame pooling)", "Classifier",
+        VideoConfig, VideoClassifier, {"video": "mmfusion.train.video_task:VideoTask"}, "video-tiny",
+        data_config="video",
+    ),
+    "hf-clip": FamilySpec(
+        "hf-clip", "pretrained CLIP or SigLIP from Hugging Face", "Embedder", source="hf",
+        model_types=("clip", "siglip"), adapter="mmfusion.backends.hf:HFEmbedder",
+        example="hf:openai/clip-vit-base-patch32", eval_kinds=("retrieval", "zeroshot", "all"),
+    ),
+    "hf-blip": FamilySpec(
+        "hf-blip", "pretrained BLIP captioner from Hugging Face", "Captioner", source="hf", model_types=("blip",),
+        adapter="mmfusion.backends.hf_caption:HFCaptioner", example="hf:Salesforce/blip-image-captioning-base",
+        eval_kinds=("caption",),
+    ),
+    "hf-qwen2_5_vl": FamilySpec(
+        "hf-qwen2_5_vl", "pretrained Qwen2.5-VL answerer from Hugging Face", "Answerer", source="hf",
+        model_types=("qwen2_5_vl",), adapter="mmfusion.backends.hf_vqa:HFAnswerer",
+        example="hf:Qwen/Qwen2.5-VL-3B-Instruct", eval_kinds=("vqa",),
+    ),
+    "hf-whisper": FamilySpec(
+        "hf-whisper", "pretrained Whisper speech-to-text from Hugging Face", "Transcriber", source="hf",
+        model_types=("whisper",), adapter="mmfusion.backends.hf_speech:HFTranscriber",
+        example="hf:openai/whisper-tiny",
+    ),
+}  # fmt: skip
+
+
+def family(name: str) -> FamilySpec:
+    """The spec of a registered family; an error lists the known ones."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def pretrained_family(model_type: str | None) -> FamilySpec:
+    """The pretrained backend that reads a Hugging Face ``model_type``."""
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for spec in FAMILIES.values() for t in spec.model_types)
+    raise ValueError(f"model type {model_type!r} is not supported; mmfusion runs {', '.join(known)}")
+
+
+def train_tasks() -> dict[str, FamilySpec]:
+    """``mmfusion train`` task -> the family it trains by default: the family that lists the task first among its
+    own (``vqa`` trains the vqa classifier; ``train vqa --preset caption-tiny`` answers through a captioner)."""
+    return {next(iter(spec.tasks)): spec for spec in FAMILIES.values() if spec.tasks}
 
 
 def _presets() -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(PRESET_DIR.glob("*.json"))}
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(PRESET_DIR.glob("*.json"))}
+    for spec in FAMILIES.values():
+        found.update({name: {"family": spec.name, **p} for name, p in spec.presets.items()})
+    return found
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -71,8 +191,7 @@ def model_config(name: str, overrides: dict[str, Any] | list[str] | None = None)
     if name not in presets:
         raise KeyError(f"unknown model preset {name!r}; available: {', '.join(presets)}")
     preset = presets[name]
-    cfg_cls, _ = FAMILIES[preset["family"]]
-    cfg = from_dict(cfg_cls, preset["config"], prefix="model.")
+    cfg = from_dict(family(preset["family"]).config, preset["config"], prefix="model.")
     if isinstance(overrides, list):
         cfg = apply_overrides(cfg, overrides)
     elif overrides:
@@ -80,11 +199,11 @@ def model_config(name: str, overrides: dict[str, Any] | list[str] | None = None)
     return preset["family"], cfg
 
 
-def build_model(family: str, cfg: Any, tokenizer: Tokenizer | None = None, name: str | None = None) -> nn.Module:
-    if family not in FAMILIES:
-        raise KeyError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    _, model_cls = FAMILIES[family]
-    return model_cls(cfg, tokenizer=tokenizer, name=name or family)
+def build_model(family_name: str, cfg: Any, tokenizer: Tokenizer | None = None, name: str | None = None) -> nn.Module:
+    spec = family(family_name)
+    if not spec.native:
+        raise ConfigError(f"{family_name} is a pretrained backend: load it with mmfusion.load('{spec.example}')")
+    return spec.model(cfg, tokenizer=tokenizer, name=name or family_name)
 
 
 def create_model(name: str, tokenizer: Tokenizer | None = None, **overrides: Any) -> nn.Module:
@@ -93,91 +212,5 @@ def create_model(name: str, tokenizer: Tokenizer | None = None, **overrides: Any
     Example:
         >>> model = create_model("clip-tiny", vision={"layers": 2})
     """
-    family, cfg = model_config(name, overrides)
-    return build_model(family, cfg, tokenizer, name)
-
-
-def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically (a crash leaves the old one or the new one, whole)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write_model_files(model, tmp, extra)
-        return atomic_replace_dir(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_model_files(model: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> None:
-    """config.json, model.safetensors and tokenizer.json into an existing directory."""
-    from .. import __version__
-
-    family = getattr(model, "family", None)
-    if family not in FAMILIES:
-        raise TypeError(f"cannot save {type(model).__name__}: not a registered mmfusion model family")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    meta = {
-        "format": FORMAT,
-        "family": family,
-        "name": getattr(model, "name", family),
-        "config": asdict(model.cfg),
-        "mmfusion_version": __version__,
-        **(getattr(model, "meta", None) or {}),
-        **(extra or {}),
-    }
-    atomic_write_json(directory / CONFIG_FILE, meta)
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        tok.save(directory / TOKENIZER_FILE)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for a path: the directory itself, or the ``model/`` of a training run."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
-            return candidate
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no model at {path}: give a checkpoint directory (config.json + model.safetensors) "
-            f"or a training run's output directory, or a preset name: {', '.join(list_models())}"
-        )
-    raise FileNotFoundError(
-        f"{path} is not an mmfusion checkpoint: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-        f"(or a model/ folder holding them, as `mmfusion train` writes)"
-    )
-
-
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild any mmfusion model from its checkpoint directory, in eval mode.
-
-    Args:
-        path: a checkpoint directory, or a training run's output directory (its ``model/`` is used).
-        device: where to put the weights.
-    """
-    ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / CONFIG_FILE).read_text())
-    family = meta.get("family")
-    if family not in FAMILIES:
-        raise ConfigError(f"{ckpt / CONFIG_FILE}: unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    cfg_cls, _ = FAMILIES[family]
-    cfg = from_dict(cfg_cls, meta["config"], prefix="model.")
-    tokenizer = None
-    if (ckpt / TOKENIZER_FILE).is_file():
-        text_cfg = getattr(cfg, "text", None) or getattr(cfg, "decoder", None) or getattr(cfg, "question", None)
-        context = getattr(text_cfg, "context_length", 77)
-        tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE, context)
-    model = build_model(family, cfg, tokenizer, name=meta.get("name") or str(path))
-    model.meta = {k: v for k, v in meta.items() if k not in _CORE_KEYS}  # e.g. what it was trained on
-    state = load_file(str(ckpt / WEIGHTS_FILE), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{ckpt / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.to(device).eval()
+    family_name, cfg = model_config(name, overrides)
+    return build_model(family_name, cfg, tokenizer, name)

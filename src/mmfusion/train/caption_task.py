@@ -19,7 +19,8 @@ from ..data.images import normalize_batch
 from ..data.pairs import PairSampler
 from ..data.tokenizer import PAD_ID, Tokenizer
 from ..models.captioner import CaptionModel
-from ..models.registry import build_model, model_config
+from ..models.checkpoint import load
+from ..models.registry import build_model
 from .clip_task import build_pair_source, first_epoch_in_order, trained_on
 from .config import RunConfig
 from .trainer import TaskDefaults
@@ -37,12 +38,10 @@ class CaptionTask(TaskDefaults):
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> CaptionTask:
-        family, mcfg = model_config(cfg.preset, cfg.model)
-        if family != "captioner":
-            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train caption` needs a captioner preset")
+        mcfg = cfg.model_config("captioner")
         cc = cfg.init
         if cc.from_clip:
-            model = CaptionModel.from_clip(cc.from_clip, mcfg, freeze=cc.freeze_vision, name=cfg.preset)
+            model = CaptionModel.from_clip(load(cc.from_clip), mcfg, freeze=cc.freeze_vision, name=cfg.preset)
             if tokenizer is None:
                 tokenizer = model.tokenizer
             log.info("image encoder from %s (%s)", cc.from_clip, "frozen" if cc.freeze_vision else "fine-tuned")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models.registry import write_model_files
+from ..models.checkpoint import write_model_files
 from ..utils.io import atomic_replace_dir, atomic_write_json
 
 STATE_FILE, OPTIM_FILE = "trainer_state.json", "optimizer.safetensors"

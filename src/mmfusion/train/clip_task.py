@@ -26,8 +26,9 @@ from ..data.images import normalize_batch
 from ..data.pairs import FolderPairs, Pair, PairSampler, PairSource, ShapesPairs, matches
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import Tokenizer
+from ..models.checkpoint import save_model
 from ..models.clip import CLIP
-from ..models.registry import build_model, model_config, save_model
+from ..models.registry import build_model
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
 from .config import RunConfig
 
@@ -76,18 +77,35 @@ def trained_on(cfg: RunConfig) -> dict:
     return {"source": str(Path(cfg.data.source).resolve())}
 
 
+def _clip(image, text, model: CLIP, positives, margin: float) -> ContrastiveOutput:
+    return clip_loss(image, text, model.logit(), positives)
+
+
+def _siglip(image, text, model: CLIP, positives, margin: float) -> ContrastiveOutput:
+    if model.logit.bias is None:
+        raise ValueError("the SigLIP loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
+    return siglip_loss(image, text, model.logit(), model.logit.bias, positives)
+
+
+def _triplet(image, text, model: CLIP, positives, margin: float) -> ContrastiveOutput:
+    return triplet_loss(image, text, margin, hardest=True, positives=positives)
+
+
+# train.loss -> how it reads the model's learnable parts (a new loss is a pure function in modules/losses.py
+# and one entry here)
+CONTRASTIVE_LOSSES: dict[str, Callable[..., ContrastiveOutput]] = {
+    "clip": _clip,
+    "siglip": _siglip,
+    "triplet": _triplet,
+}
+
+
 def contrastive_loss(
     kind: str, image: torch.Tensor, text: torch.Tensor, model: CLIP, positives: torch.Tensor | None, margin: float = 0.2
 ) -> ContrastiveOutput:
-    if kind == "clip":
-        return clip_loss(image, text, model.logit(), positives)
-    if kind == "siglip":
-        if model.logit.bias is None:
-            raise ValueError("the SigLIP loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
-        return siglip_loss(image, text, model.logit(), model.logit.bias, positives)
-    if kind == "triplet":
-        return triplet_loss(image, text, margin, hardest=True, positives=positives)
-    raise ValueError(f"unknown loss {kind!r}; choose clip, siglip or triplet")
+    if kind not in CONTRASTIVE_LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose {', '.join(CONTRASTIVE_LOSSES)}")
+    return CONTRASTIVE_LOSSES[kind](image, text, model, positives, margin)
 
 
 class ClipTask:
@@ -100,9 +118,7 @@ class ClipTask:
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> ClipTask:
-        family, mcfg = model_config(cfg.preset, cfg.model)
-        if family != "clip":
-            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train clip` needs a clip preset")
+        mcfg = cfg.model_config("clip")
         if cfg.train.loss == "siglip" and mcfg.init_logit_bias is None:
             # SigLIP's initialisation: t' = ln 10, b = -10, so early logits say "no match" to most pairs
             mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0

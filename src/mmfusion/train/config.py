@@ -14,6 +14,7 @@ from ..config import field
 from ..data.images import AugmentConfig
 from ..data.shapes import ShapesConfig
 from ..data.video import ACTIONS
+from ..models.registry import FamilySpec, family, model_config
 
 
 @dataclass
@@ -164,6 +165,25 @@ class RunConfig:
     video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
     vqa: VQADataConfig = field(factory=VQADataConfig, help="VQA data (task vqa)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
+
+    def family(self) -> FamilySpec:
+        """The spec of the preset's model family."""
+        return family(model_config(self.preset)[0])
+
+    def model_config(self, expect: str | None = None) -> Any:
+        """The preset's typed config with the ``model`` overrides applied: the one place the untyped overrides
+        become the family's config dataclass.
+
+        Args:
+            expect: the family the caller builds; a preset of another family is an error naming the fix.
+        """
+        family_name, cfg = model_config(self.preset, self.model)
+        if expect is not None and family_name != expect:
+            raise ValueError(
+                f"preset {self.preset!r} is a {family_name} model; `train {self.task}` needs a {expect} preset "
+                "(mmfusion models lists them)"
+            )
+        return cfg
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)?", re.IGNORECASE)

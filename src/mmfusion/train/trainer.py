@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,7 +75,7 @@ class TaskDefaults:
         return {}
 
     def save_model(self, path: Path) -> Path:
-        from ..models.registry import save_model
+        from ..models.checkpoint import save_model
 
         return save_model(self.model, path)
 
@@ -101,6 +101,7 @@ class TrainResult:
     elapsed_s: float
     last: dict[str, float]
     report: dict[str, Any] | None = None  # the held-out evaluation, for tasks that make one at the end
+    summary: list[str] = field(default_factory=list)  # the report in a few lines for a person
 
 
 def pick_device(name: str) -> torch.device:

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import DataFormatError, read_jsonl
-from ..data.video import DIRECTIONS, ShapesVideo, ShapesVideoConfig, VideoFolder, normalize_video, video_classes
-from ..models.registry import build_model, model_config
+from ..data.video import ShapesVideo, ShapesVideoConfig, VideoFolder, normalize_video, video_classes
+from ..eval.video import evaluate_video
+from ..models.registry import build_model
 from ..models.video import VideoClassifier
 from .config import RunConfig
 from .trainer import TaskDefaults, batch_indices
@@ -112,10 +113,8 @@ class VideoTask(TaskDefaults):
         self.cfg, self.model, self.source, self.test, self.device = cfg, model, train, test, device
 
     @classmethod
-    def build(cls, cfg: RunConfig, device: torch.device) -> VideoTask:
-        family, mcfg = model_config(cfg.preset, cfg.model)
-        if family != "video":
-            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train video` needs a video preset")
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer=None) -> VideoTask:
+        mcfg = cfg.model_config("video")
         e = mcfg.encoder
         train, test, names, trained_on = video_data(cfg, e.frames, e.image_size)
         mcfg.class_names = list(names)
@@ -149,47 +148,16 @@ class VideoTask(TaskDefaults):
         return total
 
     def evaluate(self, out: str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
-        """The held-out report of the trained model (see :func:`evaluate_video`)."""
+        """The held-out report of the trained model: top-1/top-5, macro-F1, the confusion matrix (see
+        :func:`~mmfusion.eval.video.evaluate_video`)."""
         clips, labels = self.test.batch(np.arange(len(self.test)))
         return evaluate_video(self.model, clips, labels, out, batch_size)
 
-
-def evaluate_video(
-    model: VideoClassifier, clips: np.ndarray, labels: np.ndarray, out: str | Path | None = None, batch_size: int = 64
-) -> dict[str, Any]:
-    """Top-1/top-5 accuracy, macro-F1, per-class and direction-class accuracy of ``model`` on uint8 clips
-    (N, T, H, W, 3) with labels (N,); writes ``video.json`` and ``confusion.png`` into ``out`` when given."""
-    from ..eval.classification import classification_metrics, confusion_matrix
-    from ..eval.zeroshot import topk_accuracy
-
-    names = list(model.cfg.class_names)
-    probs = model.predict(clips, batch_size)
-    truth = torch.as_tensor(labels, dtype=torch.long)
-    preds = probs.argmax(-1).numpy()
-    metrics = classification_metrics(labels, preds, len(names))
-    metrics.update(top1=metrics["accuracy"], **topk_accuracy(probs, truth, (5,)))
-    per_class = {c: float((preds[labels == i] == i).mean()) for i, c in enumerate(names) if (labels == i).any()}
-    directions = [names.index(d) for d in DIRECTIONS if d in names]
-    on_dir = np.isin(labels, directions)
-    if on_dir.any():  # which of left/right/up/down, among the direction clips (chance: 1/4)
-        metrics["direction_accuracy"] = float((preds[on_dir] == labels[on_dir]).mean())
-    report: dict[str, Any] = {
-        "task": "video",
-        "model": getattr(model, "name", ""),
-        "attention": model.cfg.encoder.attention,
-        "n": len(labels),
-        "metrics": metrics,
-        "per_class_accuracy": per_class,
-    }
-    if out is not None:
-        from ..eval.plots import plot_confusion
-        from ..eval.report import write_report
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        cm = confusion_matrix(labels, preds, len(names))
-        title = f"{model.cfg.encoder.attention} attention: top-1 {metrics['top1']:.3f}"
-        report["plots"] = {"confusion": str(plot_confusion(cm, names, out / "confusion.png", title=title))}
-        report["confusion"] = cm.tolist()
-        write_report(report, out / "video.json")
-    return report
+    @staticmethod
+    def summarize(report: dict[str, Any], out: Path) -> list[str]:
+        m, n = report["metrics"], report["n"]
+        directions = f", directions {m['direction_accuracy']:.3f}" if "direction_accuracy" in m else ""
+        return [
+            f"held-out: top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}{directions} on {n} clips",
+            f"report:  {out / 'video.json'}, {out / 'confusion.png'}",
+        ]

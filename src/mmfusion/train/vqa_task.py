@@ -22,7 +22,8 @@ from ..data.datasets import DataFormatError, read_qa
 from ..data.images import ImageDecodeError, load_image, normalize_batch, to_uint8
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, Tokenizer
-from ..models.registry import build_model, model_config
+from ..models.checkpoint import load
+from ..models.registry import build_model
 from ..models.vqa import VQAModel
 from .config import RunConfig
 from .trainer import TaskDefaults, batch_indices
@@ -119,14 +120,10 @@ class VQATask(TaskDefaults):
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> VQATask:
-        family, mcfg = model_config(cfg.preset, cfg.model)
-        if family != "vqa":
-            raise ValueError(f"preset {cfg.preset!r} is a {family} model; `train vqa` needs a vqa preset")
+        mcfg = cfg.model_config("vqa")
         size = mcfg.vision.image_size
         clip = None
         if cfg.init.from_clip:
-            from ..models.registry import load
-
             clip = load(cfg.init.from_clip)
             if getattr(clip, "family", None) != "clip":
                 raise ValueError(f"init.from_clip: {cfg.init.from_clip} is not a CLIP checkpoint")
@@ -206,12 +203,8 @@ class GenerativeVQATask(TaskDefaults):
         from ..models.captioner import CaptionModel
         from .clip_task import build_pair_source, first_epoch_in_order, trained_on
 
-        family, mcfg = model_config(cfg.preset, cfg.model)
-        if family != "captioner":
-            raise ValueError(f"preset {cfg.preset!r} is a {family} model; generative VQA needs a captioner preset")
+        mcfg = cfg.model_config("captioner")
         if cfg.init.from_captioner:  # caption pre-training, then questions: the captioner already binds attributes
-            from ..models.registry import load
-
             model = load(cfg.init.from_captioner)
             if getattr(model, "family", None) != "captioner":
                 raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is not a captioner checkpoint")
@@ -220,7 +213,9 @@ class GenerativeVQATask(TaskDefaults):
                 mcfg.freeze_vision = True
                 model.visual.requires_grad_(False)
         elif cfg.init.from_clip:
-            model = CaptionModel.from_clip(cfg.init.from_clip, mcfg, freeze=cfg.init.freeze_vision, name=cfg.preset)
+            model = CaptionModel.from_clip(
+                load(cfg.init.from_clip), mcfg, freeze=cfg.init.freeze_vision, name=cfg.preset
+            )
             tokenizer = tokenizer or model.tokenizer
         else:
             mcfg.freeze_vision = cfg.init.freeze_vision

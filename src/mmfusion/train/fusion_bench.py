@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from ..data.fusion_tasks import TASKS, FusionTaskConfig, make_fusion_data
+from ..eval.classification import evaluate_fusion
 from ..modules.fusions import FUSIONS
-from ..train.config import FusionDataConfig, RunConfig, TrainConfig
-from ..train.fusion_task import FusionTask
-from ..train.trainer import Trainer, pick_device, set_threads
-from .classification import evaluate_fusion
+from .config import FusionDataConfig, RunConfig, TrainConfig
+from .fusion_task import FusionTask
+from .trainer import Trainer, pick_device, set_threads
 
 log = logging.getLogger(__name__)
 
