@@ -163,3 +163,9 @@ def test_every_train_task_has_a_default_preset():
 
     for task, spec in train_tasks().items():
         assert spec.default_preset in mmfusion.list_models(), task
+
+
+def test_every_eval_kind_has_a_runner():
+    from mmfusion.cli.eval_cmd import RUNNERS
+
+    assert {k for spec in FAMILIES.values() for k in spec.eval_kinds} == set(RUNNERS)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..config import ConfigError
 from ..interfaces import GenerationOptions
-from .common import add_model_options, command
+from .common import Skipped, add_model_options, command
 
 EXAMPLES_CAPTION = """
 examples:
@@ -109,7 +108,7 @@ def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_size:
         model.batch_size = args.batch_size
     step = getattr(model, "batch_size", 16)
-    results, skipped = [], 0
+    results, skipped = [], Skipped("images", len(args.images))
     for i in range(0, len(args.images), step):
         paths, images = [], []
         for path in args.images[i : i + step]:
@@ -117,8 +116,7 @@ def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
                 images.append(load_image(path))
                 paths.append(path)
             except ImageDecodeError as e:
-                skipped += 1
-                print(f"skipped {path}: {e}", file=sys.stderr)
+                skipped.skip(path, e)
         if not images:
             continue
         captions = model.caption(images, prompt=args.prompt, **options)
@@ -129,6 +127,4 @@ def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
                 print(f"{path}\t{text}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
-    if skipped:
-        print(f"{skipped} of {len(args.images)} images could not be read", file=sys.stderr)
-    return 1 if skipped else 0
+    return skipped.exit_code()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .common import add_model_options, command, load_model
+from .common import Skipped, add_model_options, command, load_model
 
 EXAMPLES = """
 examples:
@@ -65,14 +64,13 @@ def cmd_classify(args: argparse.Namespace, extra: list[str]) -> int:
             "(hf:...) or a native CLIP checkpoint"
         )
     clf = ZeroShotClassifier(model, args.labels, args.templates, cache_dir=None if args.no_cache else DEFAULT_CACHE)
-    failed = 0
+    skipped = Skipped("images", len(args.images))
     results = []
     for path in args.images:
         try:
             image = load_image(path)
         except (ImageDecodeError, OSError) as e:
-            failed += 1
-            print(f"mmfusion: skipped {path}: {e}", file=sys.stderr)
+            skipped.skip(path, e)
             continue
         preds = clf.flag([image], args.threshold)[0] if args.threshold is not None else clf.classify([image], args.k)[0]
         results.append((path, preds))
@@ -85,4 +83,4 @@ def cmd_classify(args: argparse.Namespace, extra: list[str]) -> int:
             {"image": p, key: [{"label": x.label, "score": round(x.score, 6)} for x in preds]} for p, preds in results
         ]
         print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if failed else 0
+    return skipped.exit_code()

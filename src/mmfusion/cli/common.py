@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 MODEL_HELP = (
     "the model: a native checkpoint directory, hf:<hub-id> (from the Hugging Face cache; set HF_HUB_OFFLINE=1 "
@@ -40,3 +41,21 @@ def command(sub, name: str, func, *, help: str, description: str, epilog: str | 
     )
     p.set_defaults(func=func)
     return p
+
+
+class Skipped:
+    """Input files a command could not read: each is named on stderr as it is skipped (the run goes on), and
+    the count closes the run. ``exit_code()`` is 1 when any was skipped."""
+
+    def __init__(self, kind: str, total: int):
+        self.kind, self.total, self.count = kind, total, 0
+
+    def skip(self, path: object, why: object = None) -> None:
+        """Name a skipped file; without ``why``, ``path`` is an error whose message names the file and says why."""
+        self.count += 1
+        print(f"mmfusion: skipped {path}" + (f": {why}" if why is not None else ""), file=sys.stderr)
+
+    def exit_code(self) -> int:
+        if self.count:
+            print(f"{self.count} of {self.total} {self.kind} could not be read", file=sys.stderr)
+        return 1 if self.count else 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..interfaces import GenerationOptions
 from ..tasks.subtitles import EXTENSIONS, FORMATS, render
-from .common import add_model_options, command
+from .common import Skipped, add_model_options, command
 
 EXAMPLES_TRANSCRIBE = """
 examples:
@@ -64,14 +64,13 @@ def cmd_transcribe(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion transcribe --help")
     options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.beams)) if v is not None}
     GenerationOptions(**options)  # ValueError now for --beams 0, before a model is loaded
-    failed = 0
+    skipped = Skipped("audio files", len(args.audio))
     paths = []
     for path in args.audio:
         if Path(path).is_file():
             paths.append(path)
         else:
-            failed += 1
-            print(f"skipped {path}: {'is a directory' if Path(path).is_dir() else 'file not found'}", file=sys.stderr)
+            skipped.skip(path, "is a directory" if Path(path).is_dir() else "file not found")
     if not paths:
         print("no audio file could be read", file=sys.stderr)
         return 1
@@ -92,8 +91,7 @@ def cmd_transcribe(args: argparse.Namespace, extra: list[str]) -> int:
                     path, language=args.language, task=args.task, timestamps=not args.no_timestamps, **options
                 )
             except AudioDecodeError as e:  # its message names the file and the reason
-                failed += 1
-                print(f"skipped {e}", file=sys.stderr)
+                skipped.skip(e)
                 continue
             text = render(transcript, args.format, path)
             if out_dir is not None:
@@ -104,9 +102,7 @@ def cmd_transcribe(args: argparse.Namespace, extra: list[str]) -> int:
                 print(f"==> {path} <==\n{text.rstrip()}\n", flush=True)
             else:
                 print(text.rstrip("\n"), flush=True)
-    if failed:
-        print(f"{failed} of {len(args.audio)} audio files could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    return skipped.exit_code()
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.datasets import DataFormatError, read_qa
+from ..data.datasets import DataFormatError, DecodeReport, read_qa
 from ..data.images import ImageDecodeError, load_image, normalize_batch, to_uint8
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, Tokenizer
@@ -71,16 +71,16 @@ class FolderQuestions:
             raise DataFormatError(f"no qa.jsonl in {root}: point --data at a folder with images and qa.jsonl")
         records = read_qa(path)
         cache: dict[str, np.ndarray | None] = {}
-        skipped = []
+        report = DecodeReport()
         for r in records:
             if r.image not in cache:
                 try:
                     cache[r.image] = to_uint8(load_image(root / r.image), image_size)
+                    report.decoded += 1
                 except (ImageDecodeError, OSError) as e:
                     cache[r.image] = None
-                    skipped.append(f"{r.image} ({e})")
-        if skipped:
-            log.warning("skipped %d unreadable images: %s", len(skipped), ", ".join(skipped[:10]))
+                    report.skipped.append((r.image, str(e)))
+        report.log(str(path))
         self.records = [r for r in records if cache[r.image] is not None]
         if not self.records:
             raise DataFormatError(f"{path}: no question has a readable image")
