@@ -23,6 +23,7 @@ from ..models.checkpoint import load
 from ..models.registry import build_model
 from .clip_task import build_pair_source, first_epoch_in_order, trained_on
 from .config import RunConfig
+from .text import run_tokenizer
 from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,8 @@ class CaptionTask(TaskDefaults):
             mcfg.freeze_vision = cc.freeze_vision
             model = None
         source = build_pair_source(cfg, mcfg.vision.image_size)
-        if tokenizer is None:
-            corpus = source.caption_corpus(cfg.data.tokenizer_captions)
-            tokenizer = Tokenizer.train(corpus, mcfg.decoder.vocab_size, mcfg.decoder.context_length)
-            log.info("trained a BPE tokenizer of %d tokens on %d captions", tokenizer.vocab_size, len(corpus))
-        tokenizer.context_length = mcfg.decoder.context_length
-        if tokenizer.vocab_size > mcfg.decoder.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.decoder.vocab_size is "
-                             f"{mcfg.decoder.vocab_size}; raise model.decoder.vocab_size")  # fmt: skip
+        corpus = source.caption_corpus
+        tokenizer = run_tokenizer(tokenizer, lambda: corpus(cfg.data.tokenizer_captions), mcfg.decoder, "model.decoder")
         if model is None:
             model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
         model.tokenizer = tokenizer

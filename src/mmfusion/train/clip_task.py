@@ -31,6 +31,7 @@ from ..models.clip import CLIP
 from ..models.registry import build_model
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
 from .config import RunConfig
+from .text import run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,8 @@ class ClipTask:
             # SigLIP's initialisation: t' = ln 10, b = -10, so early logits say "no match" to most pairs
             mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0
         source = build_pair_source(cfg, mcfg.vision.image_size)
-        if tokenizer is None:
-            corpus = source.caption_corpus(cfg.data.tokenizer_captions)
-            tokenizer = Tokenizer.train(corpus, mcfg.text.vocab_size, mcfg.text.context_length)
-            log.info("trained a BPE tokenizer of %d tokens on %d captions", tokenizer.vocab_size, len(corpus))
-        if tokenizer.vocab_size > mcfg.text.vocab_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
-                f"{mcfg.text.vocab_size}; raise model.text.vocab_size"
-            )
+        corpus = source.caption_corpus
+        tokenizer = run_tokenizer(tokenizer, lambda: corpus(cfg.data.tokenizer_captions), mcfg.text, "model.text")
         model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg)}
         k = cfg.train.captions_per_image

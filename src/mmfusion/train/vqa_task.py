@@ -26,6 +26,7 @@ from ..models.checkpoint import load
 from ..models.registry import build_model
 from ..models.vqa import VQAModel
 from .config import RunConfig
+from .text import run_tokenizer
 from .trainer import TaskDefaults, batch_indices
 
 log = logging.getLogger(__name__)
@@ -134,11 +135,7 @@ class VQATask(TaskDefaults):
         texts, answers = source.texts_and_answers(min(cfg.data.tokenizer_captions, VOCAB_SCENES))
         if not mcfg.answers:
             mcfg.answers = answers
-        if tokenizer is None:
-            tokenizer = Tokenizer.train(texts, mcfg.question.vocab_size, mcfg.question.context_length)
-        tokenizer.context_length = mcfg.question.context_length
-        if tokenizer.vocab_size > mcfg.question.vocab_size:
-            mcfg.question.vocab_size = tokenizer.vocab_size
+        tokenizer = run_tokenizer(tokenizer, lambda: texts, mcfg.question, "model.question", grow=True)
         mcfg.freeze_vision = cfg.init.freeze_vision
         model = build_model("vqa", mcfg, tokenizer, name=cfg.preset)
         if clip is not None:
@@ -223,11 +220,7 @@ class GenerativeVQATask(TaskDefaults):
         size = mcfg.vision.image_size
         questions = question_source(cfg, size)
         texts, answers = questions.texts_and_answers(min(cfg.data.tokenizer_captions, VOCAB_SCENES))
-        if tokenizer is None:
-            tokenizer = Tokenizer.train(texts + answers, mcfg.decoder.vocab_size, mcfg.decoder.context_length)
-        tokenizer.context_length = mcfg.decoder.context_length
-        if tokenizer.vocab_size > mcfg.decoder.vocab_size:
-            mcfg.decoder.vocab_size = tokenizer.vocab_size
+        tokenizer = run_tokenizer(tokenizer, lambda: texts + answers, mcfg.decoder, "model.decoder", grow=True)
         if model is None:
             model = build_model("captioner", mcfg, tokenizer, name=cfg.preset)
         model.cfg.answers_questions = True
