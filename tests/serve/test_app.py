@@ -257,3 +257,21 @@ def test_every_error_has_the_openai_shape_and_static_files_revalidate(served):
         assert "k" in httpx.post(url + "/search", json={"k": "many"}).json()["error"]["message"]
         r = httpx.get(url + "/static/app.js")
         assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"
+
+
+def test_openapi_documents_every_json_response():
+    """/docs shows a real schema (named properties, not a bare object) for each JSON route's success."""
+    spec = TestClient(create_app(ServeSettings())).get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    routes = {("get", "/v1/models"): "200", ("post", "/v1/embeddings"): "200", ("post", "/v1/chat/completions"): "200",
+              ("post", "/search"): "200", ("post", "/search/upload"): "200", ("post", "/classify"): "200",
+              ("get", "/healthz"): "200", ("post", "/jobs"): "202", ("get", "/jobs"): "200",
+              ("get", "/jobs/{job_id}"): "200", ("delete", "/jobs/{job_id}"): "200"}  # fmt: skip
+    for (method, path), status in routes.items():
+        schema = spec["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+        assert "$ref" in schema, (method, path, schema)
+        model = schemas[schema["$ref"].rsplit("/", 1)[-1]]
+        assert model.get("properties") and model.get("required"), (method, path, model)
+    assert set(schemas["EmbeddingsResponse"]["properties"]) == {"object", "data", "model", "usage"}
+    assert set(schemas["SearchHit"]["properties"]) >= {"id", "score", "name", "metadata", "thumbnail_url"}
+    assert set(schemas["Health"]["properties"]) >= {"status", "model", "images", "uptime_s"}

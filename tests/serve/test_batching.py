@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from mmfusion.serve.batching import MicroBatcher, QueueFullError, split_by_length
+from mmfusion.index.encoder import split_by_length
+from mmfusion.serve.batching import MicroBatcher, QueueFullError
 
 
 class Recorder:
@@ -348,22 +349,22 @@ def test_split_by_length_ties_prefer_fewer_calls():
 
 
 def test_service_text_batches_split_by_length_give_the_embeddings_of_one_call(tmp_path):
+    """The service's text batcher calls QueryEncoder.encode_texts, which splits a batch by length on CPU."""
     import numpy as np
     import torch
 
     import mmfusion
-    from mmfusion.serve.app import Service
-    from mmfusion.serve.settings import ServeSettings
+    from mmfusion.index.encoder import QueryEncoder
     from tests.utils import tiny_clip
 
     model = mmfusion.load(str(tiny_clip(tmp_path / "clip")), device="cpu")
     texts = ["a red circle", "a blue square and a green star", "a cyan star", "a white cross, a blue square and"
              " a green star", "a red circle", "a yellow triangle and a purple star"]  # fmt: skip
-    svc = Service(ServeSettings(), model, None, None)
-    svc.text_call_min_rows = 0  # a group per length: these texts are too short to split at the default
+    encoder = QueryEncoder(model)
+    encoder.text_call_min_rows = 0  # a group per length: these texts are too short to split at the default
     with torch.inference_mode():
         expected = model.encode_text(texts).numpy()
-    got = np.stack(svc._encode_texts(texts))
+    got = np.stack(encoder.encode_texts(texts))
     assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
     lengths = (model.tokenize(texts) != 0).sum(-1).tolist()
     assert len(set(lengths)) > 2 and len(split_by_length(lengths, 0)) > 1  # the test does split

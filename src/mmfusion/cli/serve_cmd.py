@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 
 EXAMPLES = """
 examples:
@@ -24,6 +26,10 @@ variables > --config YAML > defaults. The service binds 127.0.0.1 unless --host 
 """
 
 
+# list settings take one value per flag, named in the singular: --label a --label b
+REPEATED = {"labels": "--label", "api_keys": "--api-key", "cors_origins": "--cors-origin"}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -33,25 +39,30 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES,
     )
     p.add_argument("--config", help="a YAML file with any of the settings below")
-    p.add_argument("--db", help="an image index directory (enables /search, /images, /thumbs)")
-    p.add_argument("--model", help="the Embedder (default: the index's own model)")
-    p.add_argument("--captioner", help="a Captioner for chat and jobs (e.g. hf:Salesforce/blip-image-captioning-base)")
-    p.add_argument("--answerer", help="an Answerer for chat and jobs (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct)")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--max-batch-size", type=int, help="model calls batch up to this many requests (default 32)")
-    p.add_argument("--max-wait-ms", type=float, help="how long a request waits for its batch to fill (default 5)")
-    p.add_argument("--max-concurrency", type=int, help="requests in flight before 503 (default 256)")
-    p.add_argument("--max-body-bytes", type=int, help="413 for larger bodies (default 25 MiB)")
-    p.add_argument("--max-new-tokens", type=int, help="longest caption or answer in tokens (default 64)")
-    p.add_argument("--jobs-db", help="SQLite file for jobs (default: jobs.sqlite in --db, else in memory)")
-    p.add_argument("--allow-url-fetch", action="store_true", default=None,
-                   help="read http(s) image URLs in chat and jobs (never private or loopback addresses)")  # fmt: skip
-    p.add_argument("--label", action="append", dest="labels", help="a zero-shot label the page offers (repeatable)")
-    p.add_argument("--api-key", action="append", dest="api_keys", help="accept this bearer key (repeatable)")
-    p.add_argument("--cors-origin", action="append", dest="cors_origins", help="allow this browser origin")
+    add_setting_flags(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """A flag for every field of :class:`ServeSettings`, with its help and default: a new setting is added there
+    alone. Flags default to None, so that only the ones given override the YAML file and the environment."""
+    from ..serve.settings import ServeSettings, setting_types
+
+    types = setting_types()
+    for f in dataclasses.fields(ServeSettings):
+        tp = types[f.name]
+        kinds = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        default = None if f.default is dataclasses.MISSING else f.default
+        help = f.metadata.get("help", "") + (f" (default {default})" if default not in (None, "", False) else "")
+        if typing.get_origin(tp) is list:
+            flag = REPEATED.get(f.name, "--" + f.name.replace("_", "-"))
+            p.add_argument(flag, action="append", dest=f.name, metavar=flag[2:].replace("-", "_").upper(),
+                           help=help + " (repeatable)")  # fmt: skip
+        elif kinds[0] is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                           help=help)  # fmt: skip
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=kinds[0], help=help)
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -66,14 +77,15 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from ..serve.app import create_app
     from ..serve.settings import ServeSettings
 
-    names = ("db", "model", "captioner", "answerer", "host", "port", "device", "max_batch_size", "max_wait_ms",
-             "max_concurrency", "max_body_bytes", "max_new_tokens", "jobs_db", "allow_url_fetch", "labels", "api_keys",
-             "cors_origins")  # fmt: skip
-    flags = {k: getattr(args, k) for k in names}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
     settings = ServeSettings.load(args.config, **flags)
     if not (settings.db or settings.model or settings.captioner or settings.answerer):
         raise ValueError("nothing to serve: give --db (an index), --model, --captioner and/or --answerer")
-    app = create_app(settings)
+    app = create_app(settings)  # the models and the index load when the server starts (the app's lifespan)
     print(f"mmfusion serving on http://{settings.host}:{settings.port}  (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning" if args.quiet else "info")
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level="warning" if args.quiet else "info"))  # fmt: skip
+    server.run()
+    if not server.started:  # the start-up failed (a model or the index could not load): uvicorn logged why
+        raise RuntimeError("the service did not start; the error is above")
     return 0

@@ -11,13 +11,14 @@ load batches fill up with no waiting at all.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from ..index.encoder import split_by_length  # noqa: F401 - moved to the query encoder; kept importable here
 
 log = logging.getLogger(__name__)
 
@@ -325,46 +326,3 @@ class MicroBatcher(Generic[T, R]):
             errors=s.errors,
             busy_seconds=s.busy_seconds,
         )
-
-
-def split_by_length(lengths: Sequence[int], min_rows: float = 0) -> list[list[int]]:
-    """A batch of sequences split into groups of similar length, so that less of each model call is padding.
-
-    A model that pads each call to its longest sequence does ``len(group) * longest`` rows of work per call, and
-    a call costs about ``min_rows`` rows however small it is (on CPU, each call reads all the weights, which
-    takes as long as that many rows of arithmetic). The split minimises the sum over groups of
-    ``max(len(group) * longest, min_rows)``, exactly, by dynamic programming over the distinct lengths in order;
-    of two splits that cost the same, the one with fewer groups wins.
-
-    Args:
-        lengths: each sequence's length (tokens, padding excluded).
-        min_rows: what the smallest call costs, in rows; 0 gives a group per distinct length, a huge value one
-            group.
-
-    Returns:
-        Groups of indices into ``lengths``, each in increasing order, the groups from the shortest sequences up.
-    """
-    if not lengths:
-        return []
-    distinct = sorted(set(lengths))
-    count = {n: 0 for n in distinct}
-    for n in lengths:
-        count[n] += 1
-    # best[j]: the cheapest split of the sequences with the j shortest distinct lengths; cut[j]: its last group
-    best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
-    for j in range(1, len(distinct) + 1):
-        n = 0
-        for i in range(j, 0, -1):  # the last group holds the distinct lengths i..j (1-based)
-            n += count[distinct[i - 1]]
-            cost = best[i - 1] + max(n * distinct[j - 1], min_rows)
-            if cost <= best[j]:  # ties go to the larger last group: fewer calls
-                best[j], cut[j] = cost, i - 1
-    bounds, j = [], len(distinct)
-    while j > 0:
-        bounds.append(distinct[j - 1])
-        j = cut[j]
-    groups: dict[int, list[int]] = {b: [] for b in sorted(bounds)}
-    edges = sorted(bounds)
-    for index, n in enumerate(lengths):
-        groups[edges[bisect.bisect_left(edges, n)]].append(index)
-    return list(groups.values())

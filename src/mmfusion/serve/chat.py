@@ -15,13 +15,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from .generation import Prompt, count_tokens, options_from
-from .images import decode_data_url, decode_image_bytes, fetch_url, image_url_of, indexed_id
+from .images import check_image_ref, decode_data_url, decode_image_bytes, fetch_url, image_url_of, indexed_id
 
 MAX_IMAGES = 16
 
@@ -62,10 +62,8 @@ async def resolve_image(svc, url: str) -> Image.Image:
         if image_id not in rows:
             raise HTTPException(404, f"no indexed image has id {image_id}")
         return await loop.run_in_executor(None, _decode_indexed, rows[image_id].path, s.max_pixels)
+    check_image_ref(url, s.allow_url_fetch, "chat")
     if url.startswith(("http://", "https://")):
-        if not s.allow_url_fetch:
-            msg = "this service does not fetch URLs: send the image as a data URL (or start it with --allow-url-fetch)"
-            raise HTTPException(400, msg)
         data = await loop.run_in_executor(None, fetch_url, url, s.max_body_bytes)
         return await loop.run_in_executor(None, decode_image_bytes, data, s.max_pixels)
     return await loop.run_in_executor(None, decode_data_url, url, s.max_pixels)
@@ -112,63 +110,85 @@ async def build_prompt(svc, messages: list[ChatMessage]) -> Prompt:
     return Prompt(images=images, question=question, messages=chat if (multi_turn or question) else None)
 
 
-def add_chat_routes(app: FastAPI, svc, authorized) -> None:
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"] = Field(description="length: it reached max_tokens")
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat completion (with ``stream: true``, server-sent ``chat.completion.chunk`` events instead)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+
+
+async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    """The answer (or caption) for a chat request: a whole completion, or a stream of server-sent events."""
     gen = svc.generators
+    if gen.captioner is None and gen.answerer is None:
+        raise HTTPException(503, "no captioner or answerer is loaded: serve with --answerer or --captioner")
+    if req.stop:
+        raise HTTPException(400, "stop sequences are not supported; leave 'stop' out")
+    prompt = await build_prompt(svc, req.messages)
+    names = {"captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
+             "embedder": svc.model_name(svc.embedder)}  # fmt: skip
+    model = gen.model_for(prompt, req.model, names)
+    if model is gen.captioner and prompt.messages is not None:
+        prompt.messages = None  # a captioner describes the images; text parts are not used
+    opts = options_from(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed,
+                        svc.settings.max_new_tokens)  # fmt: skip
+    name = svc.model_name(model)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    prompt_tokens = count_tokens(model, prompt.question or "")
+    if not req.stream:
+        text = await gen.generate(model, prompt, opts)
+        done = count_tokens(model, text)
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "length" if done >= opts.max_new_tokens else "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
+        }  # fmt: skip
 
-    def names() -> dict[str, str | None]:
-        return {"captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
-                "embedder": svc.model_name(svc.embedder)}  # fmt: skip
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(req: ChatRequest, _=Depends(authorized)):
-        """Answer a question about images, or caption them (OpenAI's chat completions, streaming or not)."""
-        if gen.captioner is None and gen.answerer is None:
-            raise HTTPException(503, "no captioner or answerer is loaded: serve with --answerer or --captioner")
-        if req.stop:
-            raise HTTPException(400, "stop sequences are not supported; leave 'stop' out")
-        prompt = await build_prompt(svc, req.messages)
-        model = gen.model_for(prompt, req.model, names())
-        if model is gen.captioner and prompt.messages is not None:
-            prompt.messages = None  # a captioner describes the images; text parts are not used
-        opts = options_from(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed,
-                            svc.settings.max_new_tokens)  # fmt: skip
-        name = svc.model_name(model)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        prompt_tokens = count_tokens(model, prompt.question or "")
-        if not req.stream:
-            text = await gen.generate(model, prompt, opts)
-            done = count_tokens(model, text)
-            return {
-                "id": cid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "length" if done >= opts.max_new_tokens else "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
-                          "total_tokens": prompt_tokens + done},
-            }  # fmt: skip
+    async def events() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        pieces: list[str] = []
+        try:
+            async for piece in gen.stream(model, prompt, opts):
+                pieces.append(piece)
+                yield chunk({"content": piece})
+        except HTTPException as e:  # headers are sent: the error travels in the stream, as OpenAI's does
+            yield _error_event(str(e.detail), "invalid_request_error")
+        except Exception as e:
+            yield _error_event(f"generation failed: {e}", "server_error")
+        else:
+            done = count_tokens(model, "".join(pieces))
+            yield chunk({}, "length" if done >= opts.max_new_tokens else "stop")
+        yield "data: [DONE]\n\n"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            pieces: list[str] = []
-            try:
-                async for piece in gen.stream(model, prompt, opts):
-                    pieces.append(piece)
-                    yield chunk({"content": piece})
-            except HTTPException as e:  # headers are sent: the error travels in the stream, as OpenAI's does
-                yield _error_event(str(e.detail), "invalid_request_error")
-            except Exception as e:
-                yield _error_event(f"generation failed: {e}", "server_error")
-            else:
-                done = count_tokens(model, "".join(pieces))
-                yield chunk({}, "length" if done >= opts.max_new_tokens else "stop")
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
 def _error_event(message: str, kind: str) -> str:

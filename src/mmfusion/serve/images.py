@@ -26,12 +26,44 @@ INDEXED = re.compile(r"^mmfusion://images/(\d+)$")
 MAX_REDIRECTS = 3
 
 
-def decode_data_url(url: str, max_pixels: int) -> Image.Image:
-    """A data URL (or bare base64) to an RGB image; the pixel count is checked before decoding."""
-    if url.startswith(("http://", "https://", "file:", "/")):
-        raise HTTPException(
-            400, "images are sent as data URLs (data:image/png;base64,...); URLs and paths are not read here"
-        )
+DATA_ONLY = "images are sent as data URLs (data:image/png;base64,...); URLs and paths are not read here"
+# where a reference is refused -> (the message for a path or file: URL, for an http(s) URL while fetching is off)
+REFUSALS = {
+    "data": (DATA_ONLY, DATA_ONLY),  # embeddings, search and labels: data URLs only
+    "chat": (DATA_ONLY, "this service does not fetch URLs: send the image as a data URL (or start it with "
+                        "--allow-url-fetch)"),
+    "jobs": ("images are data URLs or indexed ids; paths are not read",
+             "this service does not fetch URLs: send data URLs or indexed ids"),
+}  # fmt: skip
+
+
+def check_image_ref(url: str, allow_url_fetch: bool = False, where: str = "data") -> None:
+    """The one rule for image references in requests: a path (or ``file:`` URL) is never read, and an http(s) URL
+    only when the service allows URL fetching. Every route that takes an image reference calls this.
+
+    Args:
+        url: the reference as sent.
+        allow_url_fetch: the service's setting (``data`` routes never fetch, whatever it says).
+        where: which route family asks (``data``, ``chat``, ``jobs``); it picks the message's advice.
+
+    Raises:
+        HTTPException: 400 for a reference that must not be read.
+    """
+    path_msg, url_msg = REFUSALS[where]
+    if url.startswith(("file:", "/")):
+        raise HTTPException(400, path_msg)
+    if url.startswith(("http://", "https://")) and (where == "data" or not allow_url_fetch):
+        raise HTTPException(400, url_msg)
+
+
+def decode_data_url(url: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """A data URL (or bare base64) to an RGB image; the pixel count is checked before decoding.
+
+    Args:
+        draft_size: let a JPEG decode at reduced scale, no smaller than this, as indexing decodes it for the model
+            (queries then embed as the indexed images did); None: full scale.
+    """
+    check_image_ref(url)
     payload = url.split(",", 1)[1] if url.startswith("data:") else url
     if url.startswith("data:") and ";base64" not in url.split(",", 1)[0]:
         raise HTTPException(400, "a data URL image must be base64-encoded (data:image/png;base64,...)")
@@ -39,14 +71,15 @@ def decode_data_url(url: str, max_pixels: int) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise HTTPException(400, f"the image is not valid base64: {e}") from e
-    return decode_image_bytes(data, max_pixels)
+    return decode_image_bytes(data, max_pixels, draft_size)
 
 
-def decode_image_bytes(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image_bytes(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Image bytes to a whole RGB image (EXIF orientation applied); 422 for bytes that are not a usable image."""
     from ..index.decode import decode_bytes
 
     try:
-        return decode_bytes(data, None, max_pixels).pixels
+        return decode_bytes(data, draft_size, max_pixels, draft=True, crop=False).pixels
     except ImageDecodeError as e:
         raise HTTPException(422, f"cannot use the image: {e}") from e
 

@@ -28,8 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
 from ..index.store import Transaction
@@ -78,6 +77,42 @@ class JobRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: Literal["queued"] = "queued"
+    total: int = Field(description="images in the job")
+    url: str = Field(description="where to poll: /jobs/{id}")
+
+
+class JobSummary(BaseModel):
+    """A job's status and progress (times are unix seconds; null until they happen)."""
+
+    id: str
+    task: Literal["caption", "answer"]
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: float
+    started: float | None
+    finished: float | None
+    total: int
+    done: int = Field(description="images finished so far")
+    error: str | None = Field(description="why the job failed")
+
+
+class JobStatus(JobSummary):
+    results: list[dict[str, Any]] = Field(
+        description="one per finished image, in order: image, question, and caption or answer, or error"
+    )
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary] = Field(description="newest first, without results")
+
+
+class JobCancelled(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"] = Field(description="after cancelling")
 
 
 def owner_of(key: str | None) -> str:
@@ -294,54 +329,3 @@ def image_ref(ref: int | str) -> str:
 def shown_ref(ref: str, i: int) -> str:
     """How an image is named in results: ids as given, data URLs by their position (not their bytes)."""
     return ref if ref.startswith(("mmfusion://", "http://", "https://")) else f"images[{i}]"
-
-
-def add_job_routes(app: FastAPI, svc, authorized) -> None:
-    @app.post("/jobs", tags=["jobs"], status_code=202)
-    async def create_job(req: JobRequest, key=Depends(authorized)) -> JSONResponse:
-        """Queue captions or answers for many images; poll ``GET /jobs/{id}`` for progress and results."""
-        gen = svc.generators
-        if req.task == "caption" and gen.captioner is None:
-            raise HTTPException(400, "no captioner is loaded: start the service with --captioner")
-        if req.task == "answer":
-            if gen.answerer is None:
-                raise HTTPException(400, "no answerer is loaded: start the service with --answerer")
-            if (req.question is None) == (req.questions is None):
-                raise HTTPException(400, "answer jobs need exactly one of question (for every image) or questions")
-            if req.questions is not None and len(req.questions) != len(req.images):
-                raise HTTPException(400, f"{len(req.questions)} questions for {len(req.images)} images; "
-                                         "give one per image, or one question")  # fmt: skip
-        if len(req.images) > svc.settings.max_job_images:
-            raise HTTPException(413, f"{len(req.images)} images in one job; the limit is {svc.settings.max_job_images}")
-        options_from(req.max_tokens, req.temperature, req.top_p, req.seed, svc.settings.max_new_tokens)  # 400 early
-        for ref in req.images:
-            if isinstance(ref, str) and ref.startswith(("http://", "https://")) and not svc.settings.allow_url_fetch:
-                raise HTTPException(400, "this service does not fetch URLs: send data URLs or indexed ids")
-            if isinstance(ref, str) and ref.startswith(("file:", "/")):
-                raise HTTPException(400, "images are data URLs or indexed ids; paths are not read")
-        job_id = await asyncio.to_thread(svc.jobs.store.create, owner_of(key), req.task, req.model_dump(),
-                                         len(req.images))  # fmt: skip
-        svc.jobs.wake()
-        return JSONResponse({"id": job_id, "status": "queued", "total": len(req.images), "url": f"/jobs/{job_id}"},
-                            status_code=202)  # fmt: skip
-
-    @app.get("/jobs/{job_id}", tags=["jobs"])
-    async def get_job(job_id: str, key=Depends(authorized)) -> dict[str, Any]:
-        """A job's status, progress and the results so far (only for the key that made it)."""
-        job = await asyncio.to_thread(svc.jobs.store.get, job_id, owner_of(key))
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r} (for this API key)")
-        return job
-
-    @app.get("/jobs", tags=["jobs"])
-    async def list_jobs(key=Depends(authorized)) -> dict[str, Any]:
-        """The caller's 100 newest jobs, without their results."""
-        return {"jobs": await asyncio.to_thread(svc.jobs.store.list, owner_of(key))}
-
-    @app.delete("/jobs/{job_id}", tags=["jobs"])
-    async def cancel_job(job_id: str, key=Depends(authorized)) -> dict[str, Any]:
-        """Cancel a queued or running job (results so far are kept)."""
-        status = await asyncio.to_thread(svc.jobs.store.cancel, job_id, owner_of(key))
-        if status is None:
-            raise HTTPException(404, f"no job {job_id!r} (for this API key)")
-        return {"id": job_id, "status": status}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from ..config import field, from_dict, load_yaml
 
@@ -64,7 +65,13 @@ def _parse_env(name: str, raw: str) -> Any:
     """Environment values are text: lists are comma-separated, numbers and booleans read as YAML."""
     import yaml
 
-    if name in ("api_keys", "cors_origins", "labels"):
+    if get_origin(setting_types()[name]) is list:
         return [x.strip() for x in raw.split(",") if x.strip()]
     value = yaml.safe_load(raw)
     return raw if isinstance(value, (dict, list)) or value is None else value
+
+
+@cache
+def setting_types() -> dict[str, Any]:
+    """Each setting's type, read from :class:`ServeSettings` (the CLI builds its flags from it)."""
+    return get_type_hints(ServeSettings)

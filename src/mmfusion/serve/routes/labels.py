@@ -1,0 +1,60 @@
+"""Zero-shot labels: ``POST /classify`` scores an image against labels with prompt ensembles (CLIP's recipe)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+
+from ..deps import ApiKey, ServiceDep, need_embedder, need_index
+from ..images import decode_data_url
+from ..schemas import ClassifyRequest, ClassifyResponse
+
+router = APIRouter(tags=["labels"])
+MAX_PROMPTS = 20_000
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(req: ClassifyRequest, svc: ServiceDep, key: ApiKey) -> dict[str, Any]:
+    """Zero-shot labels for an image (a data URL or an indexed id), with prompt ensembles."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...tasks.labels import ZeroShotClassifier, is_sigmoid, probabilities, read_templates
+
+    emb = need_embedder(svc)
+    if (req.image is None) == (req.id is None):
+        raise HTTPException(400, "give exactly one of image (a data URL) or id")
+    try:
+        templates = read_templates(req.templates) if req.templates else None
+        clf = ZeroShotClassifier(emb, req.labels, templates, cache_dir=None)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from e
+    labels, n_templates = clf.labels, len(clf.templates)
+    if len(labels) * n_templates > MAX_PROMPTS:
+        raise HTTPException(413, "labels x templates is over 20,000 prompts; send fewer labels or templates")
+    # label embeddings: every prompt of every label through the batched, cached text path
+    texts = [t.replace("{}", lab) for lab in labels for t in clf.templates]
+    vecs = torch.from_numpy(np.stack(await svc.embed_texts(texts))).view(len(labels), n_templates, -1)
+    label_emb = F.normalize(F.normalize(vecs, dim=-1).mean(1), dim=-1)  # (labels, D)
+    if req.image is not None:
+        img = (await svc.embed_images([decode_data_url(req.image, svc.settings.max_pixels, svc.draft_size)]))[0]
+    else:
+        ix = need_index(svc)
+        try:
+            img = await svc.in_index_thread(ix.vector_of, req.id)
+        except KeyError as e:
+            raise HTTPException(404, f"no indexed image has id {req.id}") from e
+    z = torch.from_numpy(np.asarray(img, dtype=np.float32))[None]  # (1, D)
+    sigmoid = is_sigmoid(emb)
+    if req.threshold is not None:
+        scores = probabilities(emb, z, label_emb) if sigmoid else z @ label_emb.T
+        pairs = [(lab, float(s)) for lab, s in zip(labels, scores[0].tolist(), strict=True) if s >= req.threshold]
+        pairs.sort(key=lambda p: -p[1])
+    else:
+        p = probabilities(emb, z, label_emb)[0]
+        top = p.topk(min(req.k, len(labels)))
+        pairs = [(labels[j], float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+    return {"labels": [{"label": lab, "score": round(s, 6)} for lab, s in pairs],
+            "score": "sigmoid" if sigmoid else ("cosine" if req.threshold is not None else "softmax")}  # fmt: skip

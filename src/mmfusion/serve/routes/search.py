@@ -1,0 +1,131 @@
+"""Image search: ``POST /search`` (text, image, id or weighted terms), ``POST /search/upload`` (by an uploaded
+file), and the indexed files by id only: ``GET /images/{id}`` and ``GET /thumbs/{id}``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from typing import Any
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, Response
+from PIL import Image
+
+from ...data.images import ImageDecodeError
+from ..deps import ApiKey, ServiceDep, need_embedder, need_index
+from ..images import decode_data_url
+from ..schemas import MAX_K, SearchRequest, SearchResponse, SearchTerm
+from ..service import Service
+from ..settings import ServeSettings
+
+router = APIRouter(tags=["search"])
+
+
+@router.post("/search", response_model=SearchResponse)
+async def search(req: SearchRequest, svc: ServiceDep, key: ApiKey) -> dict[str, Any]:
+    """Images of the index best matching a text, an image, an indexed image's id, or a weighted sum."""
+    return await run_search(svc, req)
+
+
+@router.post("/search/upload", response_model=SearchResponse)
+async def search_upload(
+    svc: ServiceDep,
+    key: ApiKey,
+    image: UploadFile = File(description="an image file: search by example"),
+    text: str | None = Form(None),
+    k: int = Form(20, ge=1, le=MAX_K),
+    threshold: float | None = Form(None),
+) -> dict[str, Any]:
+    """Search by an uploaded image (multipart form), optionally plus a text."""
+    limit = svc.settings.max_body_bytes
+    data = await image.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"the upload is over {limit:,} bytes")
+    url = "data:;base64," + base64.b64encode(data).decode()
+    return await run_search(svc, SearchRequest(image=url, text=text or None, k=k, threshold=threshold))
+
+
+@router.get("/images/{image_id}")
+async def image_file(image_id: int, svc: ServiceDep, key: ApiKey) -> FileResponse:
+    """The indexed image with this id (by id only: no path from the request is ever read)."""
+    row = await _row(svc, image_id)
+    if not os.path.isfile(row.path):
+        raise HTTPException(410, f"image {image_id} is indexed but its file is gone; re-run mmfusion index")
+    media = Image.MIME.get((row.format or "").upper(), "application/octet-stream")
+    return FileResponse(row.path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/thumbs/{image_id}")
+async def thumbnail(image_id: int, svc: ServiceDep, key: ApiKey) -> Response:
+    """A JPEG thumbnail (longest side ``thumb_size``) of the indexed image with this id."""
+    row = await _row(svc, image_id)
+    cached = (image_id, row.hash)
+    data = svc.thumbs.get(cached)
+    if data is None:
+        data = await asyncio.get_running_loop().run_in_executor(None, _make_thumb, row.path, svc.settings)
+        svc.thumbs.put(cached, data)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def run_search(svc: Service, req: SearchRequest) -> dict[str, Any]:
+    need_index(svc)
+    need_embedder(svc)
+    terms = await _terms(svc, req)
+    options = {"k": req.k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
+    try:
+        results = await svc.search(terms, options)  # batched with concurrent searches
+    except KeyError as e:
+        raise HTTPException(404, f"no indexed image has id {e.args[0] if e.args else ''}") from e
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from e
+    return {"results": [{"id": r.id, "score": round(r.score, 6), "name": r.path.rsplit("/", 1)[-1],
+                         "metadata": r.metadata, "image_url": f"/images/{r.id}",
+                         "thumbnail_url": f"/thumbs/{r.id}"} for r in results]}  # fmt: skip
+
+
+async def _terms(svc: Service, req: SearchRequest) -> list:
+    """The request's query terms: texts and images as vectors (through the batchers), ids as they are."""
+    from ...index.query import Term
+
+    items = list(req.terms)
+    if req.text or req.image or req.id is not None:
+        items.insert(0, SearchTerm(weight=1.0, text=req.text, image=req.image, id=req.id))
+    terms = []
+    for t in items:
+        given = [x for x in (t.text, t.image, t.id) if x is not None and x != ""]
+        if len(given) > 1 and t is not items[0]:
+            raise HTTPException(400, "each search term is one of text, image or id")
+        if t.text:
+            terms.append(Term(t.weight, "vector", (await svc.embed_texts([t.text]))[0]))
+        if t.image:
+            img = decode_data_url(t.image, svc.settings.max_pixels, svc.draft_size)
+            terms.append(Term(t.weight, "vector", (await svc.embed_images([img]))[0]))
+        if t.id is not None:
+            terms.append(Term(t.weight, "id", int(t.id)))
+    if not terms:
+        raise HTTPException(400, "nothing to search for: give text, image (a data URL), id, or terms")
+    return terms
+
+
+async def _row(svc: Service, image_id: int):
+    ix = need_index(svc)
+    rows = await svc.in_index_thread(ix.store.get, [image_id])
+    if image_id not in rows:
+        raise HTTPException(404, f"no indexed image has id {image_id}")
+    return rows[image_id]
+
+
+def _make_thumb(path: str, settings: ServeSettings) -> bytes:
+    from ...index.decode import decode_file
+
+    try:
+        img = decode_file(path, None, settings.max_pixels).pixels  # EXIF orientation applied, any mode to RGB
+    except ImageDecodeError as e:
+        raise HTTPException(422, f"cannot read the image: {e}") from e
+    img = img.copy()
+    img.thumbnail((settings.thumb_size, settings.thumb_size), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()

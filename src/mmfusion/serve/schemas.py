@@ -1,0 +1,136 @@
+"""Request and response bodies of the service's JSON routes, so that /docs shows each one's real schema.
+
+The response models say exactly what the routes return today (the same keys, ``None`` values included), and the
+tests pin that JSON. Chat and job bodies live beside their logic, in :mod:`.chat` and :mod:`.jobs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MAX_K = 1000
+
+
+# ---- OpenAI: /v1/models, /v1/embeddings -------------------------------------------------------------------
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request, plus ``modality``: images are sent as data URLs (``data:image/png;base64,...``)."""
+
+    input: str | list[str] = Field(description="a text or a list of texts (or of image data URLs)")
+    model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
+    modality: Literal["text", "image"] = Field("text", description="what the inputs are")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
+    dimensions: int | None = Field(None, description="not supported: the model's own width is returned")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="the input's position in the request")
+    embedding: list[float] | str = Field(description="the vector, or base64 of little-endian float32")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="words in the texts (0 for images)")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the service started (unix seconds)")
+    owned_by: str = "mmfusion"
+    role: Literal["embedder", "captioner", "answerer"] = Field(description="what the model does here")
+
+
+class ModelList(BaseModel):
+    """OpenAI's model list: every served model with its role."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- search -------------------------------------------------------------------------------------------------
+
+
+class SearchTerm(BaseModel):
+    weight: float = 1.0
+    text: str | None = None
+    image: str | None = Field(None, description="an image as a data URL")
+    id: int | None = Field(None, description="an indexed image's id: more like it")
+
+
+class SearchRequest(BaseModel):
+    """Search the index by a text, an image, an indexed image, or a weighted sum of them."""
+
+    text: str | None = None
+    image: str | None = Field(None, description="an image as a data URL")
+    id: int | None = Field(None, description="an indexed image's id")
+    terms: list[SearchTerm] = Field(default_factory=list, description="weighted terms, added to the above")
+    k: int = Field(20, ge=1, le=MAX_K)
+    threshold: float | None = Field(None, description="drop results with a lower cosine similarity")
+    path: str | None = Field(None, description="only files whose path matches this glob or contains this text")
+    after: float | None = Field(None, description="only images taken (or modified) after this unix time")
+    before: float | None = None
+
+
+class SearchHit(BaseModel):
+    id: int = Field(description="the indexed image's id (for /images, /thumbs, more-like-this and labels)")
+    score: float = Field(description="cosine similarity to the query, rounded to 6 digits")
+    name: str = Field(description="the file's name (never its path)")
+    metadata: dict[str, Any] = Field(description="width, height, format, size, modified, taken")
+    image_url: str
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit] = Field(description="best first")
+
+
+# ---- labels -------------------------------------------------------------------------------------------------
+
+
+class ClassifyRequest(BaseModel):
+    labels: list[str] = Field(min_length=1, max_length=2000)
+    image: str | None = Field(None, description="an image as a data URL")
+    id: int | None = Field(None, description="or an indexed image's id")
+    templates: list[str] | None = Field(None, description="prompt templates with {} (default: 16 photo prompts)")
+    k: int = Field(5, ge=1, le=2000)
+    threshold: float | None = Field(None, description="return every label scoring at least this instead of top k")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    labels: list[LabelScore] = Field(description="best first")
+    score: Literal["softmax", "sigmoid", "cosine"] = Field(description="what the scores are")
+
+
+# ---- the service --------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    """Liveness and what is loaded."""
+
+    status: Literal["ok"] = "ok"
+    model: str | None = Field(description="the embedder's id; null when none is loaded")
+    images: int | None = Field(description="images in the index; null when no index is served")
+    captioner: str | None
+    answerer: str | None
+    labels: list[str] = Field(description="zero-shot labels the web page offers")
+    auth: bool = Field(description="whether requests need an API key")
+    uptime_s: float

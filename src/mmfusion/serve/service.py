@@ -1,0 +1,231 @@
+"""What the routes share: the settings, the models, the index, the batchers, caches and metrics.
+
+:meth:`Service.open` loads and opens all of it (the app's lifespan calls it at start-up) and :meth:`Service.close`
+releases it at shutdown. Model calls go through micro-batchers that run off the event loop, and the queries are
+encoded by :class:`~mmfusion.index.encoder.QueryEncoder`, as ``mmfusion search`` encodes them, so the service and
+the CLI rank alike. Every use of the index runs in one thread of its own (SQLite objects stay in one thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .batching import MicroBatcher
+from .generation import Generators
+from .jobs import JobRunner, JobStore
+from .settings import ServeSettings
+
+
+class LRU:
+    """A small least-recently-used cache; size 0 keeps nothing."""
+
+    def __init__(self, size: int):
+        self.size, self.data = size, OrderedDict()
+
+    def get(self, key):
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        return None
+
+    def put(self, key, value) -> None:
+        if self.size <= 0:
+            return
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps can live in one process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmfusion_requests", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)  # fmt: skip
+        buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.latency = Histogram("mmfusion_request_seconds", "request latency", ["route"], registry=self.registry,
+                                 buckets=buckets)  # fmt: skip
+        self.batch = Histogram("mmfusion_batch_size", "items per model call", ["batcher"], registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        self.batch_seconds = Histogram("mmfusion_batch_seconds", "seconds per model call", ["batcher"],
+                                       registry=self.registry)  # fmt: skip
+        self.queue = Gauge(
+            "mmfusion_queue_depth", "requests waiting for the model", ["batcher"], registry=self.registry
+        )
+        self.cache = Counter("mmfusion_text_cache", "text embedding cache lookups", ["result"], registry=self.registry)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Service:
+    """The service's resources. Build it with :meth:`open` and release it with :meth:`close`."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.embedder = self.index = self.encoder = None
+        self.draft_size: int | None = None  # query JPEGs decode at the scale indexing decodes them for the model
+        self.metrics = Metrics()
+        self.text_cache = LRU(settings.text_cache_size)
+        self.thumbs = LRU(2048)  # (id, content hash) -> JPEG bytes
+        self.index_pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-index")  # SQLite stays in one thread
+        self.batchers: dict[str, MicroBatcher] = {}
+        self.generators = Generators()
+        self.jobs: JobRunner | None = None
+        self.started = time.time()
+
+    # ---- opening and closing ------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, settings: ServeSettings, embedder=None, captioner=None, answerer=None) -> Service:
+        """The service for ``settings``, its models loaded and its index opened, off the event loop.
+
+        Args:
+            embedder, captioner, answerer: already-built models; the ones not given are loaded by the names in the
+                settings (the embedder defaults to the index's own model).
+        """
+        svc = cls(settings)
+        try:
+            await svc._load(embedder, captioner, answerer)
+        except BaseException:
+            await svc.close()
+            raise
+        return svc
+
+    async def _load(self, embedder, captioner, answerer) -> None:
+        from ..index.encoder import QueryEncoder
+
+        s = self.settings
+        if embedder is None:
+            embedder = await asyncio.to_thread(_load_model, s.model, s.device)
+        if s.index_dir is not None:
+            from ..index import Index
+
+            # a given embedder is checked against the index's model: an index never mixes models
+            self.index = await self.in_index_thread(lambda: Index.open(s.index_dir, model=embedder))
+            if embedder is None:
+                embedder = await self.in_index_thread(lambda: self.index.model)  # the model the index was built with
+        if captioner is None:
+            captioner = await asyncio.to_thread(_load_model, s.captioner, s.device)
+        if answerer is None:
+            answerer = await asyncio.to_thread(_load_model, s.answerer, s.device)
+        self.generators.close()  # the empty one made in __init__
+        self.embedder, self.generators = embedder, Generators(captioner, answerer)
+        if embedder is not None:
+            self.encoder = QueryEncoder(embedder)
+            self.draft_size = self.encoder.size  # the smallest side indexing decodes JPEGs at for this model
+            self.batchers["text"] = self._batcher("text", lambda texts: list(self.encoder.encode_texts(texts)))
+            self.batchers["image"] = self._batcher("image", lambda images: list(self.encoder.encode_images(images)))
+        if self.index is not None:  # searches of concurrent requests share one FAISS call, in the index's thread
+            self.batchers["search"] = self._batcher("search", self._search_batch, executor=self.index_pool)
+        jobs_db = s.jobs_db or (s.index_dir / "jobs.sqlite" if s.index_dir is not None else None)
+        if captioner is None and answerer is None:
+            jobs_db = None  # nothing can run a job: no file is written beside the index
+        store = await asyncio.to_thread(JobStore, jobs_db)
+        self.jobs = JobRunner(self, store, s.job_heartbeat_s, s.job_stale_s)
+        self.jobs.start()
+
+    async def close(self) -> None:
+        """Stop the job runner and the batchers, then close the job store, the index and the threads."""
+        if self.jobs is not None:
+            await self.jobs.stop()
+        for b in self.batchers.values():
+            await b.stop()
+        self.generators.close()
+        if self.jobs is not None:
+            self.jobs.store.close()
+        if self.index is not None:
+            await self.in_index_thread(self.index.close)
+        self.index_pool.shutdown(wait=True)
+
+    def _batcher(self, name: str, fn, executor: ThreadPoolExecutor | None = None) -> MicroBatcher:
+        s = self.settings
+
+        def on_batch(size: int, seconds: float) -> None:
+            self.metrics.batch.labels(name).observe(size)
+            self.metrics.batch_seconds.labels(name).observe(seconds)
+
+        return MicroBatcher(fn, s.max_batch_size, s.max_wait_ms, s.max_queue, name=name, on_batch=on_batch,
+                            executor=executor)  # fmt: skip
+
+    # ---- what the routes call -----------------------------------------------------------------------------
+
+    @property
+    def embedder_id(self) -> str:
+        """The embedder's id in /v1/models and /healthz."""
+        return getattr(self.embedder, "name", None) or "mmfusion"
+
+    def model_name(self, model) -> str | None:
+        return None if model is None else (getattr(model, "name", None) or type(model).__name__)
+
+    async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """(D,) embeddings of texts, through the LRU cache and the text batcher."""
+        out: list[np.ndarray | None] = [self.text_cache.get(t) for t in texts]
+        todo = [i for i, v in enumerate(out) if v is None]
+        self.metrics.cache.labels("hit").inc(len(texts) - len(todo))
+        self.metrics.cache.labels("miss").inc(len(todo))
+        if todo:
+            vecs = await self._submit("text", [texts[i] for i in todo])
+            for i, v in zip(todo, vecs, strict=True):
+                out[i] = v
+                self.text_cache.put(texts[i], v)
+        return out  # type: ignore[return-value]
+
+    async def embed_images(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """(D,) embeddings of images, through the image batcher."""
+        return await self._submit("image", images)
+
+    async def search(self, terms: list, options: dict[str, Any]) -> list:
+        """The results of one search, batched with the searches of concurrent requests."""
+        return await self.batchers["search"].submit((terms, options))
+
+    async def _submit(self, name: str, items: list) -> list:
+        """Items through a batcher, in slices the queue can hold (a large request never blocks the queue)."""
+        step = max(1, min(self.settings.max_queue // 2, 256))
+        out: list = []
+        for i in range(0, len(items), step):
+            out += await self.batchers[name].submit_many(items[i : i + step])
+        return out
+
+    async def in_index_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.index_pool, fn, *args)
+
+    def _search_batch(self, items: list[tuple[list, dict]]) -> list:
+        """Runs in the index thread: the query vector of each (terms, options) item, then one
+        :meth:`~mmfusion.index.Index.search_many` for all. An item whose terms fail (an id not in the index,
+        terms that cancel out) gets its exception as its result, which the batcher raises for that item alone."""
+        from ..index.collection import VectorQuery
+        from ..index.query import combine_terms
+
+        out: list = [None] * len(items)
+        queries: list[tuple[int, VectorQuery]] = []
+        for i, (terms, options) in enumerate(items):
+            try:
+                queries.append((i, VectorQuery(combine_terms(terms, self.index), **options)))
+            except (KeyError, ValueError) as e:
+                out[i] = e
+        for (i, _), results in zip(queries, self.index.search_many([q for _, q in queries]), strict=True):
+            out[i] = results
+        return out
+
+
+def _load_model(name: str | None, device: str | None):
+    """The model named in the settings (None: none is asked for)."""
+    if not name:
+        return None
+    import mmfusion
+
+    return mmfusion.load(name, device=device)
