@@ -250,17 +250,19 @@ def serve(where: DemoLayout, args: argparse.Namespace) -> int:
         answerer=args.answerer,
     )
     print(f"[5/{STEPS}] serving the web page (loading {where.run.name} and the index)", flush=True)
-    try:
-        app = create_app(settings)
-    except BaseException:
-        sock.close()
-        raise
+    app = create_app(settings)  # the model and the index load when the server starts
     url = f"http://127.0.0.1:{port}/"
     bar = "=" * (len(url) + 10)
     print(f"\n{bar}\n    open {url}\n{bar}\nAPI docs at {url}docs; Ctrl-C stops the service.\n", flush=True)
     level = "info" if args.verbose else "warning"
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down on Ctrl-C, then raises it again
-        uvicorn.Server(uvicorn.Config(app, log_level=level)).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level=level))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down on Ctrl-C, then raises it again
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # the start-up failed (the model or the index could not load): uvicorn logged why
+        raise RuntimeError("the service did not start; the error is above")
     print("stopped; run the demo again to serve the same index in seconds")
     return 0
 
