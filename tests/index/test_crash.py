@@ -18,11 +18,11 @@ import sys, time
 from mmfusion.index import Index
 db, model, folder = sys.argv[1:4]
 with Index.open(db, model=model, write=True) as ix:
-    embed = ix._embed_pixels
+    embed = ix.query_encoder.encode_pixels
     def slow_embed(*a, **k):  # a real model takes this long per batch; gives the kills work to land in
         time.sleep(0.08)
         return embed(*a, **k)
-    ix._embed_pixels = slow_embed
+    ix.query_encoder.encode_pixels = slow_embed
     print("ready", flush=True)
     r = ix.update([folder], batch_size=4, chunk_size=3, commit_every_s=0, save_every_s=0, workers=2,
                   progress=False)

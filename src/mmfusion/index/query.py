@@ -14,15 +14,24 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .scan import image_extensions
 
 if TYPE_CHECKING:
-    from .collection import Index
     from .store import FileRow
+
+
+class QuerySource(Protocol):
+    """What turns query terms into vectors (an :class:`~mmfusion.index.Index`): embeddings and stored vectors."""
+
+    def embed_text(self, text: str, ensemble: bool = False) -> np.ndarray: ...
+
+    def embed_image(self, image: Any) -> np.ndarray: ...
+
+    def vector_of(self, file_id: int) -> np.ndarray: ...
 
 
 @dataclass
@@ -98,7 +107,7 @@ def _split(text: str) -> list[str]:
     return tokens
 
 
-def combine_terms(terms: Sequence[Term], index: Index, ensemble: bool = False) -> np.ndarray:
+def combine_terms(terms: Sequence[Term], index: QuerySource, ensemble: bool = False) -> np.ndarray:
     """(D,) normalised query vector: the weighted sum of the terms' embeddings."""
     total = None
     for t in terms:

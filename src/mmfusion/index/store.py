@@ -149,6 +149,13 @@ class Store:
         r = self.db.execute("SELECT id, vector, path FROM files WHERE hash = ? LIMIT 1", (digest,)).fetchone()
         return (r[0], np.frombuffer(r[1], dtype=np.float32).copy(), os.fsdecode(r[2])) if r else None
 
+    def image_info_for_hash(self, digest: bytes) -> tuple[int, int, str, float | None]:
+        """(width, height, format, taken) of a file with this content; zeros when none is indexed."""
+        r = self.db.execute(
+            "SELECT width, height, format, taken FROM files WHERE hash = ? LIMIT 1", (digest,)
+        ).fetchone()
+        return (r[0] or 0, r[1] or 0, r[2] or "", r[3]) if r else (0, 0, "", None)
+
     def get(self, ids: Iterable[int]) -> dict[int, FileRow]:
         out: dict[int, FileRow] = {}
         ids = [int(i) for i in ids]

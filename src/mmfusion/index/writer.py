@@ -8,16 +8,15 @@ now and then. A crash between the two leaves FAISS behind SQLite, which opening 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .ann import VectorIndex
 from .decode import Decoded
 from .scan import display_path
-
-if TYPE_CHECKING:
-    from .collection import Index
+from .store import Store
 
 
 @dataclass
@@ -65,10 +64,29 @@ class CheckReport:
 
 
 class ChunkWriter:
-    """Buffers row changes and commits them in SQLite transactions, then applies them to FAISS."""
+    """Buffers row changes and commits them in SQLite transactions, then applies them to FAISS.
 
-    def __init__(self, index: Index, report: IndexReport, chunk_size: int, commit_every_s: float, save_every_s: float):
-        self.index, self.report = index, report
+    Args:
+        store: the SQLite side, the source of truth.
+        vectors: the in-memory FAISS side, which follows each commit.
+        report: the run's report (removals are counted here).
+        chunk_size: row changes per transaction.
+        commit_every_s: also commit when this much time passed since the last commit.
+        save_every_s: call ``save_vectors`` at most this often (and less often when saving is slow).
+        save_vectors: saves ``vectors`` to disk (the index's FAISS file).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        vectors: VectorIndex,
+        report: IndexReport,
+        chunk_size: int,
+        commit_every_s: float,
+        save_every_s: float,
+        save_vectors: Callable[[], None],
+    ):
+        self.store, self.vectors, self.report, self.save_vectors = store, vectors, report, save_vectors
         self.chunk_size, self.commit_every_s, self.save_every_s = chunk_size, commit_every_s, save_every_s
         self.rows: list[dict] = []
         self.deletes: list[int] = []
@@ -109,15 +127,12 @@ class ChunkWriter:
         if digest in self.pending_vectors:
             vec, path, _ = self.pending_vectors[digest]
             return None, vec, path
-        return self.index.store.vector_for_hash(digest)
+        return self.store.vector_for_hash(digest)
 
     def size_of(self, digest: bytes) -> tuple:
         if digest in self.pending_vectors:
             return self.pending_vectors[digest][2]
-        r = self.index.store.db.execute(
-            "SELECT width, height, format, taken FROM files WHERE hash = ? LIMIT 1", (digest,)
-        ).fetchone()
-        return (r[0] or 0, r[1] or 0, r[2] or "", r[3]) if r else (0, 0, "", None)
+        return self.store.image_info_for_hash(digest)
 
     def maybe_commit(self) -> None:
         n = len(self.rows) + len(self.deletes) + len(self.touches)
@@ -125,7 +140,7 @@ class ChunkWriter:
             self.flush()
 
     def flush(self) -> None:
-        store, vi = self.index.store, self.index.vi
+        store, vi = self.store, self.vectors
         if self.rows or self.deletes or self.touches:
             with store.transaction():
                 store.delete(self.deletes)
@@ -141,7 +156,7 @@ class ChunkWriter:
             self.last_commit = time.monotonic()
         if time.monotonic() - self.last_save >= self.save_every_s:
             t0 = time.monotonic()
-            self.index._save_vectors()
+            self.save_vectors()
             self.last_save = time.monotonic()
             # a big index takes seconds to save: spend at most a tenth of the run's time saving
             self.save_every_s = max(self.save_every_s, 10 * (self.last_save - t0))
