@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import mmfusion
-from mmfusion.data.shapes import COLOURS, SHAPES, ShapesWorld, _article
+from mmfusion.data.shapes import COLOURS, SHAPES, ShapesWorld, a_or_an
 from mmfusion.eval.retrieval import embed_images, embed_texts
 
 
@@ -72,7 +72,7 @@ def main() -> None:
             continue
         a, b = s.objects
         pairs = [(x, y) for x in SHAPES for y in SHAPES]
-        texts = [f"{_article(a.colour)} {a.colour} {x} and {_article(b.colour)} {b.colour} {y}" for x, y in pairs]
+        texts = [f"{a_or_an(a.colour)} {a.colour} {x} and {a_or_an(b.colour)} {b.colour} {y}" for x, y in pairs]
         best = (embed_images(model, [world.render(s)], progress=False) @ embed_texts(model, texts).t()).argmax()
         hits += pairs[int(best)] == (a.shape, b.shape)
         total += 1

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 import mmfusion  # noqa: E402
 from mmfusion.backends.hf_speech import HFTranscriber  # noqa: E402
 from mmfusion.cli.main import main  # noqa: E402
-from mmfusion.tasks.subtitles import to_srt, to_vtt  # noqa: E402
 from mmfusion.data.audio import AudioDecodeError, load_audio, resample  # noqa: E402
 from mmfusion.interfaces import Segment, Transcriber, Transcript  # noqa: E402
+from mmfusion.tasks.subtitles import to_srt, to_vtt  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr"]
 TOKENS = 24  # max_new_tokens per window: bounds the time a random model spends

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from ..config import field
 from .features import MultimodalData
-from .shapes import COLOURS, SHAPES, SIZES, _polygon
+from .shapes import COLOURS, SHAPES, SIZES, polygon
 from .sound import SoundConfig, render_object_sound
 
 TASKS = ("complementary", "correspondence")
@@ -63,7 +63,7 @@ def _draw(shape: str, size: str, x: float, y: float, fill, background: int, side
         rr = r * 0.9
         draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=fill)
     else:
-        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+        draw.polygon(polygon(shape, cx, cy, r), fill=fill)
     return np.asarray(img.reduce(2), dtype=np.uint8)
 
 

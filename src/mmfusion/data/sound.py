@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from ..config import field
-from .shapes import COLOURS, SHAPES, SIZES, Obj, Scene
+from .scene import COLOURS, SHAPES, SIZES, Obj, Scene
 
 # Colour -> fundamental in Hz: a chain of perfect fourths (B3, E4, A4, D5, G5, C6, F6, A#6) in equal temperament.
 COLOUR_PITCH_HZ: dict[str, float] = {

@@ -46,7 +46,7 @@ from ..config import field
 from ..utils.io import atomic_replace_dir, atomic_write_json, fresh_dir
 from .datasets import DataFormatError, read_jsonl
 from .images import CLIP_MEAN, CLIP_STD, normalize_batch, resize_center_crop
-from .shapes import COLOURS, SHAPES, ShapesConfig, ShapesWorld, _polygon
+from .shapes import COLOURS, SHAPES, ShapesConfig, ShapesWorld, polygon
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _draw(draw: ImageDraw.ImageDraw, o: Sprite, side: int) -> None:
         rr = r * 0.9  # as ShapesWorld draws circles: areas stay comparable with the polygons
         draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=colour)
         return
-    pts = np.asarray(_polygon(o.shape, cx, cy, r)) - (cx, cy)  # (P, 2) about the centre
+    pts = np.asarray(polygon(o.shape, cx, cy, r)) - (cx, cy)  # (P, 2) about the centre
     c, s = math.cos(o.angle), math.sin(o.angle)
     pts = pts @ np.array([[c, s], [-s, c]]) + (cx, cy)  # rotated by angle (clockwise on screen, y down)
     draw.polygon([tuple(p) for p in pts], fill=colour)

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from ..data.datasets import CaptionFolder, ClassFolder, DataFormatError, read_jsonl
+from ..data.prompts import PHOTO_TEMPLATES, SHAPES_TEMPLATES
 from ..data.shapes import MISS_REASONS, Scene, ShapesConfig, ShapesWorld, caption_kind, satisfies, why_false
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_json
 from . import plots
 from .retrieval import CHUNK, embed_images, embed_texts, retrieval_metrics, semantic_precision
-from .zeroshot import PHOTO_TEMPLATES, SHAPES_TEMPLATES, class_embeddings, confusion_matrix, topk_accuracy
+from .zeroshot import class_embeddings, confusion_matrix, topk_accuracy
 
 log = logging.getLogger(__name__)
 

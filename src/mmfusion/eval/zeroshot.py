@@ -13,39 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Re-exported until every importer reads them from data.prompts; then this line goes.
 from ..interfaces import Embedder
 from .retrieval import embed_texts
-
-# Prompts for photographs, a subset of the CLIP paper's ImageNet ensemble.
-PHOTO_TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a rendering of a {}.",
-    "a cropped photo of the {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a bright photo of a {}.",
-    "a dark photo of the {}.",
-    "a close-up photo of a {}.",
-    "a drawing of a {}.",
-    "a low resolution photo of the {}.",
-    "a good photo of a {}.",
-    "a blurry photo of a {}.",
-    "itap of a {}.",
-)
-# Prompts in the phrasing of ShapesWorld captions.
-SHAPES_TEMPLATES = (
-    "a {}",
-    "a picture of a {}",
-    "an image of a {}",
-    "a drawing of a {}",
-    "there is a {}",
-    "a photo of a {}",
-    "a scene with a {}",
-    "a single {}",
-)
 
 
 def fill_template(template: str, label: str) -> str:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..eval.zeroshot import PHOTO_TEMPLATES, class_embeddings
+from ..data.prompts import read_templates
+from ..eval.zeroshot import class_embeddings
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_bytes
 
 DEFAULT_CACHE = Path(os.environ.get("MMFUSION_CACHE", "~/.cache/mmfusion")).expanduser() / "labels"
-RAW = ("{}",)  # the label text as it is: for whole captions
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,6 @@ def read_labels(spec: str | Sequence[str]) -> list[str]:
     if dup:
         raise ValueError(f"labels repeat: {dup}; each label must be given once")
     return labels
-
-
-def read_templates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Prompt templates: None for the photo ensemble, a file (one per line), '|'-separated text, or a list."""
-    if spec is None:
-        return PHOTO_TEMPLATES
-    if isinstance(spec, str):
-        p = Path(spec).expanduser()
-        items = p.read_text(encoding="utf-8").splitlines() if p.is_file() else spec.split("|")
-    else:
-        items = list(spec)
-    out = tuple(t.strip() for t in items if t.strip())
-    bad = [t for t in out if "{}" not in t]
-    if not out or bad:
-        raise ValueError(f"prompt templates need a {{}} where the label goes (e.g. 'a photo of a {{}}.'); got {bad}")
-    return out
 
 
 def _fingerprint(embedder: Embedder) -> str:

@@ -21,7 +21,8 @@ async def classify(req: ClassifyRequest, svc: ServiceDep, key: ApiKey) -> dict[s
     import torch
     import torch.nn.functional as F
 
-    from ...tasks.labels import ZeroShotClassifier, is_sigmoid, probabilities, read_templates
+    from ...data.prompts import read_templates
+    from ...tasks.labels import ZeroShotClassifier, is_sigmoid, probabilities
 
     emb = need_embedder(svc)
     if (req.image is None) == (req.id is None):
