@@ -19,10 +19,14 @@ from typing import Any
 import torch
 
 from ..interfaces import GenerationOptions, ImageInput
-from .hf import as_pil_images, check_family, load_hf_model, load_processor, require_transformers, weights_dtype
+from .hf import as_pil_images, weights_dtype
 from .hf import seeded as seeded_rng
+from .hf_loading import HFFamily, load_family
 
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
+CAPTION_FAMILY = HFFamily(
+    "blip", CAPTION_ARCHITECTURE, "BlipProcessor", "captioning", "Salesforce/blip-image-captioning-base"
+)
 
 
 class HFCaptioner:
@@ -72,13 +76,8 @@ class HFCaptioner:
             ValueError: the model is not a BLIP captioning model (another family, or BLIP for VQA/retrieval).
             ModelNotFoundError: neither a local directory nor in the cache (and downloading is not possible).
         """
-        transformers = require_transformers()
-        check_family(source, "blip", CAPTION_ARCHITECTURE, "captioning", "Salesforce/blip-image-captioning-base")
-        model, local_only, dev = load_hf_model(
-            transformers.BlipForConditionalGeneration, source, device=device, dtype=dtype, quantize=quantize
-        )
-        processor = load_processor(transformers.BlipProcessor, source, local_only)
-        return cls(model, processor, f"hf:{source}", dev, batch_size)
+        loaded = load_family(source, CAPTION_FAMILY, device=device, dtype=dtype, quantize=quantize)
+        return cls(loaded.model, loaded.processor, loaded.name, loaded.device, batch_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,9 +31,11 @@ import torch
 
 from ..data.audio import load_audio, resample
 from ..interfaces import GenerationOptions, Segment, Transcript
-from .hf import check_family, load_hf_model, load_processor, require_transformers, seeded, weights_dtype
+from .hf import seeded, weights_dtype
+from .hf_loading import HFFamily, load_family
 
 SPEECH_ARCHITECTURE = "WhisperForConditionalGeneration"
+SPEECH_FAMILY = HFFamily("whisper", SPEECH_ARCHITECTURE, "WhisperProcessor", "transcription", "openai/whisper-small")
 TASKS = ("transcribe", "translate")
 
 
@@ -103,13 +105,8 @@ class HFTranscriber:
             ValueError: the model is not a Whisper speech-to-text model.
             ModelNotFoundError: neither a local directory nor in the cache (and downloading is not possible).
         """
-        transformers = require_transformers()
-        check_family(source, "whisper", SPEECH_ARCHITECTURE, "transcription", "openai/whisper-small")
-        model, local_only, dev = load_hf_model(
-            transformers.WhisperForConditionalGeneration, source, device=device, dtype=dtype, quantize=quantize
-        )
-        processor = load_processor(transformers.WhisperProcessor, source, local_only)
-        return cls(model, processor, f"hf:{source}", dev)
+        loaded = load_family(source, SPEECH_FAMILY, device=device, dtype=dtype, quantize=quantize)
+        return cls(loaded.model, loaded.processor, loaded.name, loaded.device)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -85,7 +85,8 @@ from PIL import Image
 from ..data.images import DEFAULT_MAX_PIXELS as DECODE_MAX_PIXELS
 from ..data.images import ImageDecodeError, to_rgb
 from ..interfaces import GenerationOptions, ImageInput
-from .hf import as_pil_images, load_hf_model, load_processor, locate, read_config, require_transformers, seeded
+from .hf import as_pil_images, load_processor, locate, read_config, require_transformers, seeded
+from .hf_loading import load_with_processor
 
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520 pixels: at most 1280 visual tokens an image
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -348,13 +349,10 @@ class HFAnswerer:
         mtype = read_config(where, local_only).get("model_type")
         if mtype != "qwen2_5_vl":
             raise ValueError(f"{source}: an Answerer needs a Qwen2.5-VL model (qwen2_5_vl), not {mtype!r}")
-        model, local_only, dev = load_hf_model(
-            transformers.Qwen2_5_VLForConditionalGeneration, source, device=device, dtype=dtype, quantize=quantize
-        )
-        processor = load_vqa_processor(source, local_only)
-        return cls(
-            model, processor, f"hf:{source}", dev, max_pixels=max_pixels, min_pixels=min_pixels, batch_size=batch_size
-        )
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+        m = load_with_processor(source, model_cls, load_vqa_processor, device=device, dtype=dtype, quantize=quantize)
+        sizes = {"max_pixels": max_pixels, "min_pixels": min_pixels, "batch_size": batch_size}
+        return cls(m.model, m.processor, m.name, m.device, **sizes)
 
     # -- image size ---------------------------------------------------------------------------------------
 

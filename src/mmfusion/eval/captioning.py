@@ -1,9 +1,7 @@
-"""Caption metrics as the COCO caption evaluation computes them: BLEU-1..4 and CIDEr-D, and a ShapesWorld check.
+"""Captioning evaluation: BLEU-1..4 and CIDEr-D as the COCO caption evaluation computes them, and a ShapesWorld check.
 
-BLEU (Papineni et al., 2002) and CIDEr-D (Vedantam et al., 2015) follow the COCO caption toolkit
-(``pycocoevalcap``) line for line in what they count, so our numbers can be set beside published ones; the
-tests compare both scorers with that package on hand-made corpora. The toolkit's scorers are plain Python,
-but it tokenises with the Java PTB tokenizer; :func:`tokenize` is our Python stand-in for that step.
+The metrics live in :mod:`mmfusion.eval.text_metrics` (re-exported here); the run over a data set, the report
+and its files are :func:`mmfusion.eval.generation.evaluate_generation`'s, shared with VQA.
 
 On ShapesWorld every caption can also be checked against the scene: :func:`caption_attribute_accuracy`
 asks whether a caption names each object by its colour and its shape, and nothing that is not there.
@@ -11,221 +9,18 @@ asks whether a caption names each object by its colour and its shape, and nothin
 
 from __future__ import annotations
 
-import logging
-import math
 import re
-import textwrap
-import time
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from ..data.shapes import COLOURS, NUMBER_WORDS, SHAPES, SIZES, Scene, ShapesConfig
-
-log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenisation
-
-_WORD = re.compile(r"\w+(?:['\-]\w+)*(?:[.,]\d+)*|'(?:s|re|ve|ll|d|m)\b|n't\b")
-_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
-
-
-def tokenize(text: str) -> list[str]:
-    """Words of a caption as the COCO caption evaluation sees them: lower-cased, punctuation dropped.
-
-    The toolkit runs the Stanford PTB tokenizer (Java) with lower-casing and then drops the punctuation
-    tokens. We keep what matters for n-gram counts the same way: words, numbers (``3.5``, ``1,000``) and
-    hyphenated words stay whole, and clitics are split off as PTB does (``don't`` -> ``do n't``,
-    ``dog's`` -> ``dog 's``). PTB does a few more things we do not: it splits some fused words
-    (``cannot`` -> ``can not``, ``gonna`` -> ``gon na``), keeps URLs and emoticons as tokens, and reads a
-    few abbreviations (``Mr.``) with their period. Captions of that kind may tokenise differently, so
-    scores on them can differ slightly from the Java pipeline; scores on the same tokens are identical.
-    Applying it twice gives the same tokens.
-    """
-    words: list[str] = []
-    for w in _WORD.findall(text.lower()):
-        m = _CLITIC.match(w)
-        words.extend(m.groups() if m else (w,))
-    return words
-
-
-def _prepare(text: str, tokenized: bool) -> list[str]:
-    return text.split() if tokenized else tokenize(text)
-
-
-def _check_keys(candidates: Mapping, references: Mapping) -> list:
-    if set(candidates) != set(references):
-        alone = [str(k) for k in set(candidates) ^ set(references)]
-        raise ValueError(
-            f"candidates and references must have the same ids; {len(alone)} id(s) are in only one of them, "
-            f"e.g. {sorted(alone)[:3]}"
-        )
-    empty = [k for k, refs in references.items() if isinstance(refs, str) or len(refs) == 0]
-    if empty:
-        raise ValueError(f"every id needs a list of one or more reference captions; not so for {empty[:3]}")
-    if not candidates:
-        raise ValueError("no captions to score")
-    return list(candidates)
-
-
-def _ngrams(words: Sequence[str], n: int) -> Counter:
-    """Counts of every 1..n-gram of ``words``."""
-    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-# ---------------------------------------------------------------------------------------------------
-# BLEU
-
-_TINY, _SMALL = 1e-15, 1e-9  # the toolkit's guards: a zero count gives a tiny precision, never a zero division
-
-
-@dataclass
-class BleuScore:
-    """BLEU-1..n over a corpus and per image."""
-
-    scores: list[float]  # BLEU-1, ..., BLEU-n of the corpus
-    per_image: dict[Hashable, list[float]]  # the same, computed on each image alone
-    ratio: float  # candidate length / effective reference length, over the corpus
-    candidate_length: int
-    reference_length: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {f"BLEU-{k + 1}": s for k, s in enumerate(self.scores)}
-
-
-def _bleu_from_counts(correct: Sequence[float], guess: Sequence[float], cand_len: float, ref_len: float) -> list[float]:
-    """Cumulative BLEU-1..n from clipped matches and n-gram counts, with the brevity penalty."""
-    out, product = [], 1.0
-    for k, (c, g) in enumerate(zip(correct, guess)):
-        product *= (c + _TINY) / (g + _SMALL)
-        out.append(product ** (1 / (k + 1)))
-    ratio = (cand_len + _TINY) / (ref_len + _SMALL)
-    if ratio < 1:
-        out = [b * math.exp(1 - 1 / ratio) for b in out]
-    return out
-
-
-def bleu(
-    candidates: Mapping[Hashable, str],
-    references: Mapping[Hashable, Sequence[str]],
-    n: int = 4,
-    tokenized: bool = False,
-) -> BleuScore:
-    """Corpus BLEU-1..n as the COCO caption toolkit computes it, plus per-image scores.
-
-    For each image the candidate's n-gram counts are clipped by the most any one reference holds; the
-    clipped matches and the candidate n-gram counts are summed over the corpus. The effective reference
-    length of an image is that of the reference closest in length to the candidate (the shorter on a
-    tie), summed over the corpus for one brevity penalty. BLEU-k is the geometric mean of the 1..k
-    precisions, each guarded as ``(matches + 1e-15) / (count + 1e-9)``: a precision with no match is
-    about 1e-6 rather than zero, so BLEU-4 of a short caption is small but not 0.
-
-    Args:
-        candidates: id -> generated caption.
-        references: id -> one or more reference captions.
-        n: the longest n-gram.
-        tokenized: the texts are already tokenised (words separated by spaces); else :func:`tokenize` them.
-    """
-    ids = _check_keys(candidates, references)
-    correct_total, guess_total = [0] * n, [0] * n
-    cand_total = ref_total = 0
-    per_image: dict[Hashable, list[float]] = {}
-    for i in ids:
-        cand = _prepare(candidates[i], tokenized)
-        refs = [_prepare(r, tokenized) for r in references[i]]
-        max_ref: Counter = Counter()
-        for r in refs:
-            max_ref |= _ngrams(r, n)  # element-wise maximum
-        counts = _ngrams(cand, n)
-        correct = [0] * n
-        for gram, c in counts.items():
-            correct[len(gram) - 1] += min(c, max_ref[gram])
-        guess = [max(0, len(cand) - k) for k in range(n)]
-        ref_len = min((abs(len(r) - len(cand)), len(r)) for r in refs)[1]
-        per_image[i] = _bleu_from_counts(correct, guess, len(cand), ref_len)
-        correct_total = [a + b for a, b in zip(correct_total, correct)]
-        guess_total = [a + b for a, b in zip(guess_total, guess)]
-        cand_total += len(cand)
-        ref_total += ref_len
-    scores = _bleu_from_counts(correct_total, guess_total, cand_total, ref_total)
-    ratio = (cand_total + _TINY) / (ref_total + _SMALL)
-    return BleuScore(scores, per_image, ratio, cand_total, ref_total)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CIDEr-D
-
-
-@dataclass
-class CiderScore:
-    score: float  # mean over images
-    per_image: dict[Hashable, float]
-
-
-def _tfidf(counts: Counter, idf: dict, log_images: float, n: int) -> tuple[list[dict], list[float]]:
-    """Per n-gram order: the TF-IDF vector and its norm. N-grams no reference holds get the highest weight."""
-    vecs: list[dict] = [{} for _ in range(n)]
-    for gram, tf in counts.items():
-        vecs[len(gram) - 1][gram] = tf * (log_images - idf.get(gram, 0.0))
-    return vecs, [math.sqrt(sum(v * v for v in vec.values())) for vec in vecs]
-
-
-def cider(
-    candidates: Mapping[Hashable, str],
-    references: Mapping[Hashable, Sequence[str]],
-    n: int = 4,
-    sigma: float = 6.0,
-    tokenized: bool = False,
-) -> CiderScore:
-    """CIDEr-D as the COCO caption toolkit computes it (the toolkit's "CIDEr" is this CIDEr-D).
-
-    Each sentence becomes a TF-IDF vector per n-gram order (1..n), the document frequency of an n-gram
-    being the number of images among the evaluated ones whose references hold it. For each reference the
-    candidate scores the cosine similarity per order, with the candidate's weights clipped at the
-    reference's (so repeating a word gains nothing), times a Gaussian penalty on the length difference
-    ``exp(-delta^2 / (2 sigma^2))``. The image's score is the mean over orders and references, times 10.
-
-    The toolkit measures sentence length for the penalty as its number of bigrams (words - 1, and 0 for
-    an empty sentence); we do the same so that the numbers match. It changes nothing unless a sentence
-    is empty.
-
-    Because document frequencies come from the evaluated set, a corpus of one image scores 0 and scores
-    of different sets are not comparable unless the sets are the same.
-    """
-    ids = _check_keys(candidates, references)
-    cands = {i: _ngrams(_prepare(candidates[i], tokenized), n) for i in ids}
-    refs = {i: [_ngrams(_prepare(r, tokenized), n) for r in references[i]] for i in ids}
-    df: Counter = Counter()
-    for i in ids:
-        df.update({g for r in refs[i] for g in r})
-    idf = {g: math.log(max(1.0, d)) for g, d in df.items()}
-    log_images = math.log(len(ids))
-
-    def length(counts: Counter) -> int:
-        return sum(c for g, c in counts.items() if len(g) == 2) if n >= 2 else 0
-
-    penalty_denominator = 2 * sigma**2
-    per_image: dict[Hashable, float] = {}
-    for i in ids:
-        vec, norm = _tfidf(cands[i], idf, log_images, n)
-        total = np.zeros(n)
-        for ref in refs[i]:
-            rvec, rnorm = _tfidf(ref, idf, log_images, n)
-            penalty = math.exp(-((length(cands[i]) - length(ref)) ** 2) / penalty_denominator)
-            for k in range(n):
-                dot = sum(min(w, rvec[k].get(g, 0.0)) * rvec[k].get(g, 0.0) for g, w in vec[k].items())
-                if norm[k] and rnorm[k]:
-                    dot /= norm[k] * rnorm[k]
-                total[k] += dot * penalty
-        per_image[i] = float(total.mean() / len(refs[i]) * 10.0)
-    return CiderScore(float(np.mean(list(per_image.values()))), per_image)
-
+from .generation import GenerationTask, Scored, batched, evaluate_generation, open_images, readable_images, sample_sheet
+from .text_metrics import BleuScore, CiderScore, bleu, cider, tokenize
 
 # ---------------------------------------------------------------------------------------------------
 # ShapesWorld: does the caption name every object by colour and shape?
@@ -372,30 +167,6 @@ class CaptionSet:
     source: str
 
 
-def readable_images(root: Path, files: Sequence[str]) -> set[str]:
-    """The files under ``root`` that decode; the others are named in the log. Nothing is kept in memory."""
-    from ..data.images import ImageDecodeError, load_image
-
-    ok, skipped = set(), []
-    for f in dict.fromkeys(files):
-        try:
-            load_image(root / f).close()
-            ok.add(f)
-        except ImageDecodeError as e:
-            skipped.append(f"{f} ({e})")
-    if skipped:
-        log.warning("%s: skipped %d unreadable image(s): %s", root, len(skipped), "; ".join(skipped[:10]))
-    return ok
-
-
-def open_images(items: Sequence[Image.Image | Path]) -> list[Image.Image]:
-    """Images as given, files decoded (with the checks of :func:`mmfusion.data.images.load_image`), each once."""
-    from ..data.images import load_image
-
-    files = {p: load_image(p) for p in dict.fromkeys(im for im in items if not isinstance(im, Image.Image))}
-    return [im if isinstance(im, Image.Image) else files[im] for im in items]
-
-
 def caption_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None = None) -> CaptionSet:
     """The first ``n`` images of a ShapesWorld split (``data="shapes"``) or of a caption folder (0: all)."""
     from ..data.datasets import DataFormatError, read_captions
@@ -428,20 +199,6 @@ def caption_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | N
     )
 
 
-def batched(call: Any, batch_size: int, *columns: Sequence) -> list[str]:
-    """``call(*batch)`` over equal slices of ``columns``, checking one text comes back per input."""
-    out: list[str] = []
-    for s in range(0, len(columns[0]), batch_size):
-        batch = [list(c[s : s + batch_size]) for c in columns]
-        got = list(call(*batch))
-        if len(got) != len(batch[0]):
-            raise ValueError(
-                f"the model returned {len(got)} texts for a batch of {len(batch[0])} inputs; expected one each"
-            )
-        out.extend(str(t) for t in got)
-    return out
-
-
 def evaluate_captioner(
     captioner: Any,
     data: str = "shapes",
@@ -466,12 +223,14 @@ def evaluate_captioner(
     Returns:
         The report: corpus metrics, settings, and per image its caption and scores.
     """
-    from .report import shapes_config_of, write_report
+    task = GenerationTask(
+        "captioning", "caption", caption_set, lambda ds: (), lambda ds, captions: _score(ds, captions, samples)
+    )
+    return evaluate_generation(task, captioner, data, n, out, split, options, batch_size)
 
-    t0 = time.perf_counter()
-    options = dict(options or {})
-    ds = caption_set(data, n, split, shapes_config_of(captioner) if data == "shapes" else None)
-    captions = batched(lambda ims: captioner.caption(open_images(ims), **options), batch_size, ds.images)
+
+def _score(ds: CaptionSet, captions: list[str], samples: int) -> Scored:
+    """Corpus and per-image scores of the captions of ``ds``, and the plots to draw of them."""
     cands = dict(enumerate(captions))
     refs = dict(enumerate(ds.references))
     b, c = bleu(cands, refs), cider(cands, refs)
@@ -495,37 +254,25 @@ def evaluate_captioner(
             chk = attrs.checks[i]
             row.update(attributes_correct=chk.correct, missing=chk.missing, wrong=chk.wrong)
         per_image.append(row)
-    report: dict[str, Any] = {
-        "task": "captioning",
-        "model": getattr(captioner, "name", "?"),
-        "data": ds.source,
-        "n": len(captions),
-        "options": options,
-        "metrics": metrics,
-        "length_ratio": b.ratio,
-        "tokenizer": "mmfusion.eval.captioning.tokenize (COCO-style: lower case, punctuation dropped)",
-        "seconds": round(time.perf_counter() - t0, 2),
-        "per_image": per_image,
-    }
-    if out is not None:
-        out = Path(out)
+
+    def plots(out: Path, report: dict[str, Any]) -> dict[str, Path]:
         k = min(samples, len(captions))
-        report["plots"] = {
-            "scores": str(plot_caption_scores(b, c, out / "captioning_scores.png", title=_title(report))),
-            "samples": str(
-                sample_sheet(
-                    open_images(ds.images[:k]),
-                    [
-                        _caption_lines(captions[i], ds.references[i], attrs.checks[i] if attrs else None)
-                        for i in range(k)
-                    ],
-                    out / "captioning_samples.png",
-                    title=f"{report['model']}: generated captions (first reference below)",
-                )
+        lines = [_caption_lines(captions[i], ds.references[i], attrs.checks[i] if attrs else None) for i in range(k)]
+        return {
+            "scores": plot_caption_scores(b, c, out / "captioning_scores.png", title=_title(report)),
+            "samples": sample_sheet(
+                open_images(ds.images[:k]),
+                lines,
+                out / "captioning_samples.png",
+                title=f"{report['model']}: generated captions (first reference below)",
             ),
         }
-        write_report(report, out / "captioning.json")
-    return report
+
+    details = {
+        "length_ratio": b.ratio,
+        "tokenizer": "mmfusion.eval.text_metrics.tokenize (COCO-style: lower case, punctuation dropped)",
+    }
+    return Scored(metrics, details, "per_image", per_image, plots)
 
 
 def _title(report: dict[str, Any]) -> str:
@@ -580,41 +327,10 @@ def plot_caption_scores(b: BleuScore, c: CiderScore, path: str | Path, title: st
     return _save(fig, path)
 
 
-def sample_sheet(
-    images: Sequence[Any], lines: Sequence[Sequence[tuple[str, str]]], path: str | Path, title: str = "", cols: int = 4
-) -> Path:
-    """A grid of images, each with its lines of text beneath; a line is ``(text, colour)``, wrapped to fit."""
-    from .plots import _save, plt
-
-    width = 34  # characters per wrapped line at 8.5 pt in a 3-inch cell
-    wrapped = [[(textwrap.fill(t, width), col) for t, col in cell] for cell in lines]
-    text_rows = max((sum(t.count("\n") + 1 for t, _ in cell) for cell in wrapped), default=1)
-    rows = max(1, math.ceil(len(images) / cols))
-    text_h = 0.17 * text_rows + 0.1
-    height = rows * (2.6 + text_h) + 0.5
-    fig = plt.figure(figsize=(3.0 * cols, height))
-    grid = fig.add_gridspec(
-        rows * 2, cols, height_ratios=[2.6, text_h] * rows, hspace=0.05, wspace=0.08, top=1 - 0.45 / height, bottom=0.01
-    )
-    for k, (img, cell) in enumerate(zip(images, wrapped)):
-        r, col = divmod(k, cols)
-        ax = fig.add_subplot(grid[2 * r, col])
-        arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
-        ax.imshow(arr, interpolation="nearest" if max(arr.shape[:2]) < 200 else "antialiased")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        tx = fig.add_subplot(grid[2 * r + 1, col])
-        tx.axis("off")
-        y = 1.0
-        for text, colour in cell:
-            tx.text(0.0, y, text, va="top", ha="left", fontsize=8.5, color=colour, transform=tx.transAxes)
-            y -= (text.count("\n") + 1) / text_rows
-    if title:
-        fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
-    return _save(fig, path)
-
-
 __all__ = [
+    "BleuScore",
+    "CiderScore",
+    "batched",
     "bleu",
     "cider",
     "tokenize",
@@ -622,6 +338,8 @@ __all__ = [
     "check_caption",
     "mentions",
     "evaluate_captioner",
+    "open_images",
+    "readable_images",
     "summary_lines",
     "sample_sheet",
 ]

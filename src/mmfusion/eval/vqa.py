@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from ..data.shapes import ShapesConfig
+from .generation import GenerationTask, Scored, evaluate_generation, open_images, readable_images, sample_sheet
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,6 @@ def qa_set(data: str, n: int, split: str = "test", shapes: ShapesConfig | None =
     """The first ``n`` questions of a ShapesWorld split (every question of a scene, scene by scene) or a qa.jsonl."""
     from ..data.datasets import DataFormatError, read_qa
     from ..data.shapes import ShapesWorld
-    from .captioning import readable_images
     from .report import split_folder
 
     ds = QASet([], [], [], [], [], "")
@@ -215,54 +214,36 @@ def evaluate_answerer(
         options: generation options passed to every ``answer`` call.
         samples: questions on the sample sheet (wrong answers first, then right ones).
     """
-    from .captioning import batched, open_images
-    from .report import shapes_config_of, write_report
+    task = GenerationTask("vqa", "answer", qa_set, lambda ds: (ds.questions,), lambda ds, p: _score(ds, p, samples))
+    return evaluate_generation(task, answerer, data, n, out, split, options, batch_size)
 
-    t0 = time.perf_counter()
-    options = dict(options or {})
-    ds = qa_set(data, n, split, shapes_config_of(answerer) if data == "shapes" else None)
-    preds = batched(
-        lambda ims, qs: answerer.answer(open_images(ims), qs, **options), batch_size, ds.images, ds.questions
-    )
+
+def _score(ds: QASet, preds: list[str], samples: int) -> Scored:
+    """Accuracy overall and per type of the answers to ``ds``, and the plots to draw of them."""
     scores = vqa_accuracy(preds, ds.answers, ds.types)
-    report: dict[str, Any] = {
-        "task": "vqa",
-        "model": getattr(answerer, "name", "?"),
-        "data": ds.source,
-        "n": scores.n,
-        "options": options,
-        "metrics": {
-            "accuracy": scores.accuracy,
-            "per_type": scores.per_type,
-            **(
-                {"consensus": scores.consensus, "consensus_per_type": scores.consensus_per_type}
-                if scores.consensus is not None
-                else {}
-            ),
-        },  # fmt: skip
-        "questions_per_type": scores.counts,
-        "scoring": "exact match after VQA answer normalisation",
-        "seconds": round(time.perf_counter() - t0, 2),
-        "per_question": [
-            {
-                "image": ds.names[k],
-                "question": ds.questions[k],
-                "answer": ds.answers[k],
-                "predicted": preds[k],
-                "type": ds.types[k],
-                "correct": scores.correct[k],
-            }
-            for k in range(scores.n)
-        ],  # fmt: skip
-    }
-    if out is not None:
-        out = Path(out)
-        report["plots"] = {
-            "types": str(plot_type_accuracy(scores, out / "vqa_types.png", title=_title(report))),
-            "samples": str(_samples(ds, preds, scores, samples, out / "vqa_samples.png", report["model"])),
+    metrics: dict[str, Any] = {"accuracy": scores.accuracy, "per_type": scores.per_type}
+    if scores.consensus is not None:
+        metrics.update(consensus=scores.consensus, consensus_per_type=scores.consensus_per_type)
+    per_question = [
+        {
+            "image": ds.names[k],
+            "question": ds.questions[k],
+            "answer": ds.answers[k],
+            "predicted": preds[k],
+            "type": ds.types[k],
+            "correct": scores.correct[k],
         }
-        write_report(report, out / "vqa.json")
-    return report
+        for k in range(scores.n)
+    ]
+
+    def plots(out: Path, report: dict[str, Any]) -> dict[str, Path]:
+        return {
+            "types": plot_type_accuracy(scores, out / "vqa_types.png", title=_title(report)),
+            "samples": _samples(ds, preds, scores, samples, out / "vqa_samples.png", report["model"]),
+        }
+
+    details = {"questions_per_type": scores.counts, "scoring": "exact match after VQA answer normalisation"}
+    return Scored(metrics, details, "per_question", per_question, plots)
 
 
 def _title(report: dict[str, Any]) -> str:
@@ -271,8 +252,6 @@ def _title(report: dict[str, Any]) -> str:
 
 def _samples(ds: QASet, preds: list[str], scores: VQAScores, k: int, path: Path, model: str) -> Path:
     """A sheet of about half wrong and half right answers, one question per image while images last."""
-    from .captioning import open_images, sample_sheet
-
     n_bad = scores.correct.count(False)
     quota = {False: min(n_bad, max(k // 2, k - (scores.n - n_bad)))}
     quota[True] = k - quota[False]

@@ -44,10 +44,10 @@ log = logging.getLogger(__name__)
 def load_embedder(spec: str | os.PathLike) -> Embedder:
     """A model by the name the CLI takes: a native checkpoint (or training run) directory, ``hf:<hub-id>`` or
     a Hugging Face model directory (CLIP or SigLIP)."""
-    import mmfusion
+    from ..backends import load
 
     text = os.fspath(spec)
-    model = mmfusion.load(text)  # a missing model raises an error that says where it looked and what to do
+    model = load(text)  # a missing model raises an error that says where it looked and what to do
     if not isinstance(model, Embedder):
         raise ValueError(
             f"{text} is a {type(model).__name__}, which cannot embed images and texts; the index needs an "

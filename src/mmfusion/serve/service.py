@@ -226,6 +226,6 @@ def _load_model(name: str | None, device: str | None):
     """The model named in the settings (None: none is asked for)."""
     if not name:
         return None
-    import mmfusion
+    from ..backends import load
 
-    return mmfusion.load(name, device=device)
+    return load(name, device=device)
