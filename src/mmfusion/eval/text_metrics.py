@@ -222,5 +222,4 @@ def cider(
     return CiderScore(float(np.mean(list(per_image.values()))), per_image)
 
 
-
 __all__ = ["BleuScore", "CiderScore", "bleu", "cider", "tokenize"]
