@@ -34,7 +34,17 @@ PORT = ServeSettings().port
 def routes() -> set[str]:
     from mmfusion.serve.app import create_app
 
-    return {getattr(r, "path", "") for r in create_app(ServeSettings()).routes}
+    return set(_paths(create_app(ServeSettings()).routes))
+
+
+def _paths(routes) -> list[str]:
+    """The paths of routes, those of included routers too (FastAPI keeps an included router as one entry)."""
+    out = []
+    for r in routes:
+        out += [r.path] if hasattr(r, "path") else []
+        inner = getattr(r, "original_router", None)
+        out += _paths(inner.routes) if inner is not None else []
+    return out
 
 
 # ---- reading the files -----------------------------------------------------------------------------------
