@@ -50,19 +50,8 @@ def add_parser(sub) -> None:
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The generation options the flags ask for (only those given; sampling when a temperature or top-p is)."""
-    opts: dict = {}
-    if args.max_new_tokens is not None:
-        opts["max_new_tokens"] = args.max_new_tokens
-    if args.repetition_penalty is not None:
-        opts["repetition_penalty"] = args.repetition_penalty
-    if args.num_beams is not None:
-        opts["num_beams"] = args.num_beams
-    if args.seed is not None:
-        opts["seed"] = args.seed
-    if args.temperature is not None:
-        opts["temperature"] = args.temperature
-    if args.top_p is not None:
-        opts["top_p"] = args.top_p
+    names = ("max_new_tokens", "repetition_penalty", "num_beams", "seed", "temperature", "top_p")
+    opts: dict = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if (args.temperature is not None and args.temperature > 0) or args.top_p is not None:
         opts["do_sample"] = True
     return opts

@@ -1,12 +1,5 @@
-"""What every fusion strategy shares: the checks on ``dims`` and the conversion of inputs to masked tensors.
-
-Every fusion takes ``dims`` (the feature width of each modality, by name) and ``width`` (the fused width),
-and its forward takes ``features`` (pooled ``(B, D_m)`` or tokens ``(B, T_m, D_m)`` per modality), an
-optional ``present`` mask (bool ``(B,)`` per modality: which examples have it) and optional ``padding``
-masks (bool ``(B, T_m)``, True at padding tokens), returning ``(B, out_dim)``. A modality left out of
-``features`` is missing for every example. Inputs under a mask (padding tokens, absent examples) are
-replaced by zeros before anything reads them, so not even a NaN there reaches the output.
-"""
+"""What every fusion strategy shares: the checks on ``dims`` and the conversion of inputs to masked tensors
+(the contract every fusion keeps is in the package docstring, :mod:`mmfusion.modules.fusions`)."""
 
 from __future__ import annotations
 
