@@ -305,15 +305,14 @@ def batch_report(before: dict[str, float], after: dict[str, float], batcher: str
 
 def model_table(model: Path, texts: list[str], sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[str, dict]:
     """Milliseconds per text of the model alone at each batch size: in one call of ``encode_text``, and as the
-    server runs a batch (``Service._encode_texts``: tokenized at once, run in groups of similar length)."""
+    server runs a batch (``QueryEncoder.encode_texts``: tokenized at once, run in groups of similar length)."""
     import torch
 
     import mmfusion
-    from mmfusion.serve.app import Service
-    from mmfusion.serve.settings import ServeSettings
+    from mmfusion.index.encoder import QueryEncoder
 
     embedder = mmfusion.load(str(model), device="cpu")
-    ways = {"one call": embedder.encode_text, "as served": Service(ServeSettings(), embedder, None, None)._encode_texts}
+    ways = {"one call": embedder.encode_text, "as served": QueryEncoder(embedder).encode_texts}
     out: dict[str, dict] = {way: {} for way in ways}
     n = 9 * 10**6
     with torch.inference_mode():
