@@ -107,7 +107,17 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES_TRAIN + _train_options_help(),
     )
     tasks = train_tasks()
-    t.add_argument("task", choices=list(tasks), help="what to train")
+    t.add_argument(
+        "task",
+        choices=list(tasks),
+        help="what to train: "
+        + "; ".join(
+            f"{task}: {spec.help} (default preset {spec.default_preset}"
+            + (f"; its data options: --{spec.data_config}.*" if spec.data_config else "")
+            + ")"
+            for task, spec in tasks.items()
+        ),
+    )
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument(
         "--data",
@@ -123,7 +133,7 @@ def add_parser(sub) -> None:
         "--strategy", help="fusion: early/late/... strategy (concat, late, attention, cross_attention, gated, "
         "unified, lowrank); same as --model.strategy"
     )  # fmt: skip
-    t.add_argument("--out", help="output directory (default runs/clip)")
+    t.add_argument("--out", help="output directory (default runs/TASK)")
     t.add_argument("--steps", type=int, help="optimiser steps")
     t.add_argument("--epochs", type=float, help="passes over a folder dataset")
     t.add_argument("--time", help="wall-clock budget: 90s, 3m, 1h")

@@ -101,7 +101,7 @@ FAMILIES: dict[str, FamilySpec] = {
         "captioner", "image captioner (ViT encoder + text decoder); also answers questions by generation",
         "Captioner", CaptionerConfig, CaptionModel,
         {"caption": "mmfusion.train.caption_task:CaptionTask", "vqa": "mmfusion.train.vqa_task:GenerativeVQATask"},
-        "caption-tiny", text_field="decoder", data_config="vqa", eval_kinds=("caption", "vqa"),
+        "caption-tiny", text_field="decoder", eval_kinds=("caption", "vqa"),
         next_steps={
             "caption": "mmfusion caption --model {out} IMAGE...",
             "vqa": "mmfusion ask --model {out} IMAGE 'what colour is the circle?'",
