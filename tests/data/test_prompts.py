@@ -1,10 +1,10 @@
 import pytest
 
-from mmfusion.data.prompts import PHOTO_TEMPLATES, RAW_TEMPLATES, SHAPES_TEMPLATES, read_templates
+from mmfusion.data.prompts import PHOTO_TEMPLATES, SHAPES_TEMPLATES, read_templates
 
 
 def test_every_template_has_a_slot_for_the_label():
-    for t in PHOTO_TEMPLATES + SHAPES_TEMPLATES + RAW_TEMPLATES:
+    for t in PHOTO_TEMPLATES + SHAPES_TEMPLATES:
         assert "{}" in t
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, deep_update, format_help, from_dict, load_yaml, with_overrides
+from ..models.registry import train_tasks
 from .common import command
 
 EXAMPLES_TRAIN = """
@@ -44,8 +45,6 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
             data = read_state(ckpt)["run"]
     if args.config:
         data = deep_update(data, load_yaml(args.config))
-    from ..models.registry import train_tasks
-
     preset = args.preset or (None if data.get("preset") else train_tasks()[args.task].default_preset)
     named = {"data": {"source": args.data} if args.data else {}, "preset": preset, "out": args.out}
     if getattr(args, "strategy", None):
@@ -96,8 +95,6 @@ def _train_options_help() -> str:
 
 
 def add_parser(sub) -> None:
-    from ..models.registry import train_tasks
-
     t = command(
         sub,
         "train",

@@ -40,7 +40,6 @@ SHAPES_TEMPLATES = (
     "a scene with a {}",
     "a single {}",
 )
-RAW_TEMPLATES = ("{}",)  # the label text as it is: for whole captions
 
 
 def read_templates(spec: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -113,17 +113,17 @@ def evaluate_generation(
 
 def readable_images(root: Path, files: Sequence[str]) -> set[str]:
     """The files under ``root`` that decode; the others are named in the log. Nothing is kept in memory."""
+    from ..data.datasets import DecodeReport
     from ..data.images import ImageDecodeError, load_image
 
-    ok, skipped = set(), []
+    ok, report = set(), DecodeReport()
     for f in dict.fromkeys(files):
         try:
             load_image(root / f).close()
             ok.add(f)
         except ImageDecodeError as e:
-            skipped.append(f"{f} ({e})")
-    if skipped:
-        log.warning("%s: skipped %d unreadable image(s): %s", root, len(skipped), "; ".join(skipped[:10]))
+            report.skipped.append((f, str(e)))
+    report.log(str(root))
     return ok
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Re-exported until every importer reads them from data.prompts; then this line goes.
 from ..interfaces import Embedder
 from .retrieval import embed_texts
 

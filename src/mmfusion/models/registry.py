@@ -180,6 +180,18 @@ def describe_models() -> list[tuple[str, str, str]]:
     return [(n, p["family"], p.get("description", "")) for n, p in _presets().items()]
 
 
+def _preset(name: str) -> dict[str, Any]:
+    presets = _presets()
+    if name not in presets:
+        raise KeyError(f"unknown model preset {name!r}; available: {', '.join(presets)}")
+    return presets[name]
+
+
+def preset_family(name: str) -> FamilySpec:
+    """The spec of the family a preset belongs to (its config is not built)."""
+    return family(_preset(name)["family"])
+
+
 def model_config(name: str, overrides: dict[str, Any] | list[str] | None = None) -> tuple[str, Any]:
     """The family and the config dataclass of a preset, with overrides applied.
 
@@ -187,10 +199,7 @@ def model_config(name: str, overrides: dict[str, Any] | list[str] | None = None)
         name: a preset name from :func:`list_models`.
         overrides: a nested dict (``{"vision": {"layers": 2}}``) or ``["vision.layers=2"]``.
     """
-    presets = _presets()
-    if name not in presets:
-        raise KeyError(f"unknown model preset {name!r}; available: {', '.join(presets)}")
-    preset = presets[name]
+    preset = _preset(name)
     cfg = from_dict(family(preset["family"]).config, preset["config"], prefix="model.")
     if isinstance(overrides, list):
         cfg = apply_overrides(cfg, overrides)

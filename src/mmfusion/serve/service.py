@@ -207,7 +207,7 @@ class Service:
         """Runs in the index thread: the query vector of each (terms, options) item, then one
         :meth:`~mmfusion.index.Index.search_many` for all. An item whose terms fail (an id not in the index,
         terms that cancel out) gets its exception as its result, which the batcher raises for that item alone."""
-        from ..index.collection import VectorQuery
+        from ..index import VectorQuery
         from ..index.query import combine_terms
 
         out: list = [None] * len(items)

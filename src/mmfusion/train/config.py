@@ -14,7 +14,7 @@ from ..config import field
 from ..data.images import AugmentConfig
 from ..data.shapes import ShapesConfig
 from ..data.video import ACTIONS
-from ..models.registry import FamilySpec, family, model_config
+from ..models.registry import FamilySpec, model_config, preset_family
 
 
 @dataclass
@@ -168,7 +168,7 @@ class RunConfig:
 
     def family(self) -> FamilySpec:
         """The spec of the preset's model family."""
-        return family(model_config(self.preset)[0])
+        return preset_family(self.preset)
 
     def model_config(self, expect: str | None = None) -> Any:
         """The preset's typed config with the ``model`` overrides applied: the one place the untyped overrides

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from ..data.fusion_tasks import TASKS, FusionTaskConfig, make_fusion_data
-from ..eval.classification import evaluate_fusion
 from ..modules.fusions import FUSIONS
 from .config import FusionDataConfig, RunConfig, TrainConfig
 from .fusion_task import FusionTask
@@ -69,7 +68,7 @@ def run_one(
     t0 = time.perf_counter()
     Trainer(cfg, task, workdir, device).run()
     seconds = time.perf_counter() - t0
-    report = evaluate_fusion(task.model.eval(), task.test)
+    report = task.evaluate()
     return {
         "accuracy": report["metrics"]["accuracy"],
         "macro_f1": report["metrics"]["macro_f1"],

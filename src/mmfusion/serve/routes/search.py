@@ -4,7 +4,6 @@ file), and the indexed files by id only: ``GET /images/{id}`` and ``GET /thumbs/
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import os
 from typing import Any
@@ -15,7 +14,7 @@ from PIL import Image
 
 from ...data.images import ImageDecodeError
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
-from ..images import decode_data_url
+from ..images import decode_data_url, decode_image_bytes
 from ..schemas import MAX_K, SearchRequest, SearchResponse, SearchTerm
 from ..service import Service
 from ..settings import ServeSettings
@@ -43,8 +42,8 @@ async def search_upload(
     data = await image.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"the upload is over {limit:,} bytes")
-    url = "data:;base64," + base64.b64encode(data).decode()
-    return await run_search(svc, SearchRequest(image=url, text=text or None, k=k, threshold=threshold))
+    img = decode_image_bytes(data, svc.settings.max_pixels, svc.draft_size)
+    return await run_search(svc, SearchRequest(text=text or None, k=k, threshold=threshold), img)
 
 
 @router.get("/images/{image_id}")
@@ -69,10 +68,11 @@ async def thumbnail(image_id: int, svc: ServiceDep, key: ApiKey) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-async def run_search(svc: Service, req: SearchRequest) -> dict[str, Any]:
+async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None = None) -> dict[str, Any]:
+    """The response to ``req``; ``image``, already decoded (an upload), joins its terms after the text."""
     need_index(svc)
     need_embedder(svc)
-    terms = await _terms(svc, req)
+    terms = await _terms(svc, req, image)
     options = {"k": req.k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
     try:
         results = await svc.search(terms, options)  # batched with concurrent searches
@@ -85,7 +85,7 @@ async def run_search(svc: Service, req: SearchRequest) -> dict[str, Any]:
                          "thumbnail_url": f"/thumbs/{r.id}"} for r in results]}  # fmt: skip
 
 
-async def _terms(svc: Service, req: SearchRequest) -> list:
+async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = None) -> list:
     """The request's query terms: texts and images as vectors (through the batchers), ids as they are."""
     from ...index.query import Term
 
@@ -104,6 +104,8 @@ async def _terms(svc: Service, req: SearchRequest) -> list:
             terms.append(Term(t.weight, "vector", (await svc.embed_images([img]))[0]))
         if t.id is not None:
             terms.append(Term(t.weight, "id", int(t.id)))
+    if image is not None:
+        terms.append(Term(1.0, "vector", (await svc.embed_images([image]))[0]))
     if not terms:
         raise HTTPException(400, "nothing to search for: give text, image (a data URL), id, or terms")
     return terms
