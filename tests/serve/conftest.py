@@ -9,6 +9,8 @@ import pytest
 
 from tests.utils import tiny_clip
 
+LOCAL = "http://127.0.0.1"  # the test clients' base URL: a Host the service answers to (it refuses others)
+
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):

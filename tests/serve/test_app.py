@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import mmfusion  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
-from tests.serve.conftest import run_server  # noqa: E402
+from tests.serve.conftest import LOCAL, run_server  # noqa: E402
 from tests.utils import huge_png_header  # noqa: E402
 
 
@@ -29,7 +29,9 @@ def data_url(img: Image.Image, fmt="PNG") -> str:
 @pytest.fixture()
 def client(served):
     model, db = served
-    with TestClient(create_app(ServeSettings(db=str(db), max_body_bytes=2_000_000, max_pixels=10_000_000))) as c:
+    with TestClient(
+        create_app(ServeSettings(db=str(db), max_body_bytes=2_000_000, max_pixels=10_000_000)), base_url=LOCAL
+    ) as c:
         yield c
 
 
@@ -113,7 +115,7 @@ def test_concurrent_searches_share_one_index_call(served):
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url=LOCAL) as c:
             bodies = [{"text": t, "k": k} for k, t in enumerate(texts, start=2)] + [{"id": 99999}]
             responses = await asyncio.gather(*(c.post("/search", json=b) for b in bodies))
             metrics = (await c.get("/metrics")).text
@@ -158,7 +160,7 @@ def test_classify(client):
 def test_api_keys(served):
     model, db = served
     app = create_app(ServeSettings(db=str(db), api_keys=["k1"]))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/healthz").status_code == 200  # probes need no key
         r = c.post("/v1/embeddings", json={"input": "x"})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -215,7 +217,7 @@ def _raw(url: str, head: bytes, body_chunks=(), timeout=5.0) -> tuple[bytes, flo
 def test_huge_bodies_get_413_fast_and_the_server_stays_up(served, tmp_path):
     model, db = served
     with run_server(create_app(ServeSettings(db=str(db), max_body_bytes=1_000_000))) as url:
-        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
         resp, seconds = _raw(url, head)
         assert resp.startswith(b"HTTP/1.1 413") and seconds < 1.0
@@ -225,7 +227,7 @@ def test_huge_bodies_get_413_fast_and_the_server_stays_up(served, tmp_path):
             for _ in range(1_000_000_000 // 4096):
                 yield chunk
 
-        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
         resp, seconds = _raw(url, head, chunks(), timeout=10)
         assert resp.startswith(b"HTTP/1.1 413") and seconds < 5.0
@@ -261,7 +263,7 @@ def test_every_error_has_the_openai_shape_and_static_files_revalidate(served):
 
 def test_openapi_documents_every_json_response():
     """/docs shows a real schema (named properties, not a bare object) for each JSON route's success."""
-    spec = TestClient(create_app(ServeSettings())).get("/openapi.json").json()
+    spec = TestClient(create_app(ServeSettings()), base_url=LOCAL).get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
     routes = {("get", "/v1/models"): "200", ("post", "/v1/embeddings"): "200", ("post", "/v1/chat/completions"): "200",
               ("post", "/search"): "200", ("post", "/search/upload"): "200", ("post", "/classify"): "200",

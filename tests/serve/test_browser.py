@@ -348,7 +348,8 @@ def test_ask_streams_the_answer_into_the_panel(page, servers, world, answerer):
     page.fill("#question", "Will you melt?")
     page.press("#question", "Enter")
     page.wait_for_selector("#ask-error.error")
-    assert "the model melted" in page.inner_text("#ask-error") and page.inner_text("#answer-text") == "Mostly"
+    error = page.inner_text("#ask-error")  # the model's own words stay in the server's log
+    assert "generation failed" in error and "melted" not in error and page.inner_text("#answer-text") == "Mostly"
 
 
 def test_zero_shot_labels_for_the_chosen_image(page, servers, world):

@@ -16,6 +16,7 @@ import mmfusion  # noqa: E402
 from mmfusion.cli.main import main  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
+from tests.serve.conftest import LOCAL  # noqa: E402
 
 K = 12
 TEXTS = ["a red circle", "two blue squares and a green star"]
@@ -41,7 +42,7 @@ def client(request, served):
     """The service on the index, with the index's own model or with the same model built and passed in."""
     model, db = served
     given = {"embedder": mmfusion.load(str(model), device="cpu")} if request.param == "given embedder" else {}
-    with TestClient(create_app(ServeSettings(db=str(db)), **given)) as c:
+    with TestClient(create_app(ServeSettings(db=str(db)), **given), base_url=LOCAL) as c:
         yield c
 
 

@@ -27,7 +27,8 @@ variables > --config YAML > defaults. The service binds 127.0.0.1 unless --host 
 
 
 # list settings take one value per flag, named in the singular: --label a --label b
-REPEATED = {"labels": "--label", "api_keys": "--api-key", "cors_origins": "--cors-origin"}
+REPEATED = {"labels": "--label", "api_keys": "--api-key", "cors_origins": "--cors-origin",
+            "allowed_hosts": "--allowed-host"}
 
 
 def add_parser(sub) -> None:

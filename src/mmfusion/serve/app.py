@@ -8,23 +8,27 @@ fetching is enabled for chat and jobs), and files go out by id only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..utils import memory
 from .batching import QueueFullError
-from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
+from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware, HostCheckMiddleware, allowed_hosts
 from .routes import ROUTERS
 from .routes.page import mount_static
 from .service import Service
 from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+MAX_PROBLEMS = 20  # validation problems listed in a 422
 
 
 def create_app(settings: ServeSettings | None = None, embedder=None, captioner=None, answerer=None) -> FastAPI:
@@ -39,6 +43,7 @@ def create_app(settings: ServeSettings | None = None, embedder=None, captioner=N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        memory.fix_mmap_threshold()  # large buffers freed go back to the system, not to a heap that keeps them
         svc = await Service.open(settings, embedder=embedder, captioner=captioner, answerer=answerer)
         app.state.service = svc
         try:
@@ -66,8 +71,12 @@ def _add_middleware(app: FastAPI, settings: ServeSettings) -> None:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    # added innermost first: a request meets the Host check, then the concurrency limit, then the body's limits
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_memory=settings.max_body_memory, on_idle=memory.trim
+    )  # a burst of large bodies is over: give its memory back
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency, exempt=("/healthz", "/metrics"))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheckMiddleware, hosts=allowed_hosts(settings.host, settings.allowed_hosts))
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -98,9 +107,21 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        # the input is not echoed back: it may be megabytes, or hold NaN, which JSON cannot carry
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")}
+                  for e in exc.errors()[:MAX_PROBLEMS]]  # fmt: skip
+        problems = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
+        more = len(exc.errors()) - len(errors)
+        if more > 0:
+            problems += f"; and {more} more"
         return JSONResponse({"error": {"message": f"invalid request: {problems}", "type": "invalid_request_error",
-                                       "details": jsonable_encoder(exc.errors())}}, status_code=422)  # fmt: skip
+                                       "details": errors}}, status_code=422)  # fmt: skip
+
+    @app.exception_handler(Exception)  # a bug: the client gets JSON without the process's internals; the log all
+    async def internal_error(request: Request, exc: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": {"message": "internal error: the server's log says what went wrong",
+                                       "type": "server_error"}}, status_code=500)  # fmt: skip
 
 
 def _version() -> str:

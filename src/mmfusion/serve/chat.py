@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +21,17 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from .budgets import check_chars
 from .generation import Prompt, count_tokens, options_from
 from .images import check_image_ref, decode_data_url, decode_image_bytes, fetch_url, image_url_of, indexed_id
+from .schemas import Body
 
 MAX_IMAGES = 16
+MAX_PARTS = 1024  # content parts in all messages of one request
+log = logging.getLogger(__name__)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = Field(
         None,
@@ -35,13 +40,22 @@ class ChatMessage(BaseModel):
     )
 
 
-class ChatRequest(BaseModel):
+class StreamOptions(Body):
+    include_usage: bool = Field(False, description="end the stream with a chunk holding the token counts")
+
+
+class ChatRequest(Body):
     """OpenAI's chat completion request. Unlisted OpenAI fields are accepted and ignored."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_PARTS)
     model: str | None = Field(None, description="the answerer's or the captioner's id (see /v1/models)")
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, description="the most new tokens (default and cap: the server's)")
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="the most new tokens (default and most: the server's --max-new-tokens; more is refused with 400)",
+    )
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (newer name)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (deterministic)")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -83,9 +97,13 @@ async def build_prompt(svc, messages: list[ChatMessage]) -> Prompt:
     """The OpenAI messages as a :class:`Prompt`: images resolved, the last user text as the question."""
     chat: list[dict[str, Any]] = []
     images: list[Image.Image] = []
-    for i, msg in enumerate(messages):
-        content = msg.content
-        parts = [] if content is None else [{"type": "text", "text": content}] if isinstance(content, str) else content
+    contents = [[] if m.content is None else [{"type": "text", "text": m.content}] if isinstance(m.content, str)
+                else m.content for m in messages]  # fmt: skip
+    if sum(map(len, contents)) > MAX_PARTS:
+        raise HTTPException(413, f"more than {MAX_PARTS} content parts in one request")
+    check_chars((p.get("text") if isinstance(p.get("text"), str) else None for c in contents for p in c),
+                svc.settings)  # fmt: skip
+    for i, (msg, parts) in enumerate(zip(messages, contents, strict=True)):
         out: list[dict[str, Any]] = []
         for part in parts:
             kind = part.get("type", "text")
@@ -145,6 +163,8 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         raise HTTPException(503, "no captioner or answerer is loaded: serve with --answerer or --captioner")
     if req.stop:
         raise HTTPException(400, "stop sequences are not supported; leave 'stop' out")
+    if req.stream_options is not None and not req.stream:
+        raise HTTPException(400, "stream_options is only allowed with stream: true")
     prompt = await build_prompt(svc, req.messages)
     names = {"captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
              "embedder": svc.model_name(svc.embedder)}  # fmt: skip
@@ -163,13 +183,17 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
             "id": cid, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "length" if done >= opts.max_new_tokens else "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
+            "usage": _usage(prompt_tokens, done),
         }  # fmt: skip
+
+    usage = req.stream_options is not None and req.stream_options.include_usage
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        if usage:  # OpenAI's shape: null on every chunk but the last, which has no choices
+            body["usage"] = None
+        return _event(body)
 
     async def events() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
@@ -180,16 +204,29 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
                 yield chunk({"content": piece})
         except HTTPException as e:  # headers are sent: the error travels in the stream, as OpenAI's does
             yield _error_event(str(e.detail), "invalid_request_error")
-        except Exception as e:
-            yield _error_event(f"generation failed: {e}", "server_error")
+        except Exception:
+            log.exception("streamed generation failed")
+            yield _error_event("generation failed (the server's log says why)", "server_error")
         else:
             done = count_tokens(model, "".join(pieces))
             yield chunk({}, "length" if done >= opts.max_new_tokens else "stop")
+            if usage:
+                yield _event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                              "choices": [], "usage": _usage(prompt_tokens, done)})  # fmt: skip
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
 def _error_event(message: str, kind: str) -> str:
-    return f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+    return _event({"error": {"message": message, "type": kind}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from PIL import Image
 from ..interfaces import GenerationOptionError, GenerationOptions
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,8 +148,10 @@ def _guard(fn, *args):
         return fn(*args)
     except GenerationOptionError as e:
         raise HTTPException(400, str(e)) from e
-    except (ValueError, TypeError) as e:
-        raise HTTPException(400, f"the model refused the request: {e}") from e
+    except (ValueError, TypeError) as e:  # the model's own words may hold paths or internals: they go to the log
+        log.warning("the model refused a request: %s: %s", type(e).__name__, e)
+        raise HTTPException(400, f"the model could not handle this request ({type(e).__name__}); "
+                                 "the server's log says why") from e  # fmt: skip
 
 
 def _params(fn) -> Sequence[str]:

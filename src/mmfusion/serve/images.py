@@ -21,8 +21,9 @@ from fastapi import HTTPException
 from PIL import Image
 
 from ..data.images import ImageDecodeError
+from .schemas import MAX_ID
 
-INDEXED = re.compile(r"^mmfusion://images/(\d+)$")
+INDEXED = re.compile(r"^mmfusion://images/([0-9]+)$")
 MAX_REDIRECTS = 3
 
 
@@ -85,9 +86,18 @@ def decode_image_bytes(data: bytes, max_pixels: int, draft_size: int | None = No
 
 
 def indexed_id(url: str) -> int | None:
-    """The id in ``mmfusion://images/<id>``, or None for any other reference."""
+    """The id in ``mmfusion://images/<id>``, or None for any other reference.
+
+    Raises:
+        HTTPException: 422 for an id outside the range of image ids.
+    """
     m = INDEXED.match(url.strip())
-    return int(m.group(1)) if m else None
+    if m is None:
+        return None
+    digits = m.group(1).lstrip("0") or "0"
+    if len(digits) > len(str(MAX_ID)) or int(digits) > MAX_ID:
+        raise HTTPException(422, f"image ids are 0 to {MAX_ID}; {url.strip()[:60]} names none")
+    return int(digits)
 
 
 def is_public(address: str) -> bool:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from ..index.store import Transaction
 from .chat import resolve_image
 from .generation import Prompt, options_from
+from .schemas import Body, ImageId
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ CREATE TABLE IF NOT EXISTS job_results (
 FINAL = ("done", "failed", "cancelled")
 
 
-class JobRequest(BaseModel):
+class JobRequest(Body):
     """Captions or answers for many images."""
 
     task: Literal["caption", "answer"] = Field(description="caption each image, or answer a question about each")
-    images: list[int | str] = Field(
+    images: list[ImageId | str] = Field(
         min_length=1, description="indexed image ids, 'mmfusion://images/<id>' or data URLs (one result each)"
     )
     question: str | None = Field(None, description="answer: one question asked of every image")
@@ -292,7 +293,8 @@ class JobRunner:
                 raise
             except Exception as e:  # a bug or a broken model: the job fails with the reason, the runner goes on
                 log.exception("job %s failed", job_id)
-                await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", f"{type(e).__name__}: {e}")
+                why = f"the service failed on this job ({type(e).__name__}; its log says more)"
+                await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", why)
             finally:
                 self.current = None
 

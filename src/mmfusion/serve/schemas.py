@@ -6,17 +6,27 @@ tests pin that JSON. Chat and job bodies live beside their logic, in :mod:`.chat
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 1000
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: the range of every image id
+MAX_WEIGHT = 1e6  # a search term's weight; the query is normalised, so larger ones only risk overflow
+
+ImageId = Annotated[int, Field(ge=0, le=MAX_ID, description="an indexed image's id")]
+
+
+class Body(BaseModel):
+    """A request body: numbers must be finite (NaN and Infinity are refused with 422, never passed on)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 # ---- OpenAI: /v1/models, /v1/embeddings -------------------------------------------------------------------
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Body):
     """OpenAI's embeddings request, plus ``modality``: images are sent as data URLs (``data:image/png;base64,...``)."""
 
     input: str | list[str] = Field(description="a text or a list of texts (or of image data URLs)")
@@ -64,19 +74,19 @@ class ModelList(BaseModel):
 # ---- search -------------------------------------------------------------------------------------------------
 
 
-class SearchTerm(BaseModel):
-    weight: float = 1.0
+class SearchTerm(Body):
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
     text: str | None = None
     image: str | None = Field(None, description="an image as a data URL")
-    id: int | None = Field(None, description="an indexed image's id: more like it")
+    id: ImageId | None = Field(None, description="an indexed image's id: more like it")
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(Body):
     """Search the index by a text, an image, an indexed image, or a weighted sum of them."""
 
     text: str | None = None
     image: str | None = Field(None, description="an image as a data URL")
-    id: int | None = Field(None, description="an indexed image's id")
+    id: ImageId | None = Field(None, description="an indexed image's id")
     terms: list[SearchTerm] = Field(default_factory=list, description="weighted terms, added to the above")
     k: int = Field(20, ge=1, le=MAX_K)
     threshold: float | None = Field(None, description="drop results with a lower cosine similarity")
@@ -101,10 +111,10 @@ class SearchResponse(BaseModel):
 # ---- labels -------------------------------------------------------------------------------------------------
 
 
-class ClassifyRequest(BaseModel):
-    labels: list[str] = Field(min_length=1, max_length=2000)
+class ClassifyRequest(Body):
+    labels: list[str] = Field(min_length=1)
     image: str | None = Field(None, description="an image as a data URL")
-    id: int | None = Field(None, description="or an indexed image's id")
+    id: ImageId | None = Field(None, description="or an indexed image's id")
     templates: list[str] | None = Field(None, description="prompt templates with {} (default: 16 photo prompts)")
     k: int = Field(5, ge=1, le=2000)
     threshold: float | None = Field(None, description="return every label scoring at least this instead of top k")

@@ -27,11 +27,24 @@ class ServeSettings:
     max_queue: int = field(1024, "requests waiting for the model beyond this get 503 (retry later)")
     max_concurrency: int = field(256, "requests in flight beyond this get 503 rather than slowing everyone")
     max_body_bytes: int = field(25 * 2**20, "larger request bodies get 413 (also when sent chunked)")
+    max_body_memory: int = field(
+        64 * 2**20,
+        "request bodies over 64 KiB held in memory at once, in bytes; more wait their turn before being read",
+    )
     max_pixels: int = field(40_000_000, "uploaded images with more pixels are refused before decoding")
     max_inputs: int = field(256, "most texts or images in one embeddings request")
+    max_search_terms: int = field(16, "most query terms (texts, images, ids) in one search")
+    max_prompts: int = field(4096, "most labels x templates in one classify request")
+    max_chars: int = field(200_000, "most characters of text in one request (inputs, terms, prompts, messages)")
     text_cache_size: int = field(4096, "text embeddings kept in an LRU cache (0: none)")
     api_keys: list[str] = field(factory=list, help="accepted bearer keys; empty: no authentication")
     cors_origins: list[str] = field(factory=list, help="origins allowed to call from a browser; empty: none")
+    allowed_hosts: list[str] = field(
+        factory=list,
+        help="Host names answered besides the bound address, localhost, "
+        "127.0.0.1 and [::1] (and this machine's names when bound to 0.0.0.0); "
+        "'*.example.com' matches subdomains, '*' any",
+    )
     thumb_size: int = field(256, "longest side of thumbnails in pixels")
     captioner: str | None = field(None, "a Captioner (e.g. hf:Salesforce/blip-image-captioning-base): captions")
     answerer: str | None = field(None, "an Answerer (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct): questions about images")

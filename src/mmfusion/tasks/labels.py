@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ def read_labels(spec: str | Sequence[str]) -> list[str]:
     labels = [x for x in labels if x]
     if not labels:
         raise ValueError("no labels given: pass a list, a file with one label per line, or 'cat,dog,car'")
-    dup = sorted({x for x in labels if labels.count(x) > 1})
+    dup = sorted(x for x, n in Counter(labels).items() if n > 1)
     if dup:
         raise ValueError(f"labels repeat: {dup}; each label must be given once")
     return labels

@@ -8,9 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
+from ..budgets import check_chars
 from ..deps import ApiKey, ServiceDep
 from ..generation import options_from
-from ..images import check_image_ref
+from ..images import check_image_ref, indexed_id
 from ..jobs import JobCancelled, JobCreated, JobList, JobRequest, JobStatus, owner_of
 
 router = APIRouter(tags=["jobs"])
@@ -33,8 +34,9 @@ async def create_job(req: JobRequest, svc: ServiceDep, key: ApiKey) -> dict[str,
     if len(req.images) > s.max_job_images:
         raise HTTPException(413, f"{len(req.images)} images in one job; the limit is {s.max_job_images}")
     options_from(req.max_tokens, req.temperature, req.top_p, req.seed, s.max_new_tokens)  # 400 now, not later
+    check_chars([req.question, *(req.questions or ())], s)
     for ref in req.images:
-        if isinstance(ref, str):
+        if isinstance(ref, str) and indexed_id(ref) is None:  # an id out of range is a 422 here, not a failed item
             check_image_ref(ref, s.allow_url_fetch, "jobs")
     job_id = await asyncio.to_thread(svc.jobs.store.create, owner_of(key), req.task, req.model_dump(),
                                      len(req.images))  # fmt: skip

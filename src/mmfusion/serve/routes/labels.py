@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, HTTPException
 
+from ..budgets import check_chars, check_count
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
 from ..images import decode_data_url
 from ..schemas import ClassifyRequest, ClassifyResponse
 
 router = APIRouter(tags=["labels"])
-MAX_PROMPTS = 20_000
 
 
 @router.post("/classify", response_model=ClassifyResponse)
@@ -21,22 +21,25 @@ async def classify(req: ClassifyRequest, svc: ServiceDep, key: ApiKey) -> dict[s
     import torch
     import torch.nn.functional as F
 
-    from ...data.prompts import read_templates
+    from ...data.prompts import PHOTO_TEMPLATES, read_templates
     from ...tasks.labels import ZeroShotClassifier, is_sigmoid, probabilities
 
     emb = need_embedder(svc)
     if (req.image is None) == (req.id is None):
         raise HTTPException(400, "give exactly one of image (a data URL) or id")
+    s = svc.settings
+    n_templates = len(req.templates) if req.templates else len(PHOTO_TEMPLATES)
+    check_count("prompts (labels x templates)", len(req.labels) * n_templates, s, "max_prompts")
+    check_chars([*req.labels, *(req.templates or ())], s)
     try:
         templates = read_templates(req.templates) if req.templates else None
         clf = ZeroShotClassifier(emb, req.labels, templates, cache_dir=None)
     except ValueError as e:
         raise HTTPException(400, str(e)) from e
     labels, n_templates = clf.labels, len(clf.templates)
-    if len(labels) * n_templates > MAX_PROMPTS:
-        raise HTTPException(413, "labels x templates is over 20,000 prompts; send fewer labels or templates")
     # label embeddings: every prompt of every label through the batched, cached text path
     texts = [t.replace("{}", lab) for lab in labels for t in clf.templates]
+    check_chars(texts, s)
     vecs = torch.from_numpy(np.stack(await svc.embed_texts(texts))).view(len(labels), n_templates, -1)
     label_emb = F.normalize(F.normalize(vecs, dim=-1).mean(1), dim=-1)  # (labels, D)
     if req.image is not None:

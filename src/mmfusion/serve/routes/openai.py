@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
+from ..budgets import check_chars, check_count
 from ..chat import ChatCompletion, ChatRequest, complete
 from ..deps import ApiKey, ServiceDep, need_embedder
 from ..images import decode_data_url
@@ -35,8 +36,9 @@ async def embeddings(req: EmbeddingRequest, svc: ServiceDep, key: ApiKey) -> JSO
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     if not inputs:
         raise HTTPException(400, "input is empty: give a text or a list of texts")
-    if len(inputs) > s.max_inputs:
-        raise HTTPException(413, f"{len(inputs)} inputs in one request; the limit is {s.max_inputs}")
+    check_count("inputs", len(inputs), s, "max_inputs")
+    if req.modality == "text":
+        check_chars(inputs, s)
     if req.model and req.model != model_id:
         raise HTTPException(404, f"model {req.model!r} is not served here; this service runs {model_id!r}")
     if req.dimensions is not None and req.dimensions != embedder.embed_dim:

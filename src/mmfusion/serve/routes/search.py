@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, Response
 from PIL import Image
 
 from ...data.images import ImageDecodeError
+from ..budgets import check_chars, check_count
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
 from ..images import decode_data_url, decode_image_bytes
-from ..schemas import MAX_K, SearchRequest, SearchResponse, SearchTerm
+from ..schemas import MAX_ID, MAX_K, SearchRequest, SearchResponse, SearchTerm
 from ..service import Service
 from ..settings import ServeSettings
 
@@ -35,7 +37,7 @@ async def search_upload(
     image: UploadFile = File(description="an image file: search by example"),
     text: str | None = Form(None),
     k: int = Form(20, ge=1, le=MAX_K),
-    threshold: float | None = Form(None),
+    threshold: float | None = Form(None, allow_inf_nan=False),
 ) -> dict[str, Any]:
     """Search by an uploaded image (multipart form), optionally plus a text."""
     limit = svc.settings.max_body_bytes
@@ -46,8 +48,11 @@ async def search_upload(
     return await run_search(svc, SearchRequest(text=text or None, k=k, threshold=threshold), img)
 
 
+PathId = Annotated[int, FastPath(ge=0, le=MAX_ID, description="an indexed image's id")]
+
+
 @router.get("/images/{image_id}")
-async def image_file(image_id: int, svc: ServiceDep, key: ApiKey) -> FileResponse:
+async def image_file(image_id: PathId, svc: ServiceDep, key: ApiKey) -> FileResponse:
     """The indexed image with this id (by id only: no path from the request is ever read)."""
     row = await _row(svc, image_id)
     if not os.path.isfile(row.path):
@@ -57,7 +62,7 @@ async def image_file(image_id: int, svc: ServiceDep, key: ApiKey) -> FileRespons
 
 
 @router.get("/thumbs/{image_id}")
-async def thumbnail(image_id: int, svc: ServiceDep, key: ApiKey) -> Response:
+async def thumbnail(image_id: PathId, svc: ServiceDep, key: ApiKey) -> Response:
     """A JPEG thumbnail (longest side ``thumb_size``) of the indexed image with this id."""
     row = await _row(svc, image_id)
     cached = (image_id, row.hash)
@@ -77,7 +82,10 @@ async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None
     try:
         results = await svc.search(terms, options)  # batched with concurrent searches
     except KeyError as e:
-        raise HTTPException(404, f"no indexed image has id {e.args[0] if e.args else ''}") from e
+        asked = [int(t.value) for t in terms if t.kind == "id"]
+        rows = await svc.in_index_thread(svc.index.store.get, asked)
+        missing = ", ".join(str(i) for i in asked if i not in rows) or "asked for"
+        raise HTTPException(404, f"no indexed image has id {missing}") from e
     except ValueError as e:
         raise HTTPException(400, str(e)) from e
     return {"results": [{"id": r.id, "score": round(r.score, 6), "name": r.path.rsplit("/", 1)[-1],
@@ -92,6 +100,9 @@ async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = N
     items = list(req.terms)
     if req.text or req.image or req.id is not None:
         items.insert(0, SearchTerm(weight=1.0, text=req.text, image=req.image, id=req.id))
+    s = svc.settings
+    check_count("search terms", len(items) + (image is not None), s, "max_search_terms")
+    check_chars([t.text for t in items] + [req.path], s)
     terms = []
     for t in items:
         given = [x for x in (t.text, t.image, t.id) if x is not None and x != ""]
