@@ -27,7 +27,16 @@ def check_count(what: str, n: int, settings: ServeSettings, setting: str) -> Non
 
 
 def check_chars(texts: Iterable[str | None], settings: ServeSettings) -> None:
-    """413 when the texts hold more characters in all than ``max_chars``."""
-    n = sum(len(t) for t in texts if t)
+    """413 when the texts hold more characters in all than ``max_chars``; 422 for a text that is not valid
+    Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can carry and no tokenizer takes)."""
+    texts = [t for t in texts if t]
+    n = sum(map(len, texts))
     if n > settings.max_chars:
         raise _over("characters of text", n, settings.max_chars, "max_chars")
+    for t in texts:
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise HTTPException(422, f"a text holds a lone surrogate at character {e.start}: send valid "
+                                         "Unicode") from None  # fmt: skip
