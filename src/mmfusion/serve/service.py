@@ -19,6 +19,7 @@ from PIL import Image
 
 from .batching import MicroBatcher
 from .generation import Generators
+from .images import decode_data_url, decode_image_bytes
 from .jobs import JobRunner, JobStore
 from .settings import ServeSettings
 
@@ -183,6 +184,19 @@ class Service:
                 out[i] = v
                 self.text_cache.put(texts[i], v)
         return out  # type: ignore[return-value]
+
+    async def decode(self, images: list[str | bytes]) -> list[Image.Image]:
+        """Data URLs or image bytes to RGB images, decoded off the event loop (a large image takes a while) at
+        the scale indexing decodes for the model; 400/422 for one that is not a usable image."""
+        s = self.settings
+
+        def one(x: str | bytes) -> Image.Image:
+            if isinstance(x, bytes):
+                return decode_image_bytes(x, s.max_pixels, self.draft_size)
+            return decode_data_url(x, s.max_pixels, self.draft_size)
+
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(None, one, x) for x in images)))
 
     async def embed_images(self, images: list[Image.Image]) -> list[np.ndarray]:
         """(D,) embeddings of images, through the image batcher."""

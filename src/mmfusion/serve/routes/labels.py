@@ -9,7 +9,6 @@ from fastapi import APIRouter, HTTPException
 
 from ..budgets import check_chars, check_count
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
-from ..images import decode_data_url
 from ..schemas import ClassifyRequest, ClassifyResponse
 
 router = APIRouter(tags=["labels"])
@@ -43,7 +42,7 @@ async def classify(req: ClassifyRequest, svc: ServiceDep, key: ApiKey) -> dict[s
     vecs = torch.from_numpy(np.stack(await svc.embed_texts(texts))).view(len(labels), n_templates, -1)
     label_emb = F.normalize(F.normalize(vecs, dim=-1).mean(1), dim=-1)  # (labels, D)
     if req.image is not None:
-        img = (await svc.embed_images([decode_data_url(req.image, svc.settings.max_pixels, svc.draft_size)]))[0]
+        img = (await svc.embed_images(await svc.decode([req.image])))[0]
     else:
         ix = need_index(svc)
         try:

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from ..budgets import check_chars, check_count
 from ..chat import ChatCompletion, ChatRequest, complete
 from ..deps import ApiKey, ServiceDep, need_embedder
-from ..images import decode_data_url
 from ..schemas import EmbeddingRequest, EmbeddingsResponse, ModelList
 
 router = APIRouter(tags=["openai"])
@@ -44,7 +43,7 @@ async def embeddings(req: EmbeddingRequest, svc: ServiceDep, key: ApiKey) -> JSO
     if req.dimensions is not None and req.dimensions != embedder.embed_dim:
         raise HTTPException(400, f"dimensions: this model gives {embedder.embed_dim}-d embeddings only")
     if req.modality == "image":
-        vecs = await svc.embed_images([decode_data_url(x, s.max_pixels, svc.draft_size) for x in inputs])
+        vecs = await svc.embed_images(await svc.decode(inputs))
         tokens = 0
     else:
         vecs = await svc.embed_texts(inputs)

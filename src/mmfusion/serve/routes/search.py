@@ -16,7 +16,6 @@ from PIL import Image
 from ...data.images import ImageDecodeError
 from ..budgets import check_chars, check_count
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
-from ..images import decode_data_url, decode_image_bytes
 from ..schemas import MAX_ID, MAX_K, SearchRequest, SearchResponse, SearchTerm
 from ..service import Service
 from ..settings import ServeSettings
@@ -44,7 +43,7 @@ async def search_upload(
     data = await image.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"the upload is over {limit:,} bytes")
-    img = decode_image_bytes(data, svc.settings.max_pixels, svc.draft_size)
+    (img,) = await svc.decode([data])
     return await run_search(svc, SearchRequest(text=text or None, k=k, threshold=threshold), img)
 
 
@@ -111,7 +110,7 @@ async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = N
         if t.text:
             terms.append(Term(t.weight, "vector", (await svc.embed_texts([t.text]))[0]))
         if t.image:
-            img = decode_data_url(t.image, svc.settings.max_pixels, svc.draft_size)
+            (img,) = await svc.decode([t.image])
             terms.append(Term(t.weight, "vector", (await svc.embed_images([img]))[0]))
         if t.id is not None:
             terms.append(Term(t.weight, "id", int(t.id)))
