@@ -90,10 +90,11 @@ class GenerationOptions:
         for key, value in options.items():
             default = getattr(proto, key)
             if key == "seed":
-                ok, kind = (
-                    value is None or (isinstance(value, int) and not isinstance(value, bool)),
-                    "an integer or None",
-                )
+                ok, kind = (  # torch's generators take 64-bit seeds, signed or not
+                    value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                      and -(2**63) <= value < 2**64),
+                    "an integer from -2**63 to 2**64-1, or None",
+                )  # fmt: skip
             elif isinstance(default, bool):
                 ok, kind = isinstance(value, bool), "True or False"
             elif isinstance(default, int):

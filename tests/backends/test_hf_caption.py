@@ -188,7 +188,7 @@ def test_bad_options_say_what_is_allowed(cap):
         cap.caption(img, beams=3)
     with pytest.raises(TypeError, match="num_beams must be an integer"):
         cap.caption(img, num_beams="3")
-    with pytest.raises(TypeError, match="seed must be an integer or None"):
+    with pytest.raises(TypeError, match="seed must be an integer from"):
         cap.caption(img, do_sample=True, seed=1.5)
     with pytest.raises(ValueError, match="num_beams must be at least 1"):
         cap.caption(img, num_beams=0)

@@ -278,3 +278,10 @@ def test_settings_reach_the_flags():
     )
     assert args.allowed_hosts == ["a.lan", "b.lan"] and args.max_chars == 5 and args.max_search_terms == 2
     assert args.max_body_memory == 9
+
+
+def test_a_seed_past_64_bits_is_400_not_a_crash(app_client):
+    c, db = app_client
+    msg = problems(c.post("/v1/chat/completions", json=chat_about("mmfusion://images/1", seed=2**70)), 400, db)
+    assert "seed" in msg and "2**64" in msg
+    problems(c.post("/jobs", json={"task": "caption", "images": [1], "seed": -(2**64)}), 400, db)
