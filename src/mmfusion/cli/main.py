@@ -53,6 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as given (train --nproc re-runs it)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
     try:

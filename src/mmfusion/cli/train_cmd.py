@@ -5,6 +5,9 @@ presets come from the model registry."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +71,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from ..train import train
 
     cfg = build_run_config(args, extra)
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:], cfg)
     result = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 speaks for the run
     print(f"trained {result.steps} steps ({result.samples:,} samples) in {result.elapsed_s:.0f}s")
     print(f"model:   {result.out / 'model'}   (mmfusion.load('{result.out}'))")
     print(f"metrics: {result.out / 'metrics.jsonl'}")
@@ -79,6 +86,28 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     for line in result.summary:  # the held-out report, for tasks that make one
         print(line)
     return 0
+
+
+def _launch(nproc: int, argv: list[str], cfg) -> int:
+    """The same command in ``nproc`` processes on this machine, through torch's elastic launcher (torchrun),
+    each with its share of the cores; the launcher ends every process when one fails."""
+    if cfg.train.batch_size % nproc:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} (the global batch) must be divisible by "
+                          f"--nproc {nproc}: each process takes batch_size / nproc")  # fmt: skip
+    rest, skip = [], False
+    for a in argv:  # the command without --nproc, which each process must not act on again
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and not cfg.train.threads:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", "-m", "mmfusion.cli.main", *rest]  # fmt: skip
+    return subprocess.run(cmd, env=env).returncode
 
 
 def _train_options_help() -> str:
@@ -135,3 +164,7 @@ def add_parser(sub) -> None:
     t.add_argument("--epochs", type=float, help="passes over a folder dataset")
     t.add_argument("--time", help="wall-clock budget: 90s, 3m, 1h")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--nproc", type=int, help="train in this many processes on this machine (torchrun; "
+                   "train.batch_size stays the global batch, each process takes batch_size / nproc). Several "
+                   "machines: torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint "
+                   "HOST:PORT -m mmfusion train ...")  # fmt: skip

@@ -32,9 +32,9 @@ from .losses import ContrastiveOutput, _accuracies, _check, clip_loss, siglip_lo
 def _gather(x: torch.Tensor) -> list[torch.Tensor]:
     """Every process's ``x`` (same shape on all), differentiable: the backward reduce-scatters (sums) the
     gradients of every process's copy back to the process it came from."""
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
-    gathered = wait_tensor(all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD))
+    gathered = wait_tensor(all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))
     return list(gathered.chunk(dist.get_world_size()))
 
 

@@ -69,8 +69,7 @@ class CaptionTask(TaskDefaults):
 
     def prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and caption tokens of optimiser step ``step`` (CPU work, safe in a background thread)."""
-        B = self.cfg.train.batch_size
-        pairs = self.sampler.batch(step * B, B)
+        pairs = self.sampler.batch(*self.positions(step))  # this process's part of the global batch
         images = torch.from_numpy(np.stack([p.image for p in pairs]))
         tokens = self.model.tokenizer.encode([p.texts[0] for p in pairs])
         return normalize_batch(images, self.model.cfg.image_mean, self.model.cfg.image_std), tokens

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,10 @@ from ..data.tokenizer import Tokenizer
 from ..models.checkpoint import save_model
 from ..models.clip import CLIP
 from ..models.registry import build_model
+from ..modules.global_losses import global_contrastive
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
 from .config import RunConfig
+from .distributed import DistContext
 from .text import run_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class PairBatch:
     images: torch.Tensor  # (B, 3, S, S) normalised
     tokens: torch.Tensor  # (T, L) token ids: each image's k captions then its hard negatives
     positives: torch.Tensor | None  # (B, T) bool, or None when each image matches only its own caption
+    meta: list[Pair] | None = None  # in several processes: this slice's pairs without images (for the mask)
 
 
 def resolve_caption_folder(source: str) -> Path:
@@ -110,9 +113,15 @@ def contrastive_loss(
 
 
 class ClipTask:
-    """Batches, loss and checkpoints of a CLIP run (see :class:`mmfusion.train.trainer.Trainer`)."""
+    """Batches, loss and checkpoints of a CLIP run (see :class:`mmfusion.train.trainer.Trainer`).
+
+    In several processes each embeds its slice of the global batch and back-propagates its share of the
+    contrastive loss over the whole global batch (:mod:`mmfusion.modules.global_losses`): every pair of the
+    global batch is a negative for every other, as in one process."""
 
     name = "clip"
+    global_loss = True  # gradients of the processes' shares are summed
+    dist = DistContext()
 
     def __init__(self, cfg: RunConfig, model: CLIP, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
@@ -168,8 +177,11 @@ class ClipTask:
     def prepare(self, step: int) -> PairBatch:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
         B = self.cfg.train.batch_size
-        pairs = self.sampler.batch(step * B, B)
+        offset, part = self.dist.shard(B)
+        pairs = self.sampler.batch(step * B + offset, part)  # this process's slice of the global batch
         tokens = self.model.tokenizer.encode([t for p in pairs for t in p.texts])  # the text tower trims padding
+        if self.dist.enabled:  # the mask spans the global batch: made in train_step from every slice's captions
+            return PairBatch(self._images(pairs), tokens, None, [replace(p, image=None) for p in pairs])
         mask = matches(pairs, self.cfg.train.positives)
         return PairBatch(
             self._images(pairs),
@@ -177,10 +189,26 @@ class ClipTask:
             torch.from_numpy(mask) if mask is not None else None,
         )
 
+    def _global_positives(self, batch: PairBatch) -> torch.Tensor | None:
+        """The (B, T) mask of the global batch, the same on every process (their captions, all-gathered)."""
+        import torch.distributed as dist
+
+        every: list = [None] * self.dist.world_size
+        dist.all_gather_object(every, batch.meta)
+        mask = matches([p for part in every for p in part], self.cfg.train.positives)
+        return torch.from_numpy(mask).to(self.device) if mask is not None else None
+
     def _loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> ContrastiveOutput:
-        return contrastive_loss(
-            self.cfg.train.loss, image.float(), text.float(), self.model, positives, self.cfg.train.triplet_margin
-        )
+        t = self.cfg.train
+        if not self.dist.enabled:
+            return contrastive_loss(t.loss, image.float(), text.float(), self.model, positives, t.triplet_margin)
+        if t.loss == "siglip" and self.model.logit.bias is None:
+            raise ValueError("the SigLIP loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
+        out, value = global_contrastive(t.loss, image.float(), text.float(), self.model.logit(), positives,
+                                        logit_bias=self.model.logit.bias, margin=t.triplet_margin,
+                                        local_loss=t.local_loss)  # fmt: skip
+        self._global_value = value  # the global loss, for the log (out.loss is this process's share)
+        return out
 
     def train_step(
         self, batch: PairBatch, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]
@@ -188,6 +216,8 @@ class ClipTask:
         """Forward and backward of one optimiser step; gradients are left in the parameters."""
         images, tokens = batch.images.to(self.device), batch.tokens.to(self.device)
         positives = batch.positives.to(self.device) if batch.positives is not None else None
+        if self.dist.enabled:
+            positives = self._global_positives(batch)
         if accum <= 1:
             with autocast():
                 out = self.model(images, tokens)
@@ -195,7 +225,8 @@ class ClipTask:
             res.loss.backward()
         else:
             res = self._grad_cache_step(images, tokens, positives, accum, autocast)
-        return {"loss": res.loss.item(), "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item()}
+        loss = float(self._global_value) if self.dist.enabled else res.loss.item()
+        return {"loss": loss, "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item()}
 
     def _grad_cache_step(
         self,

@@ -49,7 +49,8 @@ class TrainConfig:
     steps: int | None = field(None, "optimiser steps; or give epochs or time")
     epochs: float | None = field(None, "passes over a folder dataset (not for the endless ShapesWorld stream)")
     time: str | None = field(None, "wall-clock budget such as 90s, 3m or 1h; the schedule is fitted to it")
-    batch_size: int = field(128, "pairs per optimiser step (the contrastive batch: every other pair is a negative)")
+    batch_size: int = field(128, "pairs per optimiser step (the contrastive batch: every other pair is a negative); "
+                            "the global batch: with N processes each takes batch_size / N")
     captions_per_image: int = field(
         1,
         "captions of each image in a batch: the image is encoded once, the text "
@@ -83,6 +84,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = field("fp32", "bf16 autocast (a speed-up on GPUs and CPUs with AMX)")
     device: str = field("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
     threads: int | None = field(None, "torch CPU threads; default: all cores")
+    local_loss: bool = field(True, "with several processes: each scores only its own rows and columns of the "
+                             "global contrastive loss (memory local x global); false: all of it on each")
+    dist_backend: str | None = field(None, "with several processes: gloo or nccl (default: nccl on CUDA, else gloo)")
     seed: int = field(0, "seed of initialisation and data order")
     log_every: int = field(10, "write metrics every N steps")
     save_every: int = field(500, "write a resumable checkpoint every N steps (and at the end)")

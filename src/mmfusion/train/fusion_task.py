@@ -119,7 +119,7 @@ class FusionTask(TaskDefaults):
         return np.asarray(out)
 
     def prepare(self, step: int) -> dict[str, Any]:
-        idx = torch.from_numpy(self._indices(step))
+        idx = torch.from_numpy(self.mine(self._indices(step)))
         mods = self.model.modalities
         return {
             "features": {m: self.data.features[m][idx] for m in mods},

@@ -13,6 +13,7 @@ from ..data.tokenizer import Tokenizer
 from ..models.registry import train_tasks
 from .checkpoint import latest_checkpoint
 from .config import RunConfig
+from .distributed import DistContext, device_for, setup, teardown
 from .trainer import Trainer, TrainResult, pick_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     After training, an adapter with ``evaluate(out)`` and ``summarize(report, out)`` methods (fusion, video)
     scores the model on its held-out split; the report lands in ``OUT/eval/`` and in the result.
 
+    Under ``torchrun`` (several processes), every process runs this: they join one process group, each trains on
+    its slice of the global batch, rank 0 alone writes, and the evaluation runs once, on rank 0.
+
     Returns:
         Where the run wrote its model, how many steps and samples it took, and the last metrics.
     """
@@ -32,7 +36,17 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     spec = cfg.family()
     adapter = spec.task_adapter(cfg.task)  # before any data is made: a wrong preset fails at once
     set_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    ctx = setup(cfg.train.device, cfg.train.dist_backend)
+    try:
+        return _train(cfg, resume, spec, adapter, ctx)
+    finally:
+        teardown()
+
+
+def _train(cfg: RunConfig, resume: bool, spec, adapter, ctx: DistContext) -> TrainResult:
+    if ctx.enabled:
+        _name_ranks(ctx)
+    device = pick_device(device_for(ctx, cfg.train.device))
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is not None and not resume:
@@ -46,12 +60,25 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     elif resume and ckpt is None:
         log.warning("nothing to resume in %s: starting a new run", out)
     task = adapter.build(cfg, device, tokenizer)
-    trainer = Trainer(cfg, task, out, device)
+    task.dist = ctx
+    trainer = Trainer(cfg, task, out, device, ctx)
     if resume:
         trainer.resume()
     result = trainer.run()
     evaluate = getattr(task, "evaluate", None)
-    if evaluate is not None:  # the held-out report, beside the model
+    if evaluate is not None and ctx.is_main:  # the held-out report, beside the model (once, by rank 0)
         result.report = evaluate(out / "eval")
         result.summary = task.summarize(result.report, out / "eval")
     return result
+
+
+def _name_ranks(ctx: DistContext) -> None:
+    """Log lines say which process speaks: ``[rank 1/2] ...``."""
+
+    def add_rank(record: logging.LogRecord) -> bool:
+        if not getattr(record, "ranked", False):
+            record.msg, record.ranked = f"[rank {ctx.rank}/{ctx.world_size}] {record.msg}", True
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(add_rank)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..utils.io import atomic_write_text
 from .checkpoint import latest_checkpoint, remove_partial, restore_checkpoint, save_checkpoint
 from .config import RunConfig, parse_duration
+from .distributed import DistContext, broadcast_state, sync_gradients
 
 log = logging.getLogger(__name__)
 CALIBRATION_STEPS = 8  # steps timed (after two warm-up steps) to fit a time budget
@@ -62,11 +63,26 @@ class Task(Protocol):
 
 
 class TaskDefaults:
-    """What most task adapters share: nothing to do after an optimiser step, no status beyond the loss, and the
-    model saved as a checkpoint directory. Adapters inherit it and override what they need (CLIP clamps its
-    temperature after each step and reports it)."""
+    """What most task adapters share: nothing to do after an optimiser step, no status beyond the loss, the
+    model saved as a checkpoint directory, and in several processes each one's slice of the global batch
+    (losses that are means over samples: the gradients are averaged). Adapters inherit it and override what
+    they need (CLIP clamps its temperature after each step and reports it)."""
 
     model: torch.nn.Module
+    cfg: RunConfig
+    dist: DistContext = DistContext()
+    global_loss = False  # True: each process back-propagates its share of one global loss (gradients summed)
+
+    def positions(self, step: int) -> tuple[int, int]:
+        """(first stream position, count) of this process's part of step ``step``'s global batch."""
+        B = self.cfg.train.batch_size
+        offset, part = self.dist.shard(B)
+        return step * B + offset, part
+
+    def mine(self, indices):
+        """This process's slice of the global batch's ``indices``."""
+        offset, part = self.dist.shard(len(indices))
+        return indices[offset : offset + part]
 
     def after_optimizer_step(self) -> None:
         pass
@@ -142,15 +158,17 @@ class Trainer:
         resume_state: trainer state of the checkpoint being resumed (None for a fresh run).
     """
 
-    def __init__(self, cfg: RunConfig, task: Task, out: Path, device: torch.device):
+    def __init__(self, cfg: RunConfig, task: Task, out: Path, device: torch.device, dist: DistContext | None = None):
         self.cfg, self.task, self.out, self.device = cfg, task, Path(out), device
+        self.dist = dist or DistContext()
         t = cfg.train
         if sum(x is not None for x in (t.steps, t.epochs, t.time)) != 1:
             raise ValueError("say how long to train with exactly one of --steps, --epochs or --time")
         if t.epochs is not None and task.dataset_size() == 0:
             raise ValueError("the ShapesWorld stream has no epochs (it never repeats): use --steps or --time")
-        if t.batch_size % max(1, t.accum_steps):
-            raise ValueError(f"batch_size {t.batch_size} must be divisible by accum_steps {t.accum_steps}")
+        if (t.batch_size // self.dist.world_size) % max(1, t.accum_steps) or t.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size {t.batch_size} must be divisible by accum_steps {t.accum_steps} times "
+                             f"the {self.dist.world_size} process(es)")  # fmt: skip
         self.budget_s = parse_duration(t.time) if t.time is not None else None
         self.opt = torch.optim.AdamW(
             param_groups(task.model, t.weight_decay),
@@ -185,7 +203,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest checkpoint in ``out/checkpoints``; False when there is none."""
-        remove_partial(self.out / "checkpoints")
+        if self.dist.is_main:
+            remove_partial(self.out / "checkpoints")
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
@@ -193,7 +212,8 @@ class Trainer:
         self.step, self.elapsed_before = state["step"], state["elapsed_s"]
         if self.total is None or self.budget_s is not None:
             self.total = state.get("total_steps") or self.total
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -207,7 +227,9 @@ class Trainer:
             "run": asdict(self.cfg),
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.dist.is_main:  # every process holds the same weights and optimiser state: one writes them
+            return None
         return save_checkpoint(
             self.out / "checkpoints", self.task.model, self.opt, self._state(), self.cfg.train.keep_checkpoints
         )
@@ -242,17 +264,19 @@ class Trainer:
         log.info("time budget %.0fs: %.3fs per step -> %d steps", self.budget_s, per_step, self.total)
 
     def run(self) -> TrainResult:
-        t = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "run.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+        t, main = self.cfg.train, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "run.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+        broadcast_state(self.task.model)  # every process starts from rank 0's weights
         self._t0 = time.perf_counter()
-        metrics_file = open(self.out / "metrics.jsonl", "a")
+        metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         bar = tqdm(
             total=self.total,
             initial=self.step,
-            desc=f"train {self.task.name}",
+            desc=f"train {self.task.name}" + (f" ({self.dist.world_size} processes)" if self.dist.enabled else ""),
             unit="step",
-            disable=not t.progress,
+            disable=not (t.progress and main),
             dynamic_ncols=True,
         )
         step_times: list[float] = []
@@ -286,28 +310,31 @@ class Trainer:
                 if "temperature" in last:
                     shown["T"] = f"{last['temperature']:.4f}"
                 bar.set_postfix(shown, refresh=False)
-                if self.step % t.log_every == 0 or self.step == self.total:
+                if main and (self.step % t.log_every == 0 or self.step == self.total):
                     self._log(metrics_file, last)
                 if self.step % t.save_every == 0 and self.step != self.total:
                     self.save()
                 if self.budget_s is not None and self._elapsed() > self.budget_s:
                     self.total = self.step  # the budget is spent: end here, whatever the estimate said
+                if self.budget_s is not None and self.dist.enabled:  # rank 0's clock decides for all
+                    (total,) = self.dist.broadcast([-1 if self.total is None else self.total])
+                    self.total = None if total < 0 else int(total)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             bar.close()
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             pool.shutdown(wait=True, cancel_futures=True)
             _restore_sigterm(previous_handler)
-        if self.step > 0:
-            ckpt = self.save()
+        ckpt = self.save() if self.step > 0 else None
         if interrupted:
             raise KeyboardInterrupt(
-                f"stopped at step {self.step}; checkpoint {ckpt if self.step else 'none'}. "
-                f"Continue with the same command and --resume"
+                f"stopped at step {self.step}; checkpoint {ckpt or 'none'}. Continue with the same command and --resume"
             )
-        self.task.save_model(self.out / "model")
-        self._plot()
+        if main:
+            self.task.save_model(self.out / "model")
+            self._plot()
         return TrainResult(self.out, self.step, self.step * t.batch_size, self._elapsed(), last)
 
     def _one_step(self, batch: Any) -> dict[str, float]:
@@ -317,6 +344,11 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         metrics = self.task.train_step(batch, t.accum_steps, self.autocast)
+        if self.dist.enabled:
+            global_loss = getattr(self.task, "global_loss", False)
+            sync_gradients([p for g in self.opt.param_groups for p in g["params"]], average=not global_loss)
+            if not global_loss:  # each process's mean over its own samples: the global mean for the log
+                metrics["loss"] = self.dist.all_sum(metrics["loss"]) / self.dist.world_size
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(
                 f"loss became {metrics['loss']} at step {self.step}; lower --train.lr "

@@ -129,7 +129,7 @@ class VideoTask(TaskDefaults):
         return len(self.source)
 
     def prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = batch_indices(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.source))
+        indices = self.mine(batch_indices(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.source)))
         clips, labels = self.source.batch(indices)
         mean, std = self.model.cfg.image_mean, self.model.cfg.image_std
         return normalize_video(torch.from_numpy(clips), mean, std), torch.from_numpy(labels)

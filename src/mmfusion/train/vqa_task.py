@@ -152,7 +152,7 @@ class VQATask(TaskDefaults):
     def prepare(self, step: int):
         B = self.cfg.train.batch_size
         rng = np.random.default_rng([self.cfg.train.seed, step])
-        indices = batch_indices(self.cfg.train.seed, step, B, len(self.source))
+        indices = self.mine(batch_indices(self.cfg.train.seed, step, B, len(self.source)))
         examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
         images = torch.from_numpy(np.stack([e[0] for e in examples]))
         pairs = [(i, q, a) for i, e in enumerate(examples) for q, a in e[1]]
@@ -250,7 +250,7 @@ class GenerativeVQATask(TaskDefaults):
         each sequence (N,)."""
         B, tok = self.cfg.train.batch_size, self.model.tokenizer
         rng = np.random.default_rng([self.cfg.train.seed, step])
-        indices = batch_indices(self.cfg.train.seed, step, B, len(self.source))
+        indices = self.mine(batch_indices(self.cfg.train.seed, step, B, len(self.source)))
         examples = [self.source.example(int(i), rng, self.cfg.vqa.questions_per_image) for i in indices]
         images = [e[0] for e in examples]
         seqs, prompts, owner = [], [], []
