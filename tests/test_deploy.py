@@ -476,3 +476,26 @@ def test_k8s_checks_catch(name, routes):
     docs[file] = _set(docs[file], path, value)
     problems = k8s_problems(docs, routes, dockerfile())
     assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_the_training_job_agrees_with_torchrun_and_the_cli():
+    """deploy/k8s/train: an indexed Job whose pods meet at pod 0 through the headless Service, each running
+    torchrun with the nodes the Job has, and a train command the CLI accepts."""
+    from mmfusion.cli.main import make_parser
+
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in sorted((DEPLOY / "k8s" / "train").glob("*.yaml"))}
+    job, svc = docs["job.yaml"], docs["service.yaml"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    cmd = pod["containers"][0]["command"]
+    opts = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a and a.index("--") == 0)
+    assert cmd[0] == "torchrun" and spec["completionMode"] == "Indexed"
+    assert int(opts["nnodes"]) == spec["completions"] == spec["parallelism"]
+    assert pod["subdomain"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
+    host, port = opts["rdzv-endpoint"].split(":")
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    i = cmd.index("-m")
+    assert cmd[i + 1] == "mmfusion"
+    args, extra = make_parser().parse_known_args(cmd[i + 2 :])
+    assert args.task == "clip" and all(e.startswith("--train.") for e in extra)
+    assert set(docs["kustomization.yaml"]["resources"]) == {"job.yaml", "service.yaml"}
