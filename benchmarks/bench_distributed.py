@@ -45,7 +45,7 @@ def train(out: Path, nproc: int, cores: int, extra: list[str]) -> subprocess.Com
 
 
 def speed(args) -> dict:
-    arms = {"1 process x %d threads" % args.cores: 1, "%d processes x 1 thread" % args.cores: args.cores}
+    arms = {f"1 process x {args.cores} threads": 1, f"{args.cores} processes x 1 thread": args.cores}
     got: dict[str, list[float]] = {k: [] for k in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -80,14 +80,15 @@ def _gather_worker(rank: int, world: int, port: int, result: str, sizes: list[in
         txt = F.normalize(torch.randn(part, 256, generator=g), dim=1).requires_grad_()
         scale = torch.tensor(10.0, requires_grad=True)
         arms = {
-            "own part only": lambda: clip_loss(img, txt, scale).loss,
-            "global, local_loss": lambda: global_contrastive("clip", img, txt, scale, local_loss=True)[0].loss,
-            "global, whole loss": lambda: global_contrastive("clip", img, txt, scale, local_loss=False)[0].loss,
-        }
+            "own part only": lambda i=img, t=txt, s=scale: clip_loss(i, t, s).loss,
+            "global, local_loss": lambda i=img, t=txt, s=scale: global_contrastive("clip", i, t, s)[0].loss,
+            "global, whole loss": lambda i=img, t=txt, s=scale: global_contrastive(
+                "clip", i, t, s, local_loss=False)[0].loss,
+        }  # fmt: skip
         row = {"global_batch": B}
         for name, fn in arms.items():
             times = []
-            for i in range(25):
+            for _ in range(25):
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn().backward()
