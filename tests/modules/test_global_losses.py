@@ -53,7 +53,8 @@ def _reference(kind, img, txt, pos, scale0, bias0):
     else:
         out = triplet_loss(img, txt, 0.2, True, pos)
     out.loss.backward()
-    return {"loss": out.loss.detach(), "img": img.grad, "txt": txt.grad,
+    return {"loss": out.loss.detach(), "img": img.grad, "txt": txt.grad, "acc": torch.stack([out.i2t_acc,
+                                                                                            out.t2i_acc]),
             "scale": scale.grad if scale.grad is not None else torch.tensor(0.0),
             "bias": bias.grad if bias.grad is not None else torch.tensor(0.0)}  # fmt: skip
 
@@ -119,6 +120,7 @@ def _one_case(rank: int, world: int, bug: str | None, kind: str, local: bool, ma
     dist.all_gather(gi, grad_i)
     dist.all_gather(gt, F.pad(grad_t, (0, 0, 0, max(tsz) - tsz[rank])))
     return {"loss": value, "img": torch.cat(gi), "txt": torch.cat([g[:n] for g, n in zip(gt, tsz)]),
+            "acc": torch.stack([res.i2t_acc, res.t2i_acc]),
             "scale": grads[0], "bias": grads[1]}  # fmt: skip
 
 
@@ -132,7 +134,8 @@ def _mismatch(got: dict, bug: str, kind: str, local: bool, masked: bool) -> floa
     img, txt, pos, _, _ = _data(masked)
     ref = _reference(kind, img, txt, pos, 7.5, -2.0)
     g = got[f"{bug}|{kind}|{local}|{masked}"]
-    return max(float((g[k] - ref[k]).abs().max()) for k in ("loss", "img", "txt", "scale", "bias"))
+    keys = ("loss", "img", "txt", "scale", "bias") + (("acc",) if bug == "none" else ())
+    return max(float((g[k] - ref[k]).abs().max()) for k in keys)
 
 
 @pytest.fixture(scope="module")

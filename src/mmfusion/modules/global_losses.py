@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .losses import ContrastiveOutput, _accuracies, _check, clip_loss, siglip_loss, triplet_loss
+from .losses import ContrastiveOutput, _check, clip_loss, siglip_loss, triplet_loss
 
 
 def _gather(x: torch.Tensor) -> list[torch.Tensor]:
@@ -105,42 +105,51 @@ def global_contrastive(
     io, to = _offset(img_sizes, rank), _offset(txt_sizes, rank)
     rows, cols = pos[io : io + image.shape[0]], pos[:, to : to + text.shape[0]]  # (B_r, T) and (B, T_r)
     n_img, n_txt = all_img.shape[0], all_txt.shape[0]
+    scale = logit_scale if kind != "triplet" else 1.0
+    logits_r = scale * image @ all_txt.t()  # (B_r, T): this process's images against every text
+    logits_c = scale * all_img @ text.t()  # (B, T_r): every image against this process's texts
     if kind == "clip":
-        share = _clip_share(image, text, all_img, all_txt, logit_scale, rows, cols, n_img, int(pos.any(0).sum()))
-    elif kind == "siglip":
-        logits = logit_scale * image @ all_txt.t() + logit_bias  # (B_r, T): each pair is counted once, by row
-        share = -F.logsigmoid((rows.to(logits.dtype) * 2 - 1) * logits).sum() / n_img
+        share = _clip_share(logits_r, logits_c, rows, cols, io, to, positives is None, n_img,
+                            int(pos.any(0).sum()))  # fmt: skip
+    elif kind == "siglip":  # each pair counted once, by its row
+        share = -F.logsigmoid((rows.to(logits_r.dtype) * 2 - 1) * (logits_r + logit_bias)).sum() / n_img
     elif kind == "triplet":
         if n_img != n_txt:
             raise ValueError("the triplet loss pairs row i of images with row i of texts: one caption per image")
-        share = _triplet_share(image, text, all_img, all_txt, rows, cols, io, to, margin, n_img)
+        share = _triplet_share(logits_r, logits_c, rows, cols, io, to, margin, n_img)
     else:
         raise ValueError(f"unknown loss {kind!r}; choose clip, siglip or triplet")
-    value = share.detach().clone()
-    dist.all_reduce(value)
-    with torch.no_grad():
-        full = all_img @ all_txt.t() * (logit_scale if kind != "triplet" else 1.0)
-        i2t, t2i = _accuracies(full, pos)
-    return ContrastiveOutput(share, i2t, t2i), value
+    with torch.no_grad():  # the value and the accuracies of the global batch: one all-reduce of five numbers
+        ri = torch.arange(image.shape[0], device=image.device)
+        has = cols.any(0)
+        right_c = cols[logits_c[:, has].argmax(0), has.nonzero().squeeze(1)].sum() if bool(has.any()) else 0
+        sums = torch.stack([share.detach().double(), rows[ri, logits_r.argmax(1)].sum().double(),
+                            torch.tensor(float(image.shape[0]), dtype=torch.float64, device=image.device),
+                            torch.as_tensor(right_c, dtype=torch.float64, device=image.device),
+                            has.sum().double()])  # fmt: skip
+        dist.all_reduce(sums)
+    i2t, t2i = (sums[1] / sums[2]).float(), (sums[3] / sums[4].clamp(min=1)).float()
+    return ContrastiveOutput(share, i2t, t2i), sums[0].float()
 
 
-def _clip_share(image, text, all_img, all_txt, scale, rows, cols, n_img: int, n_txt_with_image: int):
-    neg_inf = torch.finfo(image.dtype).min
-    logits = scale * image @ all_txt.t()  # (B_r, T): this process's images against every text
-    i2t = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~rows, neg_inf), 1)
-    logits_t = scale * all_img @ text.t()  # (B, T_r): every image against this process's texts
+def _clip_share(logits_r, logits_c, rows, cols, io: int, to: int, diagonal: bool, n_img: int, n_txt_with_image: int):
+    if diagonal:  # row i matches text i: plain cross-entropy, no mask
+        ri = torch.arange(logits_r.shape[0], device=logits_r.device)
+        rt = torch.arange(logits_c.shape[1], device=logits_c.device)
+        i2t = F.cross_entropy(logits_r, io + ri, reduction="sum")
+        t2i = F.cross_entropy(logits_c.t(), to + rt, reduction="sum")
+        return (i2t / n_img + t2i / max(1, n_txt_with_image)) / 2
+    neg_inf = torch.finfo(logits_r.dtype).min
+    i2t = torch.logsumexp(logits_r, 1) - torch.logsumexp(logits_r.masked_fill(~rows, neg_inf), 1)
     has_image = cols.any(0)  # pure negatives have no image to retrieve
-    lt, ct = logits_t[:, has_image], cols[:, has_image]
+    lt, ct = logits_c[:, has_image], cols[:, has_image]
     t2i = torch.logsumexp(lt, 0) - torch.logsumexp(lt.masked_fill(~ct, neg_inf), 0)
     return (i2t.sum() / n_img + t2i.sum() / max(1, n_txt_with_image)) / 2
 
 
-def _triplet_share(image, text, all_img, all_txt, rows, cols, io: int, to: int, margin: float, n: int):
-    ri, rt = torch.arange(image.shape[0], device=image.device), torch.arange(text.shape[0], device=text.device)
-    sim_r = image @ all_txt.t()  # (B_r, B): image anchors against every text
-    diag_r = sim_r[ri, io + ri]
-    cost_txt = (margin + sim_r - diag_r[:, None]).clamp(min=0).masked_fill(rows, 0)
-    sim_c = all_img @ text.t()  # (B, T_r): text anchors against every image
-    diag_c = sim_c[to + rt, rt]
-    cost_img = (margin + sim_c - diag_c[None, :]).clamp(min=0).masked_fill(cols, 0)
+def _triplet_share(sim_r, sim_c, rows, cols, io: int, to: int, margin: float, n: int):
+    ri = torch.arange(sim_r.shape[0], device=sim_r.device)
+    rt = torch.arange(sim_c.shape[1], device=sim_c.device)
+    cost_txt = (margin + sim_r - sim_r[ri, io + ri][:, None]).clamp(min=0).masked_fill(rows, 0)  # image anchors
+    cost_img = (margin + sim_c - sim_c[to + rt, rt][None, :]).clamp(min=0).masked_fill(cols, 0)  # text anchors
     return (cost_txt.max(1).values.sum() / n + cost_img.max(0).values.sum() / n) / 2
