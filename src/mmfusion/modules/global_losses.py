@@ -38,11 +38,18 @@ def _gather(x: torch.Tensor) -> list[torch.Tensor]:
     return list(gathered.chunk(dist.get_world_size()))
 
 
-def gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """(sum(sizes), D): the rows of every process in rank order, with gradients; ``sizes`` are the row counts."""
-    pad = max(sizes) - x.shape[0]
-    parts = _gather(F.pad(x, (0, 0, 0, pad)) if pad else x)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+def gather_rows(xs: list[torch.Tensor], sizes: list[list[int]]) -> list[torch.Tensor]:
+    """For each ``x`` of ``xs`` (same width), the rows of every process in rank order, with gradients, in one
+    collective; ``sizes[i]`` are the row counts of ``xs[i]`` on every process (parts are padded to the largest
+    for the gather, and the padding dropped after)."""
+    widths = [max(s) for s in sizes]
+    padded = torch.cat([F.pad(x, (0, 0, 0, w - x.shape[0])) for x, w in zip(xs, widths, strict=True)])
+    parts = _gather(padded)
+    out, start = [], 0
+    for w, counts in zip(widths, sizes, strict=True):
+        out.append(torch.cat([p[start : start + n] for p, n in zip(parts, counts, strict=True)]))
+        start += w
+    return out
 
 
 def part_sizes(*counts: int) -> list[list[int]]:
@@ -88,7 +95,7 @@ def global_contrastive(
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     (img_sizes, txt_sizes) = part_sizes(image.shape[0], text.shape[0])
-    all_img, all_txt = gather_rows(image, img_sizes), gather_rows(text, txt_sizes)
+    all_img, all_txt = gather_rows([image, text.to(image.dtype)], [img_sizes, txt_sizes])
     pos = _check(all_img, all_txt, positives)
     if not local_loss:
         if kind == "clip":
