@@ -115,3 +115,9 @@ def _workers(pid: int) -> list[int]:
             leaves.append(p)
         todo += kids
     return sorted(leaves)
+
+
+def test_the_gradient_cache_keeps_every_negative_across_processes(one_process, tmp_path):
+    """2 processes x 2 micro-batches each: still one step over the whole global batch."""
+    train(tmp_path / "accum", "--steps", "5", "--train.accum_steps=2", nproc=2)
+    assert max_diff(one_process, tmp_path / "accum") < 1e-4
