@@ -45,6 +45,7 @@ def test_renames_copies_touches_edits_and_removals(tmp_path, model_dir):
     with Index.open(tmp_path / "db", model=model_dir, write=True) as ix:
         ix.update([photos], progress=False)
         before = _vectors_by_path(ix)
+        old_id = ix.store.stats_by_path()[str(photos / "img001.png")][0]
     os.rename(photos / "img001.png", photos / "renamed.png")
     shutil.copy(photos / "img002.jpg", photos / "sub" / "copy.jpg")
     os.utime(photos / "img004.jpg", ns=(1_000_000_000, 1_000_000_000))  # mtime only
@@ -52,8 +53,10 @@ def test_renames_copies_touches_edits_and_removals(tmp_path, model_dir):
     os.unlink(photos / "img007.png")
     with Index.open(tmp_path / "db", write=True) as ix:
         r = ix.update([photos], progress=False)
-        assert (r.renamed, r.duplicates, r.touched, r.updated, r.removed) == (1, 1, 1, 1, 2)
+        # the rename is not also a removal: only img007 was removed
+        assert (r.renamed, r.duplicates, r.touched, r.updated, r.removed) == (1, 1, 1, 1, 1)
         assert r.model_calls == 1  # only the edited file
+        assert ix.store.stats_by_path()[str(photos / "renamed.png")][0] == old_id  # the row moved, id and all
         after = _vectors_by_path(ix)
         assert ix.check(full=True).problems == []
     p = str(photos)
@@ -62,6 +65,60 @@ def test_renames_copies_touches_edits_and_removals(tmp_path, model_dir):
     assert not np.allclose(after[f"{p}/img005.png"], before[f"{p}/img005.png"])
     assert f"{p}/img007.png" not in after and f"{p}/img001.png" not in after
     assert len(after) == 12
+
+
+def test_a_rename_is_one_rename_and_no_removal(tmp_path, model_dir):
+    photos = _folder(tmp_path / "photos", 4)
+    with Index.open(tmp_path / "db", model=model_dir, write=True) as ix:
+        ix.update([photos], progress=False)
+        ids = {p: row[0] for p, row in ix.store.stats_by_path().items()}
+        hits = ix.search(text="a red circle", k=4)
+    os.rename(photos / "img001.png", photos / "moved.png")
+    with Index.open(tmp_path / "db", write=True) as ix:
+        r = ix.update([photos], progress=False)
+        assert (r.renamed, r.removed, r.added, r.duplicates, r.model_calls) == (1, 0, 0, 0, 0)
+        assert "1 renamed" in r.summary()[0] and "0 removed" in r.summary()[0]
+        now = {p: row[0] for p, row in ix.store.stats_by_path().items()}
+        assert now[str(photos / "moved.png")] == ids[str(photos / "img001.png")] and len(now) == 4
+        moved = {str(photos / "img001.png"): str(photos / "moved.png")}
+        assert [(h.id, moved.get(h.path, h.path)) for h in ix.search(text="a red circle", k=4)] == [
+            (h.id, moved.get(h.path, h.path)) for h in hits
+        ]
+        assert ix.check(full=True).problems == []
+    # moved and copied at once: one of the new paths takes the row over, the other is a duplicate
+    os.rename(photos / "moved.png", photos / "a.png")
+    shutil.copy(photos / "a.png", photos / "b.png")
+    with Index.open(tmp_path / "db", write=True) as ix:
+        r = ix.update([photos], progress=False)
+        assert (r.renamed, r.duplicates, r.removed, r.model_calls) == (1, 1, 0, 0)
+        assert ix.store.stats_by_path()[str(photos / "a.png")][0] == ids[str(photos / "img001.png")]
+        assert ix.store.count() == 5 and ix.check(full=True).problems == []
+
+
+def test_a_failed_first_open_leaves_nothing_behind(tmp_path):
+    with pytest.raises(ValueError, match="say which model"):
+        Index.open(tmp_path / "db", write=True)
+    with pytest.raises(Exception, match="nope"):  # the loader's error, which says where it looked
+        Index.open(tmp_path / "db", model=tmp_path / "nope", write=True)
+    assert not (tmp_path / "db").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="nope"):
+        Index.open(tmp_path / "mine", model=tmp_path / "nope", write=True)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # only what the open made is gone
+
+
+def test_the_max_pixels_option_is_the_limit_that_counts(tmp_path, model_dir, monkeypatch):
+    # Pillow's own limit, lowered so that these small photos are "bombs" to Pillow (over twice its limit)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    photos = _folder(tmp_path / "photos", 3)  # 48x32 = 1,536 pixels each
+    with Index.open(tmp_path / "db", model=model_dir, write=True) as ix:
+        r = ix.update([photos], max_pixels=1_000, progress=False)
+        assert r.added == 0 and {why for _, why in r.skipped} == {"48x32 = 1,536 pixels is over the limit of 1,000"}
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+        r = ix.update([photos], max_pixels=2_000, progress=False)
+        assert (r.added, r.skipped) == (3, [])
+        assert Image.MAX_IMAGE_PIXELS == 2_000  # raised to ours, never lowered
 
 
 def test_a_missing_or_empty_root_removes_nothing(tmp_path, model_dir):
@@ -142,6 +199,7 @@ def test_another_model_is_refused(tmp_path, model_dir):
         Index.open(tmp_path / "db", model=other, write=True)
     with pytest.raises(ValueError, match="say which model"):
         Index.open(tmp_path / "fresh", write=True)
+    assert not (tmp_path / "fresh").exists()
     with pytest.raises(FileNotFoundError, match="mmfusion index"):
         Index.open(tmp_path / "nowhere")
 

@@ -97,3 +97,42 @@ def test_heic_photos_when_the_decoder_is_installed(tmp_path):
     assert g > 170 and r < 60 and b < 70
     with pytest.raises(ImageDecodeError):
         decode_file(str(tmp_path / "broken.heic"), 32)
+
+
+PILLOW_DEFAULT_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # 89,478,485: Image.MAX_IMAGE_PIXELS in a fresh process
+
+
+def test_headers_up_to_our_limit_open_whatever_pillows_limit(tmp_path, monkeypatch, recwarn):
+    from mmfusion.data.images import DEFAULT_MAX_PIXELS, open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_DEFAULT_LIMIT)  # as a fresh process has it
+    # 96 million pixels: under our default of 100 million, over Pillow's 89.5 million (a warning, an error before)
+    assert open_image(huge_png_header(tmp_path / "a.png", 9800, 9800), DEFAULT_MAX_PIXELS).size == (9800, 9800)
+    # 150 million with a limit of 200 million, which the option must be able to raise
+    assert open_image(huge_png_header(tmp_path / "b.png", 12248, 12248), 200_000_000).size == (12248, 12248)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == 200_000_000  # raised to ours, never lowered by a smaller one since
+    with pytest.raises(ImageDecodeError) as e:
+        open_image(huge_png_header(tmp_path / "c.png", 40000, 40000), 200_000_000)
+    assert str(e.value) == "1,600,000,000 pixels is over the limit of 200,000,000"  # Pillow's refusal, in our words
+    assert open_image(tmp_path / "c.png", None).size == (40000, 40000)  # None: no limit, Pillow's neither
+    assert Image.MAX_IMAGE_PIXELS is None
+
+
+def test_our_limit_decides_and_says_so_even_where_pillow_would_refuse(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2,000 pixels
+    p = photo(tmp_path / "p.png", (64, 48))  # 3,072 pixels
+    assert decode_file(str(p), 16, max_pixels=4_000).pixels.shape == (16, 16, 3)
+    with pytest.raises(ImageDecodeError) as e:
+        decode_file(str(p), 16, max_pixels=3_000)
+    assert str(e.value) == "64x48 = 3,072 pixels is over the limit of 3,000"
+    # a header Pillow refuses outright (over twice its limit) is reported in our words, with its size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError) as e:
+        decode_file(str(huge_png_header(tmp_path / "bomb.png", 300, 300)), 16, max_pixels=1_000)
+    assert str(e.value) == "90,000 pixels is over the limit of 1,000"
+    # under our limit, a damaged file is refused for what it is, not for its size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError) as e:
+        decode_file(str(tmp_path / "bomb.png"), 16, max_pixels=100_000)
+    assert "pixels" not in str(e.value)

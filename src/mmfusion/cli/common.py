@@ -34,6 +34,17 @@ def load_model(args: argparse.Namespace):
     return load(args.model, device=args.device, **kwargs)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: a whole number of 1 or more, else an argument error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {value}")
+    return value
+
+
 def command(sub, name: str, func, *, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` keeps its examples' line breaks and that runs ``func(args, extra)``."""
     p = sub.add_parser(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 
 from ..config import ConfigError
-from .common import command
+from .common import command, positive_int
 
 EXAMPLES_INDEX = """
 examples:
@@ -19,8 +22,10 @@ examples:
   mmfusion index info --db ~/.mmfusion/photos                           # counts, model, index type, size
   mmfusion index check --db ~/.mmfusion/photos                          # full consistency check
 
-Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors. A root that
-is missing or empty (an unmounted disk) removes nothing. Killing a run keeps every committed chunk.
+Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors (a renamed file
+keeps its id). A root that is missing or empty (an unmounted disk) removes nothing. Killing a run keeps
+every committed chunk; Ctrl-C or SIGTERM also records the run as interrupted and prints what it committed
+(exit 130 or 143): re-running resumes.
 (To index a folder literally named 'info' or 'check', write ./info.)
 """
 
@@ -55,15 +60,18 @@ def add_parser(sub) -> None:
         help="the model, needed the first time: a native checkpoint or training run directory, hf:<hub-id> "
         "(a CLIP or SigLIP in the Hugging Face cache) or a save_pretrained directory",
     )
-    ix.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    ix.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
     ix.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="decoding threads (default: one per CPU, half of them while the model is the bottleneck)",
     )
-    ix.add_argument("--chunk", type=int, default=256, help="files per committed transaction (default 256)")
+    ix.add_argument("--chunk", type=positive_int, default=256, help="files per committed transaction (default 256)")
     ix.add_argument(
-        "--max-pixels", type=int, default=100_000_000, help="skip images with more pixels (default 100,000,000)"
+        "--max-pixels",
+        type=positive_int,
+        default=100_000_000,  # data.images.DEFAULT_MAX_PIXELS (not imported: it loads torch)
+        help="skip images with more pixels, read from the header before decoding (default 100,000,000)",
     )
     ix.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
     ix.add_argument("--json", action="store_true", help="print the run's report (or info) as JSON")
@@ -80,7 +88,7 @@ def add_parser(sub) -> None:
     s.add_argument("--db", required=True, help="index directory")
     s.add_argument("--image", action="append", default=[], help="an image file to search by (repeatable)")
     s.add_argument("--like", type=int, action="append", default=[], help="an indexed image id (repeatable)")
-    s.add_argument("-k", "--top", type=int, default=10, help="results (default 10)")
+    s.add_argument("-k", "--top", type=positive_int, default=10, help="results, 1 or more (default 10)")
     s.add_argument("--threshold", type=float, help="drop results below this score (cosine, -1..1)")
     s.add_argument("--path", help="only paths matching this glob ('*/2024/*') or containing this text")
     s.add_argument("--after", help="only images dated on or after (EXIF date, else mtime): YYYY-MM-DD")
@@ -112,23 +120,58 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"repaired: {r}")
         print("index is consistent" if not report.problems else "index repaired" if report.ok else "index is damaged")
         return 0 if report.ok else 1
-    with Index.open(args.db, model=args.model, write=True) as ix:
-        report = ix.update(
-            args.paths,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            chunk_size=args.chunk,
-            max_pixels=args.max_pixels,
-            draft=not args.full_decode,
-            progress=not args.quiet,
-        )
-    if args.json:
+    with _sigterm_interrupts() as received:
+        try:
+            with Index.open(args.db, model=args.model, write=True) as ix:
+                report = ix.update(
+                    args.paths,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    chunk_size=args.chunk,
+                    max_pixels=args.max_pixels,
+                    draft=not args.full_decode,
+                    progress=not args.quiet,
+                )
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: exit 128 + the signal's number, as shells do
+            report = getattr(e, "report", None)  # IndexInterrupted: the run is recorded with what it committed
+            if report is None:
+                print("\ninterrupted before indexing began: nothing was changed", file=sys.stderr)
+            else:
+                print(file=sys.stderr)
+                _print_report(report, args.json)
+            return 128 + received[-1]
+    _print_report(report, args.json)
+    return 0
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
         from dataclasses import asdict
 
         print(json.dumps(asdict(report), indent=2))
     else:
         print("\n".join(report.summary()))
-    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """While indexing, SIGTERM interrupts like Ctrl-C (the run stops cleanly, keeping what it committed); the
+    list it yields ends with the number of the signal that came (SIGINT unless SIGTERM did)."""
+    received = [int(signal.SIGINT)]
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _human(n: float) -> str:
@@ -154,6 +197,7 @@ def _info_lines(info: dict) -> list[str]:
         lines.append(
             f"last run: {last.get('added', 0)} added, {last.get('removed', 0)} removed, "
             f"{last.get('skipped', 0)} skipped in {last.get('elapsed_s', 0):.1f}s"
+            + (" (interrupted: re-run to finish)" if last.get("interrupted") else "")
         )
     return lines
 

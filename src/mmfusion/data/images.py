@@ -1,6 +1,7 @@
 """Image decoding and preprocessing with Pillow, NumPy and torch (no torchvision).
 
-Decoding is defensive: the pixel count is checked from the header before any pixels are decoded,
+Decoding is defensive: the pixel count is checked from the header before any pixels are decoded
+(:func:`open_image`, where every image file is opened; its limit, not Pillow's, is the one that counts),
 EXIF orientation is applied, and every mode Pillow can open (palette, CMYK, 16-bit, alpha) becomes
 plain RGB. Preprocessing is CLIP's: resize the short side, centre crop, scale to [0, 1], normalise.
 
@@ -11,6 +12,7 @@ horizontal flip only when the caption has no left/right words.
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +34,57 @@ class ImageDecodeError(ValueError):
     """A file that could not be read as an image; the message says why."""
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+_PILLOW_LIMIT_LOCK = threading.Lock()
+_CLAIMED = re.compile(r"\((\d+) pixels\)")
+
+
+def _defer_to_our_limit(max_pixels: int | None) -> None:
+    """Make ``max_pixels`` the limit that counts: Pillow's own decompression-bomb limit is raised to at least it
+    (never lowered; None when ours is None), and its warning, which only fires above our limit, is silenced.
+
+    Both are process-wide Pillow settings; raising them only ever lets through what our check then decides.
+    """
+    with _PILLOW_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and (max_pixels is None or max_pixels > current):
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _over_limit(pixels: str, max_pixels: int) -> str:
+    return f"{pixels} pixels is over the limit of {max_pixels:,}"
+
+
+def open_image(fp, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file or file object without decoding it, refused when its header claims over ``max_pixels``.
+
+    Every image the project decodes is opened here, so one limit, ours, applies everywhere: Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` is raised to at least ``max_pixels`` first, and a header so large that Pillow
+    still refuses it (over twice its limit) is reported in the same words.
+
+    Args:
+        fp: a path or a binary file object.
+        max_pixels: the most pixels (width x height, from the header) accepted; None: no limit.
+
+    Raises:
+        ImageDecodeError: over the limit. Pillow's own errors for unreadable files pass through.
+    """
+    _defer_to_our_limit(max_pixels)
+    try:
+        img = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a warning under ``-W error``
+        m = _CLAIMED.search(str(e))  # Pillow refuses before saying the size; its message has the pixel count
+        claimed = f"{int(m.group(1)):,}" if m else f"more than {max_pixels:,}"
+        raise ImageDecodeError(_over_limit(claimed, max_pixels or 0)) from e
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        img.close()
+        raise ImageDecodeError(_over_limit(f"{w}x{h} = {w * h:,}", max_pixels))
+    return img
+
+
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image file as RGB, refusing decompression bombs before decoding.
 
     Raises:
@@ -40,20 +92,13 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageDecodeError(f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
+        img = open_image(path, max_pixels)
         img.load()
         return to_rgb(img)
     except ImageDecodeError:
         raise
     except FileNotFoundError as e:
         raise ImageDecodeError("file not found") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"too many pixels: {e}") from e
     except Exception as e:  # Pillow raises many types for bad files (OSError, SyntaxError, ValueError...)
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
 

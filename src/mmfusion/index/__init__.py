@@ -7,12 +7,13 @@ from .encoder import QueryEncoder
 from .query import SearchResult, Term, parse_query
 from .search import VectorQuery
 from .store import IndexLockedError, IndexMismatchError
-from .writer import CheckReport, IndexReport
+from .writer import CheckReport, IndexInterrupted, IndexReport
 
 __all__ = [
     "AnnConfig",
     "CheckReport",
     "Index",
+    "IndexInterrupted",
     "IndexLockedError",
     "IndexMismatchError",
     "IndexReport",

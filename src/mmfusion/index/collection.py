@@ -14,6 +14,7 @@ unmounted disk), which removes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -32,8 +33,13 @@ from .encoder import QueryEncoder, decode_plan
 from .pipeline import UpdateOptions, update_index
 from .query import SearchResult, Term, combine_terms
 from .search import VectorQuery, query_terms, search_many
-from .store import VECTORS_FILE, IndexMismatchError, Store, WriteLock
+from .store import DB_FILE, LOCK_FILE, VECTORS_FILE, IndexMismatchError, Store, WriteLock
 from .writer import CheckReport, IndexReport
+
+_NEW_INDEX_NEEDS_A_MODEL = (
+    "{root} is a new index: say which model embeds it, e.g. --model runs/clip "
+    "(train one with: mmfusion train clip --out runs/clip)"
+)
 
 # decode_plan and VectorQuery moved to .encoder and .search; importable from here as before
 __all__ = ["Index", "VectorQuery", "decode_plan", "load_embedder", "model_ref"]
@@ -63,6 +69,25 @@ def model_ref(spec: str | os.PathLike) -> str:
         rest = text[3:]
         return "hf:" + os.path.abspath(os.path.expanduser(rest)) if os.path.isdir(os.path.expanduser(rest)) else text
     return os.path.abspath(os.path.expanduser(text))
+
+
+class _Created:
+    """What opening an index for writing creates, so that a failed first open removes it and only it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dir = not root.exists()
+        self.lock = not (root / LOCK_FILE).exists()
+        self.db = False  # set under the writer's lock
+
+    def remove(self) -> None:
+        names = [DB_FILE + sfx for sfx in ("", "-wal", "-shm", "-journal")] if self.db else []
+        for name in names + ([LOCK_FILE] if self.lock else []):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
+        if self.dir:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                self.root.rmdir()
 
 
 class Index:
@@ -100,23 +125,38 @@ class Index:
             write: open for indexing (one writer at a time); readers need no lock.
             ann: when the search structure turns approximate (tests lower the threshold).
 
+        A first open for writing that fails (no model, or one that cannot be loaded) leaves nothing behind: what it
+        created (the directory, the lock file, the database) is removed, and nothing else.
+
         Raises:
             IndexLockedError: another process is writing.
             IndexMismatchError: ``model`` is not the model that made the index.
+            ValueError: a new index opened for writing without a model.
         """
         root = Path(root).expanduser()
-        lock = None
-        if write:
-            lock = WriteLock(root)
-            lock.acquire()
+        created = _Created(root) if write else None
+        lock = store = None
         try:
+            if write:
+                lock = WriteLock(root)
+                lock.acquire()  # creates the directory and the lock file when needed
+                created.db = not (root / DB_FILE).exists()  # decided under the lock: no other writer races it
+            ref = None
+            if model is None and created is not None and created.db:
+                raise ValueError(_NEW_INDEX_NEEDS_A_MODEL.format(root=root))
+            if write and model is not None and not isinstance(model, Embedder):  # before a database is created
+                ref, model = model_ref(model), load_embedder(model)
             store = Store(root, readonly=not write)
             idx = cls(root, store, None, write)
             idx._lock = lock
             idx._ann = ann or AnnConfig()
-            idx.bind_model(model)
+            idx.bind_model(model, ref=ref)
             idx._load_vectors()
         except BaseException:
+            if store is not None:
+                store.close()
+            if created is not None and lock is not None and lock.fd is not None:
+                created.remove()  # a failed first run leaves nothing behind (decided while holding the lock)
             if lock is not None:
                 lock.release()
             raise
@@ -136,11 +176,12 @@ class Index:
 
     # ---- the model --------------------------------------------------------------------------------
 
-    def bind_model(self, model: Embedder | str | os.PathLike | None) -> None:
+    def bind_model(self, model: Embedder | str | os.PathLike | None, ref: str | None = None) -> None:
         """Use ``model`` (an Embedder already loaded, or a model spec) for this index's queries and indexing.
 
         A new index opened for writing records it; an existing one checks it is the model that made the index.
-        None leaves the model to be loaded, when first needed, from what the index recorded.
+        None leaves the model to be loaded, when first needed, from what the index recorded. ``ref``: how to
+        record an Embedder loaded from a spec (:func:`model_ref`); default: its name.
 
         Raises:
             IndexMismatchError: ``model`` is not the model that made the index.
@@ -149,12 +190,8 @@ class Index:
         stored = self.store.meta("model")
         if model is None:
             if stored is None and self.write:
-                raise ValueError(
-                    f"{self.dir} is a new index: say which model embeds it, e.g. --model runs/clip "
-                    "(train one with: mmfusion train clip --out runs/clip)"
-                )
+                raise ValueError(_NEW_INDEX_NEEDS_A_MODEL.format(root=self.dir))
             return  # loaded on first use
-        ref = None
         if not isinstance(model, Embedder):
             ref = model_ref(model)
             model = load_embedder(model)
@@ -258,7 +295,7 @@ class Index:
         chunk_size: int = 256,
         commit_every_s: float = 10.0,
         save_every_s: float = 60.0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         draft: bool = True,
         progress: bool = True,
     ) -> IndexReport:
@@ -272,12 +309,17 @@ class Index:
             chunk_size: files per committed transaction (a killed run keeps every finished chunk).
             commit_every_s: also commit when this much time passed since the last commit.
             save_every_s: save the FAISS file at most this often during a run (and at the end).
-            max_pixels: refuse images with more pixels than this (checked from the header).
+            max_pixels: refuse images with more pixels than this (checked from the header; this limit, not
+                Pillow's, applies); None: no limit.
             draft: decode JPEGs at reduced scale when the model needs few pixels.
             progress: show a progress bar.
 
         Returns:
             What was added, updated, renamed, removed and skipped (also saved under ``reports/``).
+
+        Raises:
+            IndexInterrupted: Ctrl-C (a KeyboardInterrupt); its ``report`` counts what was committed, which is
+                kept, and the run is recorded as interrupted. Running again resumes.
         """
         if not self.write:
             raise RuntimeError("open the index with write=True to update it")

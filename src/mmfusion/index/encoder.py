@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import ImageTransform, normalize_batch, resize_center_crop, to_rgb
+from ..data.images import ImageDecodeError, ImageTransform, normalize_batch, resize_center_crop, to_rgb
 from ..data.prompts import PHOTO_TEMPLATES
 from ..data.tokenizer import PAD_ID
 from ..interfaces import Embedder
@@ -81,6 +81,14 @@ def split_by_length(lengths: Sequence[int], min_rows: float = 0) -> list[list[in
     return list(groups.values())
 
 
+def _what_to_do(reason: str) -> str:
+    if reason.startswith("cannot read"):
+        return "check the path (a relative one starts from the current folder) and that the file is readable"
+    if "pixels" in reason or "MiB" in reason:
+        return "use a smaller copy of the image"
+    return "use a JPEG, PNG, WebP, GIF, BMP or TIFF file that opens in an image viewer"
+
+
 def _normalised(z: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(z, axis=-1, keepdims=True)
     return (z / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -142,7 +150,7 @@ class QueryEncoder:
         """(N, D) normalised image vectors of PIL images or image files, decoded as indexing decodes a file.
 
         Raises:
-            ImageDecodeError: a file that is not a usable image.
+            ImageDecodeError: a file that is not a usable image; the message names it (as given) and what to do.
         """
         if not len(images):
             return np.empty((0, self.embed_dim), dtype=np.float32)
@@ -152,7 +160,11 @@ class QueryEncoder:
         if isinstance(image, Image.Image):
             rgb = to_rgb(image)
             return np.asarray(resize_center_crop(rgb, self.size), dtype=np.uint8) if self.size and self.crop else rgb
-        return decode_file(os.fspath(image), self.size, crop=self.crop).pixels
+        path = os.fspath(image)
+        try:
+            return decode_file(path, self.size, crop=self.crop).pixels
+        except ImageDecodeError as e:  # several images in one query: say which, as the caller named it
+            raise ImageDecodeError(f"{path}: {e}; {_what_to_do(str(e))}") from e
 
     def encode_pixels(self, pixels: list, transform: ImageTransform | None) -> np.ndarray:
         """(N, D) model output for images already decoded by :func:`decode_plan`'s rule: (S, S, 3) uint8 arrays

@@ -7,6 +7,7 @@ before it is decoded and reuses its vector, so re-running on a folder embeds onl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from .decode import Decoded, DecodeGate, decode_file
 from .encoder import QueryEncoder
 from .scan import FileEntry, is_under, scan
 from .store import Store
-from .writer import ChunkWriter, IndexReport
+from .writer import ChunkWriter, IndexInterrupted, IndexReport
 
 NON_FINITE = "the model produced a non-finite vector"
 
@@ -38,7 +39,7 @@ class UpdateOptions:
     chunk_size: int = 256  # files per committed transaction
     commit_every_s: float = 10.0  # also commit when this much time passed since the last commit
     save_every_s: float = 60.0  # save the FAISS file at most this often during a run
-    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images with more pixels than this
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse images with more pixels than this (None: no limit)
     draft: bool = True  # decode JPEGs at reduced scale when the model needs few pixels
     progress: bool = True  # show a progress bar
 
@@ -52,38 +53,58 @@ def update_index(
     save_vectors: Callable[[], None],
     reports_dir: Path,
 ) -> IndexReport:
-    """Bring ``store`` and ``vectors`` up to date with the image files under ``roots``; see :meth:`Index.update`."""
+    """Bring ``store`` and ``vectors`` up to date with the image files under ``roots``; see :meth:`Index.update`.
+
+    Raises:
+        IndexInterrupted: Ctrl-C (or a SIGTERM the caller turned into a KeyboardInterrupt); what was committed is
+            kept, and the run is recorded (and its report written) as interrupted.
+    """
     t0 = time.perf_counter()
     report = IndexReport()
-    found = scan(list(roots))
-    report.skipped.extend(found.skipped)
-    report.missing_roots.extend(found.missing_roots)
     run_id = store.start_run()
-    known_rows = store.stats_by_path()  # path -> (id, size, mtime_ns, hash)
-    seen = {f.path for f in found.files}
-    todo = []
-    for f in found.files:
-        row = known_rows.get(f.path)
-        if row is not None and row[1] == f.size and row[2] == f.mtime_ns:
-            report.unchanged += 1
-        else:
-            todo.append((f, row))
     writer = ChunkWriter(store, vectors, report, opts.chunk_size, opts.commit_every_s, opts.save_every_s, save_vectors)
-    EmbedPipeline(store, encoder, writer, report, seen, opts).run(todo)
-    # a root that is missing or empty (an unmounted disk) is not in found.roots: nothing under it is removed
-    gone = [
-        row[0] for path, row in known_rows.items() if path not in seen and any(is_under(path, r) for r in found.roots)
-    ]
-    writer.delete(gone, count_as_removed=True)
-    writer.flush()
-    if vectors.needs_rebuild():
-        vectors.rebuild()
-    save_vectors()
-    report.elapsed_s = time.perf_counter() - t0
+    try:
+        found = scan(list(roots))
+        report.skipped.extend(found.skipped)
+        report.missing_roots.extend(found.missing_roots)
+        known_rows = store.stats_by_path()  # path -> (id, size, mtime_ns, hash)
+        seen = {f.path for f in found.files}
+        todo = []
+        for f in found.files:
+            row = known_rows.get(f.path)
+            if row is not None and row[1] == f.size and row[2] == f.mtime_ns:
+                report.unchanged += 1
+            else:
+                todo.append((f, row))
+        # a root that is missing or empty (an unmounted disk) is not in found.roots: nothing under it goes
+        gone = {
+            path: row
+            for path, row in known_rows.items()
+            if path not in seen and any(is_under(path, r) for r in found.roots)
+        }
+        EmbedPipeline(store, encoder, writer, report, seen, opts, gone).run(todo)
+        writer.delete([row[0] for row in gone.values()], count_as_removed=True)  # those no rename took over
+        writer.flush()
+        if vectors.needs_rebuild():
+            vectors.rebuild()
+        save_vectors()
+    except KeyboardInterrupt as e:
+        report.interrupted = True
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: keep what is committed, and stop
+            writer.flush()  # the changes made so far are whole: keep them
+        _record(store, run_id, report, reports_dir, time.perf_counter() - t0)
+        save_vectors()
+        raise IndexInterrupted(report, str(e)) from None
+    _record(store, run_id, report, reports_dir, time.perf_counter() - t0)
+    return report
+
+
+def _record(store: Store, run_id: int, report: IndexReport, reports_dir: Path, elapsed_s: float) -> None:
+    """Finish the run's row in the runs table and write its JSON report."""
+    report.elapsed_s = elapsed_s
     data = asdict(report)
     store.finish_run(run_id, {k: v for k, v in data.items() if k != "skipped"} | {"skipped": len(report.skipped)})
     atomic_write_json(reports_dir / f"index-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}.json", data)
-    return report
 
 
 Todo = tuple[FileEntry, tuple | None]  # a file to index, and its row when the index holds an older version
@@ -93,7 +114,9 @@ class EmbedPipeline:
     """Decodes files in threads, embeds them in batches and hands the vectors to the writer.
 
     Content already indexed, or embedded earlier in this run, reuses its vector; a copy of content that waits
-    in the current batch follows it (a "follower") and gets its vector when the batch is embedded.
+    in the current batch follows it (a "follower") and gets its vector when the batch is embedded. A new path
+    whose content was indexed under a path that is gone (``gone``) is a rename: that row moves to the new path,
+    keeping its id and vector, and is no longer gone.
     """
 
     def __init__(
@@ -104,8 +127,13 @@ class EmbedPipeline:
         report: IndexReport,
         seen: set[str],
         opts: UpdateOptions,
+        gone: dict[str, tuple] | None = None,
     ):
         self.encoder, self.writer, self.report, self.seen, self.opts = encoder, writer, report, seen, opts
+        self.gone = gone if gone is not None else {}  # path -> row of the files no longer there; renames take theirs
+        self.gone_by_hash: dict[bytes, list[str]] = {}
+        for path in sorted(self.gone, reverse=True):  # popped from the end: the first path in order goes first
+            self.gone_by_hash.setdefault(self.gone[path][3], []).append(path)
         self.known = store.hashes()
         self.embedded_now: dict[bytes, np.ndarray] = {}  # content embedded earlier in this run
         self.batch: list[tuple] = []
@@ -191,11 +219,7 @@ class EmbedPipeline:
                 self.report.skipped.append((f.path, NON_FINITE))
                 continue
             self.embedded_now[d.digest] = v
-            self.writer.add(f, d, v, replaces=row)
-            if row:
-                self.report.updated += 1
-            else:
-                self.report.added += 1
+            self.writer.add(f, d, v, replaces=row, kind="updated" if row else "added")
         self.batch.clear()
         for waiting in self.followers.values():
             for f, row, d in waiting:
@@ -214,21 +238,18 @@ class EmbedPipeline:
 
     def _reuse(self, f: FileEntry, row: tuple | None, d: Decoded) -> bool:
         """A file whose content already has a vector: no model call. False when that vector is gone."""
-        writer, report = self.writer, self.report
+        writer = self.writer
         if row is not None and row[3] == d.digest:
             writer.touch(row[0], f.size, f.mtime_ns)
-            report.touched += 1
+            return True
+        if row is None and self.gone_by_hash.get(d.digest):  # a rename: the gone file's row moves here
+            old_path = self.gone_by_hash[d.digest].pop()
+            writer.move(self.gone.pop(old_path)[0], f)
             return True
         hit = writer.vector_for_hash(d.digest)
         if hit is None and d.digest not in self.embedded_now:
             return False
-        vec, source = (hit[1], hit[2]) if hit is not None else (self.embedded_now[d.digest], None)
-        if row is not None:
-            report.updated += 1
-        elif source is not None and source not in self.seen:
-            report.renamed += 1
-        else:
-            report.duplicates += 1
+        vec = hit[1] if hit is not None else self.embedded_now[d.digest]
         meta = Decoded(d.digest, None, *writer.size_of(d.digest))
-        writer.add(f, meta, vec, replaces=row)
+        writer.add(f, meta, vec, replaces=row, kind="updated" if row is not None else "duplicates")
         return True

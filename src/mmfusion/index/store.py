@@ -221,6 +221,14 @@ class Store:
     def touch(self, file_id: int, size: int, mtime_ns: int) -> None:
         self.db.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
 
+    def move(self, file_id: int, fields: dict) -> None:
+        """A renamed file: row ``file_id`` keeps its id, content and vector, under a new path, root, size and mtime."""
+        self.db.execute(
+            "UPDATE files SET path = ?, display = ?, root = ?, size = ?, mtime_ns = ? WHERE id = ?",
+            (os.fsencode(fields["path"]), fields["display"], fields["root"], fields["size"], fields["mtime_ns"],
+             int(file_id)),
+        )  # fmt: skip
+
     def delete(self, ids: Iterable[int]) -> None:
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), 900):
