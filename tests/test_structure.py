@@ -31,7 +31,7 @@ LAYERS = [
     {"index"},
     {"serve"},
     {"cli"},
-    {""},  # the package root: mmfusion/__init__.py, the public API
+    {"", "__main__"},  # the package root: mmfusion/__init__.py, the public API, and `python -m mmfusion`
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

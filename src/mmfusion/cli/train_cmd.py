@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _launch(nproc: int, argv: list[str], cfg) -> int:
+    from ..utils.threads import usable_cpus
+
     """The same command in ``nproc`` processes on this machine, through torch's elastic launcher (torchrun),
     each with its share of the cores; the launcher ends every process when one fails."""
     if cfg.train.batch_size % nproc:
@@ -104,7 +106,7 @@ def _launch(nproc: int, argv: list[str], cfg) -> int:
             rest.append(a)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and not cfg.train.threads:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // nproc))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", "-m", "mmfusion.cli.main", *rest]  # fmt: skip
     return subprocess.run(cmd, env=env).returncode

@@ -31,6 +31,7 @@ from ..models.clip import CLIP
 from ..models.registry import build_model
 from ..modules.global_losses import global_contrastive
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
+from ..utils.threads import usable_cpus
 from .config import RunConfig
 from .distributed import DistContext
 from .text import run_tokenizer
@@ -61,9 +62,10 @@ def resolve_caption_folder(source: str) -> Path:
 def build_pair_source(cfg: RunConfig, image_size: int) -> PairSource:
     if cfg.data.source == "shapes":
         return ShapesPairs(ShapesWorld(cfg.data.shapes), image_size)
-    folder = CaptionFolder(
-        resolve_caption_folder(cfg.data.source), image_size, cfg.data.max_pixels, progress=cfg.train.progress
-    )
+    # decoded once, before training, while torch is idle: a thread per CPU this process may use (its cgroup quota,
+    # not the host's cores), at most 8 as the decoder's default
+    folder = CaptionFolder(resolve_caption_folder(cfg.data.source), image_size, cfg.data.max_pixels,
+                           workers=min(8, usable_cpus()), progress=cfg.train.progress)  # fmt: skip
     log.info("training on %d images from %s (%d skipped)", len(folder), folder.root, len(folder.report.skipped))
     return FolderPairs(folder, image_size)
 

@@ -83,7 +83,9 @@ class TrainConfig:
     grad_clip: float | None = field(1.0, "clip the global gradient norm to this; null to disable")
     precision: Literal["fp32", "bf16"] = field("fp32", "bf16 autocast (a speed-up on GPUs and CPUs with AMX)")
     device: str = field("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
-    threads: int | None = field(None, "torch CPU threads; default: all cores")
+    threads: int | None = field(
+        None, "torch CPU threads; default: OMP_NUM_THREADS, else the CPUs this process may use (affinity, cgroup quota)"
+    )
     local_loss: bool = field(True, "with several processes: each scores only its own rows and columns of the "
                              "global contrastive loss (memory local x global); false: all of it on each")
     dist_backend: str | None = field(None, "with several processes: gloo or nccl (default: nccl on CUDA, else gloo)")
