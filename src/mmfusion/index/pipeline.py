@@ -138,7 +138,10 @@ class EmbedPipeline:
         self.embedded_now: dict[bytes, np.ndarray] = {}  # content embedded earlier in this run
         self.batch: list[tuple] = []
         self.followers: dict[bytes, list[tuple]] = {}  # copies of content waiting in the batch
-        self.gate = DecodeGate(opts.workers or os.cpu_count() or 1)
+        from ..utils.threads import configure_threads
+
+        plan = configure_threads(workers=opts.workers)  # decoders and torch's threads share the cores, never more
+        self.gate = DecodeGate(plan.workers)
         self.embed_s, self.embedded = 0.0, 0  # model time, images
 
     def run(self, todo: list[Todo]) -> None:
