@@ -38,7 +38,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve_load import Connection, free_port, make_model  # noqa: E402
+from bench_serve_load import Connection, free_port, make_model, wait_until_serving  # noqa: E402
 
 HUGE = "99999999999999999999999"
 
@@ -80,25 +80,13 @@ def make_index(model: Path, path: Path) -> Path:
 
 
 def start(args, model: Path, captioner: Path, db: Path, port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "serve", "--db", str(db), "--captioner", str(captioner),
            "--port", str(port)]  # fmt: skip
     env = dict(os.environ)
     if args.src:
         env["PYTHONPATH"] = str(Path(args.src).resolve())
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-    proc.kill()
-    raise RuntimeError("the server did not start in 120 s")
+    return wait_until_serving(proc, port, log.read_text)
 
 
 def rss_mb(pid: int) -> float:
@@ -163,28 +151,59 @@ def cases() -> list[tuple[str, bytes, list[bytes] | None]]:
         ("GET /thumbs/<huge id>", http("GET", f"/thumbs/{HUGE}"), None),
         ("/search id 2**63", http("POST", "/search", j({"id": 2**63})), None),
         ("/classify id 2**63", http("POST", "/classify", j({"labels": ["a"], "id": 2**63})), None),
-        ("chat mmfusion://images/<huge>", http("POST", "/v1/chat/completions", chat(f"mmfusion://images/{HUGE}")),
-         None),
+        (
+            "chat mmfusion://images/<huge>",
+            http("POST", "/v1/chat/completions", chat(f"mmfusion://images/{HUGE}")),
+            None,
+        ),
         ("job with a huge id", http("POST", "/jobs", j({"task": "caption", "images": [int(HUGE)]})), None),
         ("/v1/embeddings {x: NaN}", http("POST", "/v1/embeddings", b'{"x": NaN}'), None),
-        ("/search weight Infinity", http("POST", "/search", b'{"terms": [{"text": "a", "weight": Infinity}]}'),
-         None),
+        ("/search weight Infinity", http("POST", "/search", b'{"terms": [{"text": "a", "weight": Infinity}]}'), None),
         ("/search id -1", http("POST", "/search", j({"id": -1})), None),
-        ("/search 2,000 terms", http("POST", "/search", j({"terms": [{"text": f"a red circle number {i}"}
-                                                                     for i in range(2000)]})), None),  # fmt: skip
+        (
+            "/search 2,000 terms",
+            http("POST", "/search", j({"terms": [{"text": f"a red circle number {i}"} for i in range(2000)]})),
+            None,
+        ),  # fmt: skip
         ("256 texts of 64 KiB", http("POST", "/v1/embeddings", j({"input": ["x" * 65536] * 256})), None),
-        ("/classify 2,000 labels x 10 templates", http("POST", "/classify", j({
-            "labels": [f"label {i}" for i in range(2000)], "id": 1,
-            "templates": [f"a photo {i} of a {{}}" for i in range(10)]})), None),  # fmt: skip
+        (
+            "/classify 2,000 labels x 10 templates",
+            http(
+                "POST",
+                "/classify",
+                j(
+                    {
+                        "labels": [f"label {i}" for i in range(2000)],
+                        "id": 1,
+                        "templates": [f"a photo {i} of a {{}}" for i in range(10)],
+                    }
+                ),
+            ),
+            None,
+        ),  # fmt: skip
         ("Host: evil.example", http("GET", "/healthz", host="evil.example"), None),
-        ("max_tokens 100000", http("POST", "/v1/chat/completions", chat("mmfusion://images/1", max_tokens=100000)),
-         None),
-        ("1 GiB Content-Length", http("POST", "/v1/embeddings").replace(b"Content-Length: 0",
-                                                                       b"Content-Length: 1073741824"), None),
-        ("chunked 40 MB", http("POST", "/v1/embeddings", extra="Transfer-Encoding: chunked\r\n").replace(
-            b"Content-Length: 0\r\n", b""), [b"x" * 1_000_000] * 40),  # fmt: skip
-        ("PNG claiming 60000x60000", http("POST", "/v1/embeddings", j({"input": [png_header_url(60000, 60000)],
-                                                                       "modality": "image"})), None),
+        (
+            "max_tokens 100000",
+            http("POST", "/v1/chat/completions", chat("mmfusion://images/1", max_tokens=100000)),
+            None,
+        ),
+        (
+            "1 GiB Content-Length",
+            http("POST", "/v1/embeddings").replace(b"Content-Length: 0", b"Content-Length: 1073741824"),
+            None,
+        ),
+        (
+            "chunked 40 MB",
+            http("POST", "/v1/embeddings", extra="Transfer-Encoding: chunked\r\n").replace(
+                b"Content-Length: 0\r\n", b""
+            ),
+            [b"x" * 1_000_000] * 40,
+        ),  # fmt: skip
+        (
+            "PNG claiming 60000x60000",
+            http("POST", "/v1/embeddings", j({"input": [png_header_url(60000, 60000)], "modality": "image"})),
+            None,
+        ),
         ("path traversal", http("GET", "/images/..%2f..%2fetc%2fpasswd"), None),
         ("wrong method", http("DELETE", "/search"), None),
         ("deep nesting (1 MB of [)", http("POST", "/search", b"[" * 1_000_000), None),

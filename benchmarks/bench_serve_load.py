@@ -149,7 +149,12 @@ def start_server(model: Path, batch: int, port: int, wait_ms: float, db: Path | 
         cmd += ["--db", str(db)]
     env = {**os.environ, "MMFUSION_TEXT_CACHE_SIZE": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    return wait_until_serving(proc, port, lambda: proc.stderr.read().decode())
+
+
+def wait_until_serving(proc: subprocess.Popen, port: int, stderr, seconds: float = 120) -> subprocess.Popen:
+    """``proc`` once its /healthz answers 200; an error with the end of ``stderr()`` if it exits first."""
+    deadline = time.time() + seconds
     while time.time() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
@@ -157,9 +162,9 @@ def start_server(model: Path, batch: int, port: int, wait_ms: float, db: Path | 
         except httpx.HTTPError:
             time.sleep(0.2)
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server exited: {stderr()[-2000:]}")
     proc.kill()
-    raise RuntimeError("the server did not start in 120 s")
+    raise RuntimeError(f"the server did not start in {seconds:.0f} s")
 
 
 # ---- the clients ----------------------------------------------------------------------------------------

@@ -89,10 +89,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _launch(nproc: int, argv: list[str], cfg) -> int:
-    from ..utils.threads import usable_cpus
-
     """The same command in ``nproc`` processes on this machine, through torch's elastic launcher (torchrun),
     each with its share of the cores; the launcher ends every process when one fails."""
+    from ..utils.threads import usable_cpus
+
     if cfg.train.batch_size % nproc:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} (the global batch) must be divisible by "
                           f"--nproc {nproc}: each process takes batch_size / nproc")  # fmt: skip

@@ -64,11 +64,6 @@ def _offset(sizes: list[int], rank: int) -> int:
     return sum(sizes[:rank])
 
 
-def _share(loss: torch.Tensor, world: int) -> torch.Tensor:
-    """The part of a loss every process computes whole that each process contributes."""
-    return loss / world
-
-
 def global_contrastive(
     kind: str,
     image: torch.Tensor,
@@ -107,7 +102,7 @@ def global_contrastive(
         else:
             raise ValueError(f"unknown loss {kind!r}; choose clip, siglip or triplet")
         value = out.loss.detach().clone()
-        out.loss = _share(out.loss, world)
+        out.loss = out.loss / world  # every process computes it whole; the gradients are summed
         return out, value
     io, to = _offset(img_sizes, rank), _offset(txt_sizes, rank)
     rows, cols = pos[io : io + image.shape[0]], pos[:, to : to + text.shape[0]]  # (B_r, T) and (B, T_r)

@@ -26,15 +26,14 @@ from ..data.images import normalize_batch
 from ..data.pairs import FolderPairs, Pair, PairSampler, PairSource, ShapesPairs, matches
 from ..data.shapes import ShapesWorld
 from ..data.tokenizer import Tokenizer
-from ..models.checkpoint import save_model
 from ..models.clip import CLIP
 from ..models.registry import build_model
 from ..modules.global_losses import global_contrastive
 from ..modules.losses import ContrastiveOutput, clip_loss, siglip_loss, triplet_loss
 from ..utils.threads import usable_cpus
 from .config import RunConfig
-from .distributed import DistContext
 from .text import run_tokenizer
+from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def contrastive_loss(
     return CONTRASTIVE_LOSSES[kind](image, text, model, positives, margin)
 
 
-class ClipTask:
+class ClipTask(TaskDefaults):
     """Batches, loss and checkpoints of a CLIP run (see :class:`mmfusion.train.trainer.Trainer`).
 
     In several processes each embeds its slice of the global batch and back-propagates its share of the
@@ -123,7 +122,6 @@ class ClipTask:
 
     name = "clip"
     global_loss = True  # gradients of the processes' shares are summed
-    dist = DistContext()
 
     def __init__(self, cfg: RunConfig, model: CLIP, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
@@ -178,9 +176,7 @@ class ClipTask:
 
     def prepare(self, step: int) -> PairBatch:
         """The batch of optimiser step ``step`` (CPU work, safe to run in a background thread)."""
-        B = self.cfg.train.batch_size
-        offset, part = self.dist.shard(B)
-        pairs = self.sampler.batch(step * B + offset, part)  # this process's slice of the global batch
+        pairs = self.sampler.batch(*self.positions(step))  # this process's slice of the global batch
         tokens = self.model.tokenizer.encode([t for p in pairs for t in p.texts])  # the text tower trims padding
         if self.dist.enabled:  # the mask spans the global batch: made in train_step from every slice's captions
             return PairBatch(self._images(pairs), tokens, None, [replace(p, image=None) for p in pairs])
@@ -276,6 +272,3 @@ class ClipTask:
         if self.model.logit.bias is not None:
             out["logit_bias"] = float(self.model.logit.bias)
         return out
-
-    def save_model(self, path: Path) -> Path:
-        return save_model(self.model, path)

@@ -29,7 +29,6 @@ async def classify(req: ClassifyRequest, svc: ServiceDep, key: ApiKey) -> dict[s
     s = svc.settings
     n_templates = len(req.templates) if req.templates else len(PHOTO_TEMPLATES)
     check_count("prompts (labels x templates)", len(req.labels) * n_templates, s, "max_prompts")
-    check_chars([*req.labels, *(req.templates or ())], s)
     try:
         templates = read_templates(req.templates) if req.templates else None
         clf = ZeroShotClassifier(emb, req.labels, templates, cache_dir=None)
