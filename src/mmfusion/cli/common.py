@@ -70,3 +70,46 @@ class Skipped:
         if self.count:
             print(f"{self.count} of {self.total} {self.kind} could not be read", file=sys.stderr)
         return 1 if self.count else 0
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """--ray and the options of a run on a Ray cluster (index, embed)."""
+    g = p.add_argument_group("Ray (pip install 'mmfusion[ray]')")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="decode and embed on Ray: 'local' (the default when the flag is bare) starts Ray on this machine, "
+        "'auto' joins the cluster 'ray start' runs here, ray://HOST:10001 connects to a remote one; the images "
+        "must be readable at the same paths on every node",
+    )
+    g.add_argument(
+        "--actors",
+        type=positive_int,
+        help="embedding actors (default: one per GPU, else one per --cpus-per-actor CPUs)",
+    )
+    g.add_argument("--cpus-per-actor", type=positive_int, default=1, help="CPUs (torch threads) per actor (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, help="GPUs per actor, e.g. 0.5 (default: 1 when there are GPUs)")
+
+
+def ray_options(args: argparse.Namespace):
+    """A RayOptions from --ray and its options, or None without --ray (Ray's absence is reported here)."""
+    if not getattr(args, "ray", None):
+        return None
+    from ..config import ConfigError
+    from ..index.ray_embed import RayOptions, import_ray
+
+    try:
+        import_ray()  # not installed: say how to install it before any work starts
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
+    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
+        raise ConfigError(f"--gpus-per-actor must be 0 or more, not {args.gpus_per_actor}")
+    return RayOptions(
+        address=args.ray,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+    )

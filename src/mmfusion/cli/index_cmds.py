@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 from ..config import ConfigError
-from .common import command, positive_int
+from .common import add_ray_options, command, positive_int, ray_options
 
 EXAMPLES_INDEX = """
 examples:
@@ -21,6 +21,9 @@ examples:
   mmfusion index ~/Pictures --db ~/.mmfusion/photos                     # later runs: only what changed
   mmfusion index info --db ~/.mmfusion/photos                           # counts, model, index type, size
   mmfusion index check --db ~/.mmfusion/photos                          # full consistency check
+  mmfusion index /data/coco --model runs/clip --db coco --ray           # decode and embed on a local Ray
+  mmfusion index /mnt/shared/photos --db photos --ray auto --actors 8   # on the cluster 'ray start' runs
+  mmfusion index --from-embeddings embeddings/ --db photos              # from 'mmfusion embed' shards
 
 Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors (a renamed file
 keeps its id). A root that is missing or empty (an unmounted disk) removes nothing. Killing a run keeps
@@ -53,7 +56,7 @@ def add_parser(sub) -> None:
         "'index check' describe and verify an index.",
         epilog=EXAMPLES_INDEX,
     )
-    ix.add_argument("paths", nargs="+", metavar="PATH", help="folders or files to index (or: info, check)")
+    ix.add_argument("paths", nargs="*", metavar="PATH", help="folders or files to index (or: info, check)")
     ix.add_argument("--db", required=True, help="index directory (created on first use)")
     ix.add_argument(
         "--model",
@@ -75,6 +78,12 @@ def add_parser(sub) -> None:
     )
     ix.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
     ix.add_argument("--json", action="store_true", help="print the run's report (or info) as JSON")
+    ix.add_argument(
+        "--from-embeddings",
+        metavar="DIR",
+        help="build the index from embedding shards written by 'mmfusion embed' (no model is run; PATH unused)",
+    )
+    add_ray_options(ix)
 
     s = command(
         sub,
@@ -106,6 +115,10 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion index --help")
+    if args.from_embeddings:
+        return _index_embeddings(args)
+    if not args.paths:
+        raise ConfigError("say what to index: mmfusion index PATH --db DB (or --from-embeddings DIR)")
     if _is_action(args.paths, "info"):
         with Index.open(args.db) as ix:
             info = ix.info()
@@ -120,6 +133,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"repaired: {r}")
         print("index is consistent" if not report.problems else "index repaired" if report.ok else "index is damaged")
         return 0 if report.ok else 1
+    ray = ray_options(args)
     with _sigterm_interrupts() as received:
         try:
             with Index.open(args.db, model=args.model, write=True) as ix:
@@ -131,6 +145,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                     max_pixels=args.max_pixels,
                     draft=not args.full_decode,
                     progress=not args.quiet,
+                    ray=ray,
                 )
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: exit 128 + the signal's number, as shells do
             report = getattr(e, "report", None)  # IndexInterrupted: the run is recorded with what it committed
@@ -140,6 +155,22 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                 print(file=sys.stderr)
                 _print_report(report, args.json)
             return 128 + received[-1]
+    _print_report(report, args.json)
+    return 0
+
+
+def _index_embeddings(args: argparse.Namespace) -> int:
+    """``mmfusion index --from-embeddings DIR``: rows from shards, the model recorded from their manifest."""
+    from ..index import Index
+    from ..index.shards import read_manifest
+
+    if args.paths:
+        raise ConfigError("give either PATH or --from-embeddings DIR, not both")
+    if args.model or args.ray:
+        raise ConfigError("--from-embeddings runs no model: leave out --model and --ray (the shards name the model)")
+    manifest = read_manifest(args.from_embeddings)
+    with Index.open(args.db, model=manifest["model"], write=True) as ix:
+        report = ix.add_embeddings(args.from_embeddings, chunk_size=args.chunk, progress=not args.quiet)
     _print_report(report, args.json)
     return 0
 

@@ -18,6 +18,7 @@ from . import (
     classify_cmd,
     data_cmd,
     demo_cmd,
+    embed_cmd,
     eval_cmd,
     index_cmds,
     models_cmd,
@@ -30,7 +31,7 @@ log = logging.getLogger("mmfusion")
 
 # in the order --help lists them
 COMMANDS = (
-    data_cmd, train_cmd, eval_cmd, index_cmds, transcribe_cmd, ask_cmd, serve_cmd, bench_cmd, classify_cmd,
+    data_cmd, train_cmd, eval_cmd, index_cmds, embed_cmd, transcribe_cmd, ask_cmd, serve_cmd, bench_cmd, classify_cmd,
     caption_cmd, models_cmd, demo_cmd,
 )  # fmt: skip
 

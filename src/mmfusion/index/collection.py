@@ -15,6 +15,7 @@ unmounted disk), which removes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -69,6 +70,12 @@ def model_ref(spec: str | os.PathLike) -> str:
         rest = text[3:]
         return "hf:" + os.path.abspath(os.path.expanduser(rest)) if os.path.isdir(os.path.expanduser(rest)) else text
     return os.path.abspath(os.path.expanduser(text))
+
+
+def model_identity(model: Embedder, ref: str | None = None) -> dict:
+    """How an index (and a shard directory) records its model: name, reference, weights' fingerprint, dimension."""
+    name = str(getattr(model, "name", ""))
+    return {"name": name, "fingerprint": model_fingerprint(model), "ref": ref or name, "dim": int(model.embed_dim)}
 
 
 class _Created:
@@ -144,7 +151,7 @@ class Index:
             ref = None
             if model is None and created is not None and created.db:
                 raise ValueError(_NEW_INDEX_NEEDS_A_MODEL.format(root=root))
-            if write and model is not None and not isinstance(model, Embedder):  # before a database is created
+            if write and model is not None and not isinstance(model, Embedder | dict):  # before a database exists
                 ref, model = model_ref(model), load_embedder(model)
             store = Store(root, readonly=not write)
             idx = cls(root, store, None, write)
@@ -177,7 +184,9 @@ class Index:
     # ---- the model --------------------------------------------------------------------------------
 
     def bind_model(self, model: Embedder | str | os.PathLike | None, ref: str | None = None) -> None:
-        """Use ``model`` (an Embedder already loaded, or a model spec) for this index's queries and indexing.
+        """Use ``model`` (an Embedder already loaded, or a model spec) for this index's queries and indexing; a
+        dict is a model's recorded identity (:func:`model_identity`, from embeddings made elsewhere): it is
+        recorded or checked, and the model is loaded from its ``ref`` when first needed.
 
         A new index opened for writing records it; an existing one checks it is the model that made the index.
         None leaves the model to be loaded, when first needed, from what the index recorded. ``ref``: how to
@@ -192,12 +201,13 @@ class Index:
             if stored is None and self.write:
                 raise ValueError(_NEW_INDEX_NEEDS_A_MODEL.format(root=self.dir))
             return  # loaded on first use
-        if not isinstance(model, Embedder):
-            ref = model_ref(model)
-            model = load_embedder(model)
-        identity = {"name": str(getattr(model, "name", "")), "fingerprint": model_fingerprint(model)}
-        identity["ref"] = ref or identity["name"]
-        identity["dim"] = int(model.embed_dim)
+        if isinstance(model, dict):  # a recorded identity (embeddings made elsewhere): checked, not loaded
+            identity, model = {k: model[k] for k in ("name", "fingerprint", "ref", "dim")}, None
+        else:
+            if not isinstance(model, Embedder):
+                ref = model_ref(model)
+                model = load_embedder(model)
+            identity = model_identity(model, ref)
         if stored is not None:
             if stored["fingerprint"] != identity["fingerprint"] or stored["dim"] != identity["dim"]:
                 raise IndexMismatchError(
@@ -208,7 +218,8 @@ class Index:
                 )
         elif self.write:
             self.store.set_meta({"model": identity})
-        self._use_model(model)
+        if model is not None:
+            self._use_model(model)
 
     def _use_model(self, model: Embedder) -> None:
         if model is not self._model:
@@ -298,6 +309,7 @@ class Index:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         draft: bool = True,
         progress: bool = True,
+        ray=None,
     ) -> IndexReport:
         """Bring the index up to date with the image files under ``roots``.
 
@@ -313,6 +325,8 @@ class Index:
                 Pillow's, applies); None: no limit.
             draft: decode JPEGs at reduced scale when the model needs few pixels.
             progress: show a progress bar.
+            ray: a :class:`~mmfusion.index.ray_embed.RayOptions` to decode and embed on a Ray cluster (this
+                process still scans, diffs and writes); None: in this process.
 
         Returns:
             What was added, updated, renamed, removed and skipped (also saved under ``reports/``).
@@ -327,7 +341,26 @@ class Index:
         if self.vi is None:
             self.vi = VectorIndex(self.dim, self._ann)
         opts = UpdateOptions(batch_size, workers, chunk_size, commit_every_s, save_every_s, max_pixels, draft, progress)
-        return update_index(self.store, self.vi, encoder, roots, opts, self.save_vectors, self.dir / "reports")
+        if ray is None:
+            return update_index(self.store, self.vi, encoder, roots, opts, self.save_vectors, self.dir / "reports")
+        from .ray_embed import RayEmbedPipeline, connected
+
+        with connected(ray) as r:
+            return update_index(
+                self.store, self.vi, encoder, roots, opts, self.save_vectors, self.dir / "reports",
+                pipeline=functools.partial(RayEmbedPipeline, r, ray),
+            )  # fmt: skip
+
+    def add_embeddings(self, out: str | os.PathLike, chunk_size: int = 256, progress: bool = True) -> IndexReport:
+        """Add (or update) rows from the embedding shards in ``out`` (``mmfusion embed``), without the model; see
+        :func:`.shards.index_embeddings`. Open the index with ``model=read_manifest(out)["model"]``."""
+        from .shards import index_embeddings
+
+        if not self.write:
+            raise RuntimeError("open the index with write=True to update it")
+        if self.vi is None:
+            self.vi = VectorIndex(self.dim, self._ann)
+        return index_embeddings(self.store, self.vi, out, chunk_size, self.save_vectors, self.dir / "reports", progress)
 
     # ---- searching --------------------------------------------------------------------------------
 

@@ -52,8 +52,12 @@ def update_index(
     opts: UpdateOptions,
     save_vectors: Callable[[], None],
     reports_dir: Path,
+    pipeline: Callable[..., EmbedPipeline] | None = None,
 ) -> IndexReport:
     """Bring ``store`` and ``vectors`` up to date with the image files under ``roots``; see :meth:`Index.update`.
+
+    ``pipeline`` builds what decodes and embeds the files that changed (default :class:`EmbedPipeline`, in this
+    process; :class:`~mmfusion.index.ray_embed.RayEmbedPipeline` on a Ray cluster).
 
     Raises:
         IndexInterrupted: Ctrl-C (or a SIGTERM the caller turned into a KeyboardInterrupt); what was committed is
@@ -82,7 +86,7 @@ def update_index(
             for path, row in known_rows.items()
             if path not in seen and any(is_under(path, r) for r in found.roots)
         }
-        EmbedPipeline(store, encoder, writer, report, seen, opts, gone).run(todo)
+        (pipeline or EmbedPipeline)(store, encoder, writer, report, seen, opts, gone).run(todo)
         writer.delete([row[0] for row in gone.values()], count_as_removed=True)  # those no rename took over
         writer.flush()
         if vectors.needs_rebuild():
@@ -92,14 +96,14 @@ def update_index(
         report.interrupted = True
         with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: keep what is committed, and stop
             writer.flush()  # the changes made so far are whole: keep them
-        _record(store, run_id, report, reports_dir, time.perf_counter() - t0)
+        record_run(store, run_id, report, reports_dir, time.perf_counter() - t0)
         save_vectors()
         raise IndexInterrupted(report, str(e)) from None
-    _record(store, run_id, report, reports_dir, time.perf_counter() - t0)
+    record_run(store, run_id, report, reports_dir, time.perf_counter() - t0)
     return report
 
 
-def _record(store: Store, run_id: int, report: IndexReport, reports_dir: Path, elapsed_s: float) -> None:
+def record_run(store: Store, run_id: int, report: IndexReport, reports_dir: Path, elapsed_s: float) -> None:
     """Finish the run's row in the runs table and write its JSON report."""
     report.elapsed_s = elapsed_s
     data = asdict(report)
@@ -218,11 +222,7 @@ class EmbedPipeline:
         self.embedded += len(self.batch)
         self.report.model_calls += len(self.batch)
         for (f, row, d), v in zip(self.batch, vecs):
-            if not np.isfinite(v).all():
-                self.report.skipped.append((f.path, NON_FINITE))
-                continue
-            self.embedded_now[d.digest] = v
-            self.writer.add(f, d, v, replaces=row, kind="updated" if row else "added")
+            self._write_vector(f, row, d, v)
         self.batch.clear()
         for waiting in self.followers.values():
             for f, row, d in waiting:
@@ -230,6 +230,14 @@ class EmbedPipeline:
                     self.report.skipped.append((f.path, NON_FINITE))
         self.followers.clear()
         self._adapt_threads()
+
+    def _write_vector(self, f: FileEntry, row: tuple | None, d: Decoded, v: np.ndarray) -> None:
+        """A file the model just embedded: its new row (or the old row replaced), unless the vector is not finite."""
+        if not np.isfinite(v).all():
+            self.report.skipped.append((f.path, NON_FINITE))
+            return
+        self.embedded_now[d.digest] = v
+        self.writer.add(f, d, v, replaces=row, kind="updated" if row else "added")
 
     def _adapt_threads(self) -> None:
         """Half the threads when one core decodes faster than the model embeds, else all of them."""
