@@ -104,7 +104,7 @@ from tests.index import ray_helpers
 cloudpickle.register_pickle_by_value(ray_helpers)
 db, model, folder = sys.argv[1:4]
 with Index.open(db, model=model, write=True) as ix:  # records the model's path; embeds with a slow copy
-    ix.bind_model(ray_helpers.Wrapped(load_embedder(model), delay_s=0.15))
+    ix.bind_model(ray_helpers.Wrapped(load_embedder(model), stall_after=24, stall_s=5))  # after 3 blocks of 32
     ix.update([folder], batch_size=4, chunk_size=8, commit_every_s=0, progress=False,
               ray=RayOptions(actors=1, num_cpus=2))
 """

@@ -13,6 +13,7 @@ order. A file that cannot be read or decoded comes back as a row with a reason, 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -75,16 +76,28 @@ def connected(opts: RayOptions) -> Iterator[object]:
     """Ray, connected as ``opts.address`` says; a local cluster this starts is stopped at the end. A session
     that is already connected (a test's, a notebook's) is used as it is and left running."""
     ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
+    quiet = logging.getLogger("ray.data")  # its notices (progress bars off, execution finished) are not the user's
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        if ray.is_initialized():
+            yield ray
+            return
+        with _started(ray, opts):
+            yield ray
+    finally:
+        quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def _started(ray, opts: RayOptions) -> Iterator[None]:
     if opts.address == "local":
         kwargs = {"num_cpus": opts.num_cpus} if opts.num_cpus else {}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     else:
         ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
     try:
-        yield ray
+        yield
     finally:
         ray.shutdown()
 
@@ -259,6 +272,7 @@ def embed_files(
         {"i": np.arange(len(paths), dtype=np.int64), "path": pa.array([os.fsencode(p) for p in paths], pa.binary())}
     )
     blocks = max(1, min(math.ceil(len(paths) / opts.decode_batch), 4096))
+    actors = min(actors, blocks)  # an actor with no block to take would only cost its start
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # results in the order given: the writer's ids are deterministic
     ctx.enable_progress_bars = False  # the driver draws one bar for the whole run
