@@ -26,6 +26,7 @@ LAYERS = [
     {"models"},
     {"backends"},
     {"eval"},
+    {"export"},  # uses models to trace, backends to run, eval to measure the quantised model
     {"train"},
     {"tasks"},
     {"index"},

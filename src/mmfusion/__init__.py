@@ -12,19 +12,28 @@ The Python API in one place::
 """
 
 from .backends import load
-from .models import create_model, list_models, save_model
 from .version import __version__
 
-_LAZY = {"ZeroShotClassifier": "tasks", "best_caption": "tasks", "moderate": "tasks", "Index": "index"}
+# imported on first use: ``import mmfusion`` loads no torch, so an ONNX export (``mmfusion.load(dir)``) runs without it
+_LAZY = {
+    "create_model": "models", "list_models": "models", "save_model": "models",
+    "ZeroShotClassifier": "tasks", "best_caption": "tasks", "moderate": "tasks", "Index": "index",
+}  # fmt: skip
+_SUBPACKAGES = {
+    "backends", "cli", "config", "data", "eval", "export", "index", "interfaces", "models", "modules", "serve", "tasks",
+    "train", "utils",
+}  # fmt: skip
 
 
 def __getattr__(name: str):
     """Heavier parts are imported on first use, so ``import mmfusion`` stays quick."""
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBPACKAGES:  # ``mmfusion.models.x`` without importing mmfusion.models first
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mmfusion' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "create_model", "list_models", "load", "save_model", *_LAZY]
+__all__ = ["__version__", "load", *_LAZY]

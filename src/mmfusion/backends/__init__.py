@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a model needs it: an ONNX export (backends/ort.py) runs without it
+    import torch
 
-from ..interfaces import Embedder
+    from ..interfaces import Embedder
 
 
 def load(spec: str | os.PathLike, device: str | torch.device | None = None, **kwargs):
@@ -19,11 +21,18 @@ def load(spec: str | os.PathLike, device: str | torch.device | None = None, **kw
 
     Args:
         spec: a native checkpoint directory (or a training run's directory), ``hf:<hub-id>``, ``hf:<dir>``,
-            or a directory written by Hugging Face ``save_pretrained``.
+            a directory written by Hugging Face ``save_pretrained``, or one written by ``mmfusion export onnx``
+            (run on ONNX Runtime, without torch).
         device: where to run it; default CPU for native checkpoints, CUDA when present for pretrained ones.
         **kwargs: for pretrained models, ``dtype=`` and ``quantize=`` (see
             :func:`mmfusion.backends.hf.load_pretrained`).
     """
+    from .ort import is_export_dir
+
+    if is_export_dir(spec):  # written by `mmfusion export onnx`: ONNX Runtime, no torch
+        from .ort import load_export
+
+        return load_export(spec, device=None if device is None else str(device), **kwargs)
     from .hf import hf_source
 
     if hf_source(spec) is not None:
@@ -44,6 +53,8 @@ def model_fingerprint(model: Embedder) -> str:
     own = getattr(model, "fingerprint", None)
     if isinstance(own, str) and own:
         return own
+    import torch
+
     h = hashlib.sha256()
     if isinstance(model, torch.nn.Module):
         for key, t in sorted(model.state_dict().items()):

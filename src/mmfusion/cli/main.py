@@ -20,8 +20,10 @@ from . import (
     demo_cmd,
     embed_cmd,
     eval_cmd,
+    export_cmd,
     index_cmds,
     models_cmd,
+    quantize_cmd,
     serve_cmd,
     train_cmd,
     transcribe_cmd,
@@ -32,7 +34,7 @@ log = logging.getLogger("mmfusion")
 # in the order --help lists them
 COMMANDS = (
     data_cmd, train_cmd, eval_cmd, index_cmds, embed_cmd, transcribe_cmd, ask_cmd, serve_cmd, bench_cmd, classify_cmd,
-    caption_cmd, models_cmd, demo_cmd,
+    caption_cmd, models_cmd, demo_cmd, export_cmd, quantize_cmd,
 )  # fmt: skip
 
 
