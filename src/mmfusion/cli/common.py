@@ -72,6 +72,18 @@ class Skipped:
         return 1 if self.count else 0
 
 
+def add_decode_options(p: argparse.ArgumentParser) -> None:
+    """How image files are decoded and batched for the model (index, embed)."""
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=100_000_000,  # data.images.DEFAULT_MAX_PIXELS (not imported: it loads torch)
+        help="skip images with more pixels, read from the header before decoding (default 100,000,000)",
+    )
+    p.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
+
+
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     """--ray and the options of a run on a Ray cluster (index, embed)."""
     g = p.add_argument_group("Ray (pip install 'mmfusion[ray]')")

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from ..config import ConfigError
-from .common import add_ray_options, command, positive_int, ray_options
+from .common import add_decode_options, add_ray_options, command, positive_int, ray_options
 
 EXAMPLES = """
 examples:
@@ -42,14 +42,7 @@ def add_parser(sub) -> None:
         help="a native checkpoint or training run directory, hf:<hub-id> or a save_pretrained directory",
     )
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="files per shard (default 10,000)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
-    p.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=100_000_000,
-        help="skip images with more pixels, read from the header before decoding (default 100,000,000)",
-    )
-    p.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
+    add_decode_options(p)
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
     add_ray_options(p)
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 from ..config import ConfigError
-from .common import add_ray_options, command, positive_int, ray_options
+from .common import add_decode_options, add_ray_options, command, positive_int, ray_options
 
 EXAMPLES_INDEX = """
 examples:
@@ -63,20 +63,13 @@ def add_parser(sub) -> None:
         help="the model, needed the first time: a native checkpoint or training run directory, hf:<hub-id> "
         "(a CLIP or SigLIP in the Hugging Face cache) or a save_pretrained directory",
     )
-    ix.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
+    add_decode_options(ix)
     ix.add_argument(
         "--workers",
         type=positive_int,
         help="decoding threads (default: one per CPU, half of them while the model is the bottleneck)",
     )
     ix.add_argument("--chunk", type=positive_int, default=256, help="files per committed transaction (default 256)")
-    ix.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=100_000_000,  # data.images.DEFAULT_MAX_PIXELS (not imported: it loads torch)
-        help="skip images with more pixels, read from the header before decoding (default 100,000,000)",
-    )
-    ix.add_argument("--full-decode", action="store_true", help="never decode JPEGs at reduced scale")
     ix.add_argument("--json", action="store_true", help="print the run's report (or info) as JSON")
     ix.add_argument(
         "--from-embeddings",

@@ -27,8 +27,12 @@ variables > --config YAML > defaults. The service binds 127.0.0.1 unless --host 
 
 
 # list settings take one value per flag, named in the singular: --label a --label b
-REPEATED = {"labels": "--label", "api_keys": "--api-key", "cors_origins": "--cors-origin",
-            "allowed_hosts": "--allowed-host"}
+REPEATED = {
+    "labels": "--label",
+    "api_keys": "--api-key",
+    "cors_origins": "--cors-origin",
+    "allowed_hosts": "--allowed-host",
+}
 
 
 def add_parser(sub) -> None:
