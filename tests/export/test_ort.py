@@ -227,3 +227,14 @@ def test_numpy_output_and_single_arrays(tiny):
     assert ort.probabilities(one, ort.encode_text(["a", "b"])).sum() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="output must be"):
         mmfusion.load(export, output="jax")
+
+
+def test_an_export_travels_to_other_processes_as_its_directory(tiny):
+    """Pickled (for a Ray actor, say) as the directory and its options: the copy embeds the same."""
+    import pickle
+
+    _, export = tiny
+    ort = mmfusion.load(export, output="numpy", threads=1)
+    copy = pickle.loads(pickle.dumps(ort))
+    assert type(copy) is type(ort) and copy.fingerprint == ort.fingerprint and copy.output == "numpy"
+    np.testing.assert_array_equal(copy.encode_text(["a red circle"]), ort.encode_text(["a red circle"]))

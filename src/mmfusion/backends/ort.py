@@ -247,6 +247,7 @@ class OrtEmbedder:
     def __init__(self, path: str | os.PathLike, device: str | None = None, threads: int | None = None,
                  output: str = "auto"):  # fmt: skip
         self.path = Path(path)
+        self._load_args = {"device": device, "threads": threads, "output": output}
         cfg = read_export_config(self.path)
         self.config = cfg
         self.name = str(self.path)
@@ -277,6 +278,12 @@ class OrtEmbedder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.precision}, {self.embed_dim}-d)"
+
+    def __reduce__(self):
+        """Pickled as its directory (ONNX Runtime sessions cannot be): another process, a Ray actor for one, opens
+        the same export again, so it must see the directory at the same path."""
+        a = self._load_args
+        return type(self), (str(self.path.resolve()), a["device"], a["threads"], a["output"])
 
     @property
     def embed_dim(self) -> int:
