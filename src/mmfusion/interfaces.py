@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: the interfaces hold for a torch-free embedder too
+    import torch
 
 
 @runtime_checkable

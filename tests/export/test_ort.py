@@ -238,3 +238,64 @@ def test_an_export_travels_to_other_processes_as_its_directory(tiny):
     copy = pickle.loads(pickle.dumps(ort))
     assert type(copy) is type(ort) and copy.fingerprint == ort.fingerprint and copy.output == "numpy"
     np.testing.assert_array_equal(copy.encode_text(["a red circle"]), ort.encode_text(["a red circle"]))
+
+
+SERVE_BLOCKED = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this test (import of {name})")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from mmfusion.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_service_serves_an_export_with_torch_blocked(tiny, tmp_path):
+    """`mmfusion serve --model EXPORT --db DB` in a process where torch cannot be imported: embeddings (texts and
+    images) and search answer; the slim deployment's path."""
+    import socket
+    import time
+
+    import httpx
+
+    from mmfusion.index import Index
+    from tests.utils import photo
+
+    _, export = tiny
+    for i in range(6):
+        photo(tmp_path / "photos" / f"p{i}.png", (40, 30), seed=i)
+    with Index.open(tmp_path / "db", model=export, write=True) as ix:
+        ix.update([tmp_path / "photos"], progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["serve", "--model", str(export), "--db", str(tmp_path / "db"), "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_BLOCKED, *argv], stderr=subprocess.PIPE, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start in 60 s"
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": ["a red circle", "a blue square"]}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]) == 2 and len(r.json()["data"][0]["embedding"]) == 16
+        png = base64.b64encode((tmp_path / "photos" / "p0.png").read_bytes()).decode()
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": [f"data:image/png;base64,{png}"], "modality": "image"},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{base}/search", json={"text": "a red circle", "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3, r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -34,6 +34,29 @@ def load_model(args: argparse.Namespace):
     return load(args.model, device=args.device, **kwargs)
 
 
+class LazyChoices:
+    """argparse ``choices`` made when first needed (checking a value, ``--help``), so that building the parser
+    imports nothing heavy: the model registry needs torch, and ``mmfusion serve`` of an ONNX export does not.
+    Give the argument a ``metavar``, or argparse lists the choices while building."""
+
+    def __init__(self, make):
+        self._make, self._items = make, None
+
+    def _get(self) -> list:
+        if self._items is None:
+            self._items = list(self._make())
+        return self._items
+
+    def __contains__(self, item) -> bool:
+        return item in self._get()
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts and sizes: a whole number of 1 or more, else an argument error (exit 2)."""
     try:

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..models.registry import FAMILIES
-from .common import add_model_options, command, load_model
+from .common import LazyChoices, add_model_options, command, load_model
 
 
 def _eval_out(model_path: str, out: str | None) -> Path:
@@ -27,6 +26,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments {extra}; see mmfusion eval --help")
     model = load_model(args)
     kind = args.kind
+    from ..models.registry import FAMILIES
+
     spec = FAMILIES.get(getattr(model, "family", None))
     if spec is not None and len(spec.eval_kinds) == 1 and kind not in spec.eval_kinds:
         kind = spec.eval_kinds[0]  # a family with one report (a fusion classifier) gets it
@@ -125,9 +126,9 @@ def add_parser(sub) -> None:
         "writes a JSON report and PNG plots (default: RUN/eval/ for a training run directory).",
     )
     e.add_argument(
-        "kind", choices=list(dict.fromkeys(k for spec in FAMILIES.values() for k in spec.eval_kinds)),
-        help="which evaluation (fusion: a fusion classifier on its held-out split, or on --data FILE.npz; caption: "
-             "BLEU, CIDEr and attribute accuracy; vqa: accuracy per question type)",
+        "kind", choices=LazyChoices(_eval_kinds), metavar="KIND",
+        help="which evaluation: %(choices)s (fusion: a fusion classifier on its held-out split, or on --data "
+             "FILE.npz; caption: BLEU, CIDEr and attribute accuracy; vqa: accuracy per question type)",
     )  # fmt: skip
     add_model_options(e)
     e.add_argument(
@@ -154,3 +155,10 @@ RUNNERS = {
     "caption": _eval_generation,
     "vqa": _eval_generation,
 }
+
+
+def _eval_kinds() -> list[str]:
+    """Every family's evaluations, in the registry's order (imported only when needed: it loads torch)."""
+    from ..models.registry import FAMILIES
+
+    return list(dict.fromkeys(k for spec in FAMILIES.values() for k in spec.eval_kinds))

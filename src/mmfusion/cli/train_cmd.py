@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, deep_update, format_help, from_dict, load_yaml, with_overrides
-from ..models.registry import train_tasks
 from .common import command
 
 EXAMPLES_TRAIN = """
@@ -48,6 +47,8 @@ def build_run_config(args: argparse.Namespace, extra: list[str]):
             data = read_state(ckpt)["run"]
     if args.config:
         data = deep_update(data, load_yaml(args.config))
+    from ..models.registry import train_tasks
+
     preset = args.preset or (None if data.get("preset") else train_tasks()[args.task].default_preset)
     named = {"data": {"source": args.data} if args.data else {}, "preset": preset, "out": args.out}
     if getattr(args, "strategy", None):
@@ -134,6 +135,8 @@ def add_parser(sub) -> None:
         description="Train a model. Length: exactly one of --steps, --epochs, --time.",
         epilog=EXAMPLES_TRAIN + _train_options_help(),
     )
+    from ..models.registry import train_tasks
+
     tasks = train_tasks()
     t.add_argument(
         "task",

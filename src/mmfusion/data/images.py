@@ -18,11 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ..config import field
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone (a torch-free service) needs none
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -148,6 +152,8 @@ def normalize_batch(
     batch: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W), scaled to [0, 1] and normalised per channel."""
+    import torch
+
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
@@ -166,6 +172,8 @@ class ImageTransform:
         """PIL image(s) -> normalised float tensor (B, 3, size, size)."""
         if isinstance(images, Image.Image):
             images = [images]
+        import torch
+
         arrs = np.stack([to_uint8(to_rgb(im), self.size) for im in images])
         return normalize_batch(torch.from_numpy(arrs), self.mean, self.std)
 

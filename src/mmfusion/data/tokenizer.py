@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # tensors are made in encode(); the special ids need no torch
+    import torch
 
 PAD, UNK, SOT, EOT = "<pad>", "<unk>", "<sot>", "<eot>"
 SPECIAL_TOKENS = (PAD, UNK, SOT, EOT)
@@ -88,6 +91,8 @@ class Tokenizer:
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids of shape (B, context_length); a text too long is cut and still ends with ``<eot>``."""
+        import torch
+
         if isinstance(texts, str):
             texts = [texts]
         out = torch.full((len(texts), self.context_length), PAD_ID, dtype=torch.long)
@@ -101,7 +106,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one id sequence, stopping at ``<eot>`` and skipping special tokens."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
         body = []
         for i in ids:

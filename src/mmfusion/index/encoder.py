@@ -8,11 +8,12 @@ prompt ensemble). On CPU, a batch of texts runs in groups of similar length (:fu
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..data.images import ImageDecodeError, ImageTransform, normalize_batch, resize_center_crop, to_rgb
@@ -89,6 +90,19 @@ def _what_to_do(reason: str) -> str:
     return "use a JPEG, PNG, WebP, GIF, BMP or TIFF file that opens in an image viewer"
 
 
+def _inference():
+    """torch's inference mode when torch is loaded; nothing for a torch-free embedder (an ONNX export)."""
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def _numpy(z) -> np.ndarray:
+    """A model's output as float32 NumPy: torch tensors (any device, any float type) or arrays."""
+    if isinstance(z, np.ndarray):
+        return z.astype(np.float32, copy=False)
+    return z.float().cpu().numpy()
+
+
 def _normalised(z: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(z, axis=-1, keepdims=True)
     return (z / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -135,13 +149,13 @@ class QueryEncoder:
         model = self.embedder
         tokenize = getattr(model, "tokenize", None)
         device = getattr(model, "device", None)
-        with torch.inference_mode():
+        with _inference():
             if tokenize is None or len(texts) < 2 or getattr(device, "type", "cpu") != "cpu":
-                return model.encode_text(texts).float().cpu().numpy()
+                return _numpy(model.encode_text(texts))
             tokens = tokenize(texts)  # (B, L): <pad> after each text's <eot>
             out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
             for group in split_by_length((tokens != PAD_ID).sum(-1).tolist(), self.text_call_min_rows):
-                out[group] = model.encode_text(tokens[group]).float().cpu().numpy()
+                out[group] = _numpy(model.encode_text(tokens[group]))
             return out
 
     # ---- images -----------------------------------------------------------------------------------------------
@@ -169,10 +183,12 @@ class QueryEncoder:
     def encode_pixels(self, pixels: list, transform: ImageTransform | None) -> np.ndarray:
         """(N, D) model output for images already decoded by :func:`decode_plan`'s rule: (S, S, 3) uint8 arrays
         that ``transform`` normalises here, or RGB images for a model that preprocesses them itself."""
-        with torch.inference_mode():
+        with _inference():
             if isinstance(transform, ImageTransform):
+                import torch  # a model with mmfusion's ImageTransform takes tensors
+
                 x = normalize_batch(torch.from_numpy(np.stack(pixels)), transform.mean, transform.std)
                 z = self.embedder.encode_image(x)
             else:
                 z = self.embedder.encode_image(list(pixels))
-        return z.float().cpu().numpy()
+        return _numpy(z)
