@@ -10,6 +10,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from tests.export.helpers import NO_TORCH
 from tests.test_deploy import DEPLOY, context_problems, instructions, routes, runtime_problems  # noqa: F401
 
 SLIM = DEPLOY / "Dockerfile.slim"
@@ -56,21 +57,15 @@ def test_slim_dockerfile_installs_no_torch_and_serves_an_export(routes):  # noqa
     assert cmd[cmd.index("--model") + 1].startswith("/data/"), "the export lives in the volume"
 
 
-IMPORTED = """
-import json, sys
-
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
+IMPORTED = (
+    NO_TORCH
+    + """
 from mmfusion.cli.main import make_parser
 make_parser(only="serve")
 import mmfusion.serve.app, mmfusion.backends.ort, mmfusion.index
 print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() if n.startswith("mmfusion") and m.__file__)))
 """
+)
 
 
 def _module_imports(path: str) -> set[str]:

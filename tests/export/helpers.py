@@ -10,8 +10,8 @@ def cosines(a, b) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-# argv: export dir, image paths (JSON), texts (JSON), where to save the image and text embeddings (.npy)
-BLOCKED = """
+# the start of a script in which `import torch` fails, as where torch is not installed
+NO_TORCH = """
 import json, sys
 
 class NoTorch:
@@ -21,6 +21,12 @@ class NoTorch:
         return None
 
 sys.meta_path.insert(0, NoTorch())
+"""
+
+# argv: export dir, image paths (JSON), texts (JSON), where to save the image and text embeddings (.npy)
+BLOCKED = (
+    NO_TORCH
+    + """
 import numpy as np
 from PIL import Image
 import mmfusion
@@ -34,3 +40,4 @@ assert model.transform is None and model.input_size > 0
 assert "torch" not in sys.modules, "torch was imported"
 print("ok", type(model).__name__)
 """
+)

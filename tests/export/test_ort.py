@@ -19,7 +19,7 @@ from mmfusion.backends.ort import EXPORT_FILE, IMAGE_FILE, TEXT_FILE, OrtEmbedde
 from mmfusion.data import tokenizer as native_tok
 from mmfusion.data.images import ImageTransform
 from mmfusion.data.shapes import ShapesWorld
-from tests.export.helpers import BLOCKED, cosines
+from tests.export.helpers import BLOCKED, NO_TORCH, cosines
 
 
 def images_and_texts(n: int = 64) -> tuple[list[Image.Image], list[str]]:
@@ -240,19 +240,13 @@ def test_an_export_travels_to_other_processes_as_its_directory(tiny):
     np.testing.assert_array_equal(copy.encode_text(["a red circle"]), ort.encode_text(["a red circle"]))
 
 
-SERVE_BLOCKED = """
-import sys
-
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test (import of {name})")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
+SERVE_BLOCKED = (
+    NO_TORCH
+    + """
 from mmfusion.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 def test_the_service_serves_an_export_with_torch_blocked(tiny, tmp_path):
