@@ -216,10 +216,9 @@ def check_search(data: bytes, k: int) -> bool:
     return len(scores) == k and scores == sorted(scores, reverse=True)
 
 
-async def load(port: int, clients: int, seconds: float, texts: list[str], encoding: str, start: int,
-               route: str = "embeddings") -> dict:  # fmt: skip
-    """``clients`` closed-loop clients for ``seconds``. Text ``k`` is caption ``k`` plus `` #k``: unique, the same
-    ones in both arms, and with 7-digit counters everywhere, as long in each (``start`` picks the first ``k``)."""
+async def closed_loop(port: int, clients: int, seconds: float, request, start: int) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; request ``k`` is ``request(k)``: (path, JSON body, a check
+    of a 200 reply's bytes). Counts ``k`` from ``start``; the result's ``next`` is where the next run starts."""
     latencies: list[float] = []
     failures: list[str] = []
     counter = start
@@ -231,16 +230,11 @@ async def load(port: int, clients: int, seconds: float, texts: list[str], encodi
         try:
             while time.perf_counter() < stop_at:
                 counter += 1
-                text = f"{texts[counter % len(texts)]} #{counter}"
-                if route == "search":
-                    path, body = "/search", json.dumps({"text": text, "k": 10}).encode()
-                else:
-                    path, body = "/v1/embeddings", json.dumps({"input": text, "encoding_format": encoding}).encode()
+                path, body, check = request(counter)
                 t0 = time.perf_counter()
                 try:
                     status, data = await conn.post(path, body)
-                    ok = status == 200 and (check_search(data, 10) if route == "search"
-                                            else check_embedding(data, encoding, None))  # fmt: skip
+                    ok = status == 200 and check(data)
                     why = "" if ok else f"HTTP {status}: {data[:200]!r}"
                 except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
                     ok, why = False, f"{type(e).__name__}: {e}"
@@ -256,6 +250,21 @@ async def load(port: int, clients: int, seconds: float, texts: list[str], encodi
     await asyncio.gather(*(client() for _ in range(clients)))
     return {"latencies": latencies, "failures": failures, "seconds": time.perf_counter() - t0,
             "client_cpu": _cpu_self() - cpu0, "next": counter}  # fmt: skip
+
+
+async def load(port: int, clients: int, seconds: float, texts: list[str], encoding: str, start: int,
+               route: str = "embeddings") -> dict:  # fmt: skip
+    """:func:`closed_loop` on texts. Text ``k`` is caption ``k`` plus `` #k``: unique, the same ones in both arms,
+    and with 7-digit counters everywhere, as long in each (``start`` picks the first ``k``)."""
+
+    def request(k: int):
+        text = f"{texts[k % len(texts)]} #{k}"
+        if route == "search":
+            return "/search", json.dumps({"text": text, "k": 10}).encode(), lambda data: check_search(data, 10)
+        body = json.dumps({"input": text, "encoding_format": encoding}).encode()
+        return "/v1/embeddings", body, lambda data: check_embedding(data, encoding, None)
+
+    return await closed_loop(port, clients, seconds, request, start)
 
 
 def _cpu_self() -> float:

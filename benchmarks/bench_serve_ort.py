@@ -53,7 +53,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve_load import Connection, captions, free_port, make_model, wait_until_serving  # noqa: E402
+from bench_serve_load import captions, closed_loop, free_port, make_model, wait_until_serving  # noqa: E402
 
 ROOT = Path("runs/bench-serve-ort")
 BACKENDS = ("torch fp32", "ORT fp32", "ORT int8")
@@ -212,37 +212,12 @@ class Server:
 async def load(port: int, clients: int, seconds: float, body, dim: int, start: int) -> dict:
     """``clients`` closed-loop clients for ``seconds``; request ``k`` sends ``body(k)``; a reply is good when it is
     200 with one ``dim``-wide base64 embedding."""
-    latencies: list[float] = []
-    failures: list[str] = []
-    counter = start
-    stop_at = time.perf_counter() + seconds
 
-    async def client() -> None:
-        nonlocal counter
-        conn = Connection(port)
-        try:
-            while time.perf_counter() < stop_at:
-                counter += 1
-                data = body(counter)
-                t0 = time.perf_counter()
-                try:
-                    status, reply = await conn.post("/v1/embeddings", data)
-                    items = json.loads(reply)["data"] if status == 200 else []
-                    ok = len(items) == 1 and len(base64.b64decode(items[0]["embedding"])) == 4 * dim
-                    why = "" if ok else f"HTTP {status}: {reply[:200]!r}"
-                except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
-                    ok, why = False, f"{type(e).__name__}: {e}"
-                    conn.close()
-                if ok:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    failures.append(why)
-        finally:
-            conn.close()
+    def one_embedding(reply: bytes) -> bool:
+        items = json.loads(reply)["data"]
+        return len(items) == 1 and len(base64.b64decode(items[0]["embedding"])) == 4 * dim
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return {"latencies": latencies, "failures": failures, "seconds": time.perf_counter() - t0, "next": counter}
+    return await closed_loop(port, clients, seconds, lambda k: ("/v1/embeddings", body(k), one_embedding), start)
 
 
 def bodies(texts: list[str], urls: list[str]) -> dict:

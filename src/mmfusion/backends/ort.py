@@ -9,8 +9,8 @@ An export directory (written by ``mmfusion export onnx``, see :mod:`mmfusion.exp
 
 Everything here is NumPy, Pillow, ``tokenizers`` and ``onnxruntime``: this module never imports torch, so a
 service that only embeds can run without it. The preprocessing and the token ids are those of the native model
-(:class:`mmfusion.data.images.ImageTransform`, :class:`mmfusion.data.tokenizer.Tokenizer`), re-written without
-torch; the tests check them against the originals.
+(:mod:`mmfusion.data.images`' resize and crop, :meth:`mmfusion.data.tokenizer.Tokenizer.encode_ids`, which import
+no torch), normalised here in NumPy; the tests check them against the torch path.
 
 In a process that has imported torch anyway (the index, the evaluators, the service), the embedder presents
 itself as a native CLIP does: it takes tensors, returns tensors and has an ``ImageTransform``, so those callers
@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-EXPORT_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE = "export.json", "image.onnx", "text.onnx", "tokenizer.json"
+from ..data.images import resize_center_crop, to_rgb  # Pillow and NumPy only: the same pixels as the native path
+from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, TOKENIZER_FILE, Tokenizer  # noqa: F401 (an export uses these)
+
+EXPORT_FILE, IMAGE_FILE, TEXT_FILE = "export.json", "image.onnx", "text.onnx"
 EXPORT_FORMAT = "mmfusion.onnx/1"
-PAD_ID, SOT_ID, EOT_ID = 0, 2, 3  # as in mmfusion.data.tokenizer (checked by the tests)
 
 
 class ExportDirError(FileNotFoundError):
@@ -79,42 +81,6 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
 # ---- preprocessing: the same pixels as mmfusion.data.images, without torch ------------------------------------
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any Pillow mode, EXIF orientation applied, transparency over white (as ``data.images.to_rgb``)."""
-    try:
-        rotated = img.getexif().get(0x0112, 1) not in (None, 1)
-    except Exception:  # a damaged EXIF block: show the image as stored
-        rotated = False
-    if rotated:
-        img = ImageOps.exif_transpose(img) or img
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, img).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Short side to ``size`` (bicubic), then the centre square (as ``data.images.resize_center_crop``)."""
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """PIL images or uint8 arrays -> the float32 (B, 3, S, S) the image tower takes."""
@@ -146,37 +112,19 @@ class Preprocess:
         return self.normalize(np.stack([self.pixels(im) for im in images]))
 
 
-# ---- tokenisation: the same ids as mmfusion.data.tokenizer.Tokenizer, without torch ---------------------------
+# ---- tokenisation: mmfusion.data.tokenizer.Tokenizer's ids as arrays, without torch -----------------------------
 
 
 class TextTokenizer:
-    """Texts to fixed-length int64 id arrays: ``<sot> ids... <eot> <pad>...``, a long text cut and still ended."""
+    """Texts to fixed-length int64 id arrays, the native tokenizer's ids (:meth:`Tokenizer.encode_ids`)."""
 
     def __init__(self, path: str | os.PathLike, context_length: int):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self.hf = HFTokenizer.from_file(str(path))
+        self.tokenizer = Tokenizer.load(path, context_length)
         self.context_length = int(context_length)
-        self._cache: dict[str, list[int]] = {}
-
-    def ids(self, text: str) -> list[int]:
-        cached = self._cache.get(text)
-        if cached is None:
-            cached = self.hf.encode(text, add_special_tokens=False).ids
-            if len(self._cache) < 200_000:
-                self._cache[text] = cached
-        return cached
 
     def encode(self, texts: str | Sequence[str]) -> np.ndarray:
         """(B, context_length) int64 token ids."""
-        if isinstance(texts, str):
-            texts = [texts]
-        out = np.full((len(texts), self.context_length), PAD_ID, dtype=np.int64)
-        keep = self.context_length - 2
-        for row, text in enumerate(texts):
-            ids = [SOT_ID, *self.ids(text)[:keep], EOT_ID]
-            out[row, : len(ids)] = ids
-        return out
+        return self.tokenizer.encode_ids(texts)
 
     __call__ = encode
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -89,18 +90,23 @@ class Tokenizer:
                 self._cache[text] = cached
         return cached
 
-    def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Token ids of shape (B, context_length); a text too long is cut and still ends with ``<eot>``."""
-        import torch
-
+    def encode_ids(self, texts: str | Sequence[str]) -> np.ndarray:
+        """int64 token ids of shape (B, context_length): ``<sot> ids... <eot> <pad>...``, a text too long cut and
+        still ended with ``<eot>``. NumPy, for a model run without torch (ONNX Runtime)."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), self.context_length), PAD_ID, dtype=torch.long)
+        out = np.full((len(texts), self.context_length), PAD_ID, dtype=np.int64)
         keep = self.context_length - 2
         for row, text in enumerate(texts):
             ids = [SOT_ID, *self.ids(text)[:keep], EOT_ID]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out[row, : len(ids)] = ids
         return out
+
+    def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """:meth:`encode_ids` as a torch tensor (long)."""
+        import torch
+
+        return torch.from_numpy(self.encode_ids(texts))
 
     __call__ = encode
 

@@ -22,17 +22,8 @@ import torch
 from torch import nn
 
 from ..backends import model_fingerprint
-from ..backends.ort import (
-    EOT_ID,
-    EXPORT_FILE,
-    EXPORT_FORMAT,
-    IMAGE_FILE,
-    PAD_ID,
-    SOT_ID,
-    TEXT_FILE,
-    TOKENIZER_FILE,
-    is_export_dir,
-)
+from ..backends.ort import EXPORT_FILE, EXPORT_FORMAT, IMAGE_FILE, TEXT_FILE, is_export_dir
+from ..data.tokenizer import EOT_ID, PAD_ID, SOT_ID, TOKENIZER_FILE
 from ..models import CLIP
 from ..utils.io import atomic_replace_dir, atomic_write_json
 from ..version import __version__

@@ -261,6 +261,8 @@ def embed_files(
     """
     import pyarrow as pa
 
+    from ..backends import model_fingerprint
+
     if not paths:
         return
     actors, cpus, gpus = plan_actors(ray, opts)
@@ -271,56 +273,48 @@ def embed_files(
     )
     blocks = max(1, min(math.ceil(len(paths) / opts.decode_batch), 4096))
     actors = min(actors, blocks)  # an actor with no block to take would only cost its start
-    decode_kwargs = {"size": size, "crop": crop, "draft": draft, "max_pixels": max_pixels}
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start
     ctx.execution_options.preserve_order = True  # results in the order given: the writer's ids are deterministic
     ctx.enable_progress_bars = False  # the driver draws one bar for the whole run
     ctx.print_on_execution_start = False
     try:
-        yield from _run(ray, table, blocks, actors, cpus, gpus, opts, model, known_ref, model_ref, decode_kwargs)
+        step = math.ceil(len(table) / blocks)
+        # blocks made here, not by a repartition: its split tasks would wait for CPUs that the actors hold
+        ds = ray.data.from_arrow([table.slice(o, step) for o in range(0, len(table), step)])
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=opts.decode_batch,
+            batch_format="numpy",
+            fn_kwargs={"size": size, "crop": crop, "draft": draft, "max_pixels": max_pixels, "known_box": [known_ref]},
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            batch_size=opts.batch_size,
+            batch_format="numpy",
+            fn_constructor_args=([model_ref], model_fingerprint(model), max(1, int(cpus))),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for j in range(len(batch["i"])):
+                status = int(batch["status"][j])
+                t = float(batch["taken"][j])
+                yield Embedded(
+                    int(batch["i"][j]),
+                    status,
+                    bytes(batch["digest"][j]),
+                    batch["vector"][j] if status == OK else None,
+                    int(batch["width"][j]),
+                    int(batch["height"][j]),
+                    str(batch["format"][j]),
+                    None if math.isnan(t) else t,
+                    str(batch["error"][j]),
+                )
     finally:  # a notebook's own datasets keep its settings
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
-
-
-def _run(ray, table, blocks, actors, cpus, gpus, opts, model, known_ref, model_ref, decode_kwargs):
-    """The Ray Data pipeline of :func:`embed_files` over ``table``'s (i, path) rows, and its results in order."""
-    from ..backends import model_fingerprint
-
-    step = math.ceil(len(table) / blocks)
-    # blocks made here, not by a repartition: its split tasks would wait for CPUs that the actors hold
-    ds = ray.data.from_arrow([table.slice(o, step) for o in range(0, len(table), step)])
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=opts.decode_batch,
-        batch_format="numpy",
-        fn_kwargs={**decode_kwargs, "known_box": [known_ref]},
-        num_cpus=1,
-    )
-    ds = ds.map_batches(
-        EmbedActor,
-        batch_size=opts.batch_size,
-        batch_format="numpy",
-        fn_constructor_args=([model_ref], model_fingerprint(model), max(1, int(cpus))),
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=gpus,
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        for j in range(len(batch["i"])):
-            status = int(batch["status"][j])
-            t = float(batch["taken"][j])
-            yield Embedded(
-                int(batch["i"][j]),
-                status,
-                bytes(batch["digest"][j]),
-                batch["vector"][j] if status == OK else None,
-                int(batch["width"][j]),
-                int(batch["height"][j]),
-                str(batch["format"][j]),
-                None if math.isnan(t) else t,
-                str(batch["error"][j]),
-            )
 
 
 # ---- indexing through Ray ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ index from the shards without the model (:func:`index_embeddings`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -273,7 +274,7 @@ def embed_to_shards(
         rows.clear()
 
     try:
-        with connected(ray) if ray is not None else _nothing() as r:
+        with connected(ray) if ray is not None else contextlib.nullcontext() as r:
             for e in results(r):
                 bar.update(1)
                 f = todo[e.index]
@@ -290,14 +291,6 @@ def embed_to_shards(
         bar.close()
     report.elapsed_s = time.perf_counter() - t0
     return report
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- building an index from shards ------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ class TrainConfig:
     steps: int | None = field(None, "optimiser steps; or give epochs or time")
     epochs: float | None = field(None, "passes over a folder dataset (not for the endless ShapesWorld stream)")
     time: str | None = field(None, "wall-clock budget such as 90s, 3m or 1h; the schedule is fitted to it")
-    batch_size: int = field(128, "pairs per optimiser step (the contrastive batch: every other pair is a negative); "
-                            "the global batch: with N processes each takes batch_size / N")
+    batch_size: int = field(
+        128,
+        "pairs per optimiser step (the contrastive batch: every other pair is a negative); "
+        "the global batch: with N processes each takes batch_size / N",
+    )
     captions_per_image: int = field(
         1,
         "captions of each image in a batch: the image is encoded once, the text "
@@ -86,8 +89,11 @@ class TrainConfig:
     threads: int | None = field(
         None, "torch CPU threads; default: OMP_NUM_THREADS, else the CPUs this process may use (affinity, cgroup quota)"
     )
-    local_loss: bool = field(True, "with several processes: each scores only its own rows and columns of the "
-                             "global contrastive loss (memory local x global); false: all of it on each")
+    local_loss: bool = field(
+        True,
+        "with several processes: each scores only its own rows and columns of the "
+        "global contrastive loss (memory local x global); false: all of it on each",
+    )
     dist_backend: str | None = field(None, "with several processes: gloo or nccl (default: nccl on CUDA, else gloo)")
     seed: int = field(0, "seed of initialisation and data order")
     log_every: int = field(10, "write metrics every N steps")
