@@ -107,6 +107,33 @@ def test_static_calibrates_on_a_folder(tiny, tmp_path):
     assert json.loads((tmp_path / "s" / REPORT_JSON).read_text())["calibration"]["images"] == 6
 
 
+def test_zero_shot_joins_the_gate_where_the_data_has_labels(tiny, tmp_path):
+    """ShapesWorld has labels; a caption folder has them only with a zeroshot/ of class folders; --labels none
+    leaves them out. The labelled images per class are bounded by --zeroshot-per-class."""
+    from mmfusion.data.export import export_shapes
+    from mmfusion.data.shapes import ShapesWorld
+
+    _, export = tiny
+    report = tmp_path / "r.json"
+
+    def gated(*extra: str) -> dict:
+        assert quantize(export, tmp_path / "q", "--max-drop", "1", "--report", str(report), *extra) == 0
+        return json.loads(report.read_text())
+
+    shapes = gated("--zeroshot-per-class", "2")
+    assert "zeroshot_top1" in shapes["gate"]["drops"] and shapes["verify"]["zeroshot"]["n_images"] > 0
+    assert shapes["verify"]["zeroshot"]["n_images"] == 2 * shapes["verify"]["zeroshot"]["classes"]
+    assert "zeroshot_top1" not in gated("--labels", "none")["gate"]["drops"]
+    folder = tmp_path / "world"
+    export_shapes(ShapesWorld(), folder, {"test": 12}, zeroshot_per_class=3, progress=False)
+    with_labels = gated("--verify", str(folder), "--zeroshot-per-class", "2")
+    assert with_labels["verify"]["zeroshot"]["n_images"] == 2 * with_labels["verify"]["zeroshot"]["classes"]
+    import shutil
+
+    shutil.rmtree(folder / "zeroshot")
+    assert "zeroshot" not in gated("--verify", str(folder))["verify"]
+
+
 def test_the_gate_compares_each_metric():
     """Negative control of the gate itself: a drop just over the limit fails, one at the limit passes."""
 
@@ -121,13 +148,18 @@ def test_the_gate_compares_each_metric():
     one = measured(0.5)
     one.metrics["t2i_R@5"] = 0.3
     assert verify.compare(before, one, 0.1)["failed"] == ["t2i_R@5"]
+    one = measured(0.5)
+    one.metrics["zeroshot_top1"] = 0.45
+    assert verify.compare(before, one, 0.01)["failed"] == ["zeroshot_top1"]
+    retrieval_only = verify.Measured({k: 0.5 for k in verify.RETRIEVAL}, torch.eye(2), torch.eye(2))
+    assert "zeroshot_top1" not in verify.compare(retrieval_only, retrieval_only, 0.0)["drops"]
 
 
 def test_bad_input_names_the_fix(tiny, tmp_path, capsys):
     ckpt, export = tiny
     assert quantize(tmp_path / "missing", tmp_path / "o") == 2
     assert "no model at" in capsys.readouterr().err
-    assert quantize(ckpt, tmp_path / "o") == 2  # a checkpoint, not an export
+    assert quantize(ckpt, tmp_path / "o", "--runtime", "onnx") == 2  # a checkpoint, not an export
     assert f"mmfusion export onnx --model {ckpt}" in capsys.readouterr().err
     assert quantize(export, export) == 2
     assert "--out must differ from --model" in capsys.readouterr().err

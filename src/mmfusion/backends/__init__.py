@@ -24,8 +24,8 @@ def load(spec: str | os.PathLike, device: str | torch.device | None = None, **kw
             a directory written by Hugging Face ``save_pretrained``, or one written by ``mmfusion export onnx``
             (run on ONNX Runtime, without torch).
         device: where to run it; default CPU for native checkpoints, CUDA when present for pretrained ones.
-        **kwargs: for pretrained models, ``dtype=`` and ``quantize=`` (see
-            :func:`mmfusion.backends.hf.load_pretrained`).
+        **kwargs: ``quantize="int8"`` (dynamic int8 on CPU, any torch model); for pretrained models also
+            ``dtype=`` and the GPU ``quantize`` modes (see :func:`mmfusion.backends.hf.load_pretrained`).
     """
     from .ort import is_export_dir
 
@@ -39,11 +39,24 @@ def load(spec: str | os.PathLike, device: str | torch.device | None = None, **kw
         from .hf import load_pretrained
 
         return load_pretrained(spec, device=device, **kwargs)
-    if kwargs:
-        raise ValueError(f"{', '.join(kwargs)} apply to Hugging Face models only; {os.fspath(spec)} is native")
     from ..models import load as load_native
 
-    return load_native(spec, device=device or "cpu")
+    quantize = kwargs.pop("quantize", None)
+    if kwargs:
+        raise ValueError(f"{', '.join(kwargs)} apply to Hugging Face models only; {os.fspath(spec)} is native")
+    if quantize in (None, "none"):
+        return load_native(spec, device=device or "cpu")
+    if quantize != "int8":
+        raise ValueError(f"--quantize {quantize} is for Hugging Face models on a GPU; native models take int8 (CPU)")
+    if device is not None and str(device) != "cpu":
+        raise ValueError("int8 dynamic quantisation runs on CPU; drop --device or give --device cpu")
+    from ..models.checkpoint import resolve_checkpoint, weights_fingerprint
+    from ..models.int8 import native_int8
+
+    model = load_native(spec, device="cpu")
+    if getattr(model, "precision", "").startswith("int8"):
+        return model  # a checkpoint kept as int8 is int8 already
+    return native_int8(model, weights_fingerprint(resolve_checkpoint(spec)))
 
 
 def model_fingerprint(model: Embedder) -> str:

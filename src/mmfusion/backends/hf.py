@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.images import ImageDecodeError, load_image, to_rgb
+from ..models.int8 import quantize_int8
 from ..models.registry import pretrained_family, resolve
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,6 @@ def quantization_config(quantize: str | None, device: torch.device, dtype: torch
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
-
-
-def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of the linear layers (CPU): weights stored in int8, activations quantised
-    on the fly. Several times less memory for those layers and faster matrix products on x86."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PyTorch announces a move of this API to torchao; it works as is
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
 def load_hf_model(model_cls, source: str, *, device=None, dtype=None, quantize=None, **kwargs):

@@ -10,9 +10,10 @@ Efficient Integer-Arithmetic-Only Inference", 2018):
 - ``fp16``: weights and arithmetic in half precision, inputs and outputs left in float32.
 
 Every tool that quantises says "check the accuracy yourself". This one checks: the new model and its source
-are measured on the same retrieval data (:mod:`.verify`), and when any Recall@K dropped by more than
-``max_drop`` nothing is written. The new export is built in a temporary directory beside ``out`` and renamed
-into place only when it passed.
+are measured on the same retrieval data and labelled images (:mod:`.verify`), and when any Recall@K (or the
+zero-shot accuracy) dropped by more than ``max_drop`` nothing is written. The new export is built in a
+temporary directory beside ``out`` and renamed into place only when it passed. (Native checkpoints quantised
+in torch go through the same gate: :mod:`.quantize_torch`.)
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class QuantizeOptions:
     verify: str = "shapes"  # shapes (the ShapesWorld the model was trained on) or a folder with captions.jsonl
     n: int = 1000  # images to rank when verifying
     split: str = "test"
-    max_drop: float = 0.01  # the most any Recall@K may fall
+    labels: str | None = None  # zero-shot images: 'shapes', class folders, 'none'; default: --verify's own labels
+    zeroshot_per_class: int = 20  # labelled images per class in the zero-shot part of the gate (0: none)
+    max_drop: float = 0.01  # the most any gated metric may fall
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -245,39 +248,62 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, opts: Quanti
     if Path(out).resolve() == Path(src).resolve():
         raise ValueError("--out must differ from --model: the fp32 export is the reference the gate measures against")
     source = load_export(src, threads=opts.threads)
-    ds = verify.verification_set(source, opts.verify, opts.n, opts.split)
+    ds, labelled = gate_data(source, opts)
     out = Path(out)
     tmp = staging_dir(out)
     try:
         calibration = write_quantized(source, tmp, opts)
         target = load_export(tmp, threads=opts.threads)
-        before, after = verify.measure(source, ds), verify.measure(target, ds)
-        gate = verify.compare(before, after, opts.max_drop)
+        before, after = verify.measure(source, ds, labelled), verify.measure(target, ds, labelled)
+        del target  # the sessions hold the files open
         report = {
             "task": "quantize",
+            "runtime": "onnxruntime",
             "source": str(src),
             "out": str(out),
             "mode": opts.mode,
             "per_channel": opts.per_channel,
             "calibration": calibration or None,
-            "verify": {"data": ds.source, "n_images": len(ds.images), "n_texts": sum(map(len, ds.captions))},
-            "gate": gate,
+            **gate_report(before, after, ds, labelled, opts),
             "size_mb": {"before": round(_size_mb(Path(src)), 2), "after": round(_size_mb(tmp), 2)},
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        if report_path is not None:
-            atomic_write_json(report_path, report)
-        if not gate["passed"]:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return QuantizeResult(report, None)
-        del target  # the sessions hold the files open
-        atomic_write_json(tmp / REPORT_JSON, report)
-        verify.plot_comparison(gate, tmp / REPORT_PNG, f"{opts.mode} int8" if opts.mode != "fp16" else "fp16")
-        publish(tmp, out)
-        return QuantizeResult(report, out)
+        title = f"{opts.mode} int8" if opts.mode != "fp16" else "fp16"
+        return conclude(report, tmp, out, report_path, title)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def gate_data(source, opts: QuantizeOptions) -> tuple[verify.RetrievalSet, verify.LabelledSet | None]:
+    """The retrieval set and the labelled images (or None) both models are measured on."""
+    ds = verify.verification_set(source, opts.verify, opts.n, opts.split)
+    labels = verify.labels_for(opts.verify, opts.labels)
+    return ds, verify.labelled_set(source, labels, opts.zeroshot_per_class)
+
+
+def gate_report(before: verify.Measured, after: verify.Measured, ds: verify.RetrievalSet,
+                labelled: verify.LabelledSet | None, opts: QuantizeOptions) -> dict[str, Any]:  # fmt: skip
+    """The report's ``verify`` (what was measured) and ``gate`` (the verdict) parts."""
+    data = {"data": ds.source, "n_images": len(ds.images), "n_texts": sum(map(len, ds.captions))}
+    if labelled is not None:
+        data["zeroshot"] = {"data": labelled.source, "classes": len(labelled.classes), "n_images": labelled.n}
+    return {"verify": data, "gate": verify.compare(before, after, opts.max_drop)}
+
+
+def conclude(report: dict[str, Any], tmp: Path, out: Path, report_path, title: str) -> QuantizeResult:
+    """Refuse (remove the staged model) or keep it (its report and plot beside it, then ``out`` replaced whole);
+    the report goes to ``report_path`` either way."""
+    if report_path is not None:
+        atomic_write_json(report_path, report)
+    gate = report["gate"]
+    if not gate["passed"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return QuantizeResult(report, None)
+    atomic_write_json(tmp / REPORT_JSON, report)
+    verify.plot_comparison(gate, tmp / REPORT_PNG, title)
+    publish(tmp, out)
+    return QuantizeResult(report, out)
 
 
 def gate_summary(result: QuantizeResult) -> Sequence[str]:

@@ -9,6 +9,7 @@ A checkpoint is a directory::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from ..config import ConfigError, from_dict
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..utils.io import atomic_replace_dir, atomic_write_json
 from ..version import __version__
+from .int8 import INT8, native_int8
 from .registry import FAMILIES, build_model, list_models
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -111,4 +113,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
         raise ConfigError(
             f"{ckpt / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if model.meta.get("quantize") == INT8:  # kept by `mmfusion quantize --runtime torch`: int8 as it was measured
+        model = native_int8(model, weights_fingerprint(ckpt), bool(model.meta.get("per_channel")))
+    return model
+
+
+def weights_fingerprint(ckpt: Path) -> str:
+    """A hash of a checkpoint's weight file: what identifies the model whatever it is loaded as."""
+    h = hashlib.sha256()
+    with open(ckpt / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -72,10 +72,14 @@ class Attention(nn.Module):
         projection and everything after it shrink from L to Q rows."""
         B, L, W = x.shape
         Q, hs = query.shape[1], W // self.heads
-        w_q, w_kv = self.qkv.weight.split([W, 2 * W])
-        b_q, b_kv = self.qkv.bias.split([W, 2 * W])
-        q = F.linear(query, w_q, b_q).view(B, Q, self.heads, hs).transpose(1, 2)  # (B, nh, Q, hs)
-        k, v = F.linear(x, w_kv, b_kv).view(B, L, 2, self.heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        if isinstance(self.qkv.weight, torch.Tensor):
+            w_q, w_kv = self.qkv.weight.split([W, 2 * W])
+            b_q, b_kv = self.qkv.bias.split([W, 2 * W])
+            q, kv = F.linear(query, w_q, b_q), F.linear(x, w_kv, b_kv)
+        else:  # int8 (models/int8.py) packs the weight: project all three, keep the parts needed
+            q, kv = self.qkv(query)[..., :W], self.qkv(x)[..., W:]
+        q = q.view(B, Q, self.heads, hs).transpose(1, 2)  # (B, nh, Q, hs)
+        k, v = kv.view(B, L, 2, self.heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Q, hs)
         return self.out(y.transpose(1, 2).reshape(B, Q, W))
 
