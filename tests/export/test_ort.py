@@ -290,6 +290,42 @@ def test_the_service_serves_an_export_with_torch_blocked(tiny, tmp_path):
         assert r.status_code == 200, r.text
         r = httpx.post(f"{base}/search", json={"text": "a red circle", "k": 3}, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"]) == 3, r.text
+        labels = ["red circle", "blue square", "green triangle"]
+        r = httpx.post(f"{base}/classify", json={"image": f"data:image/png;base64,{png}", "labels": labels, "k": 3},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        served = r.json()["labels"]
+        r = httpx.post(f"{base}/classify", json={"image": f"data:image/png;base64,{png}", "labels": labels,
+                                                 "threshold": -1.0}, timeout=30)  # fmt: skip
+        assert r.status_code == 200 and r.json()["score"] == "cosine" and len(r.json()["labels"]) == 3, r.text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    from mmfusion.tasks import ZeroShotClassifier  # the same labels and scores as the torch-side classifier
+
+    local = ZeroShotClassifier(mmfusion.load(export), labels, cache_dir=None).classify(
+        [tmp_path / "photos" / "p0.png"], k=3
+    )
+    assert [x["label"] for x in served] == [p.label for p in local[0]]
+    np.testing.assert_allclose([x["score"] for x in served], [p.score for p in local[0]], atol=1e-4)
+
+
+def test_the_service_threads_setting_reaches_onnx_runtime(tiny):
+    """`threads` sets the export's intra-op threads (and torch's), and closing the service puts the old back."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmfusion.backends import ort
+    from mmfusion.serve.app import create_app
+    from mmfusion.serve.settings import ServeSettings
+    from tests.serve.conftest import LOCAL
+
+    _, export = tiny
+    torch_before = torch.get_num_threads()
+    with TestClient(create_app(ServeSettings(model=str(export), threads=1)), base_url=LOCAL) as client:
+        svc = client.app.state.service
+        for session in (svc.embedder.image_session, svc.embedder.text_session):
+            assert session.get_session_options().intra_op_num_threads == 1
+        assert torch.get_num_threads() == 1
+        assert client.post("/v1/embeddings", json={"input": ["a red circle"]}).status_code == 200
+    assert ort.DEFAULT_THREADS is None and torch.get_num_threads() == torch_before

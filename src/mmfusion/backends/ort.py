@@ -155,11 +155,22 @@ class LogitParams:
     bias: float | None
 
 
+DEFAULT_THREADS: int | None = None  # set_default_threads: what sessions built without ``threads=`` use
+
+
+def set_default_threads(threads: int | None) -> None:
+    """The intra-op threads of every session built from now on without its own ``threads`` (the service's
+    ``threads`` setting; None: ONNX Runtime's own choice, the physical cores)."""
+    global DEFAULT_THREADS
+    DEFAULT_THREADS = threads
+
+
 def _session(path: Path, device: str | None, threads: int | None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or DEFAULT_THREADS
     if threads:
         opts.intra_op_num_threads = int(threads)
     # ONNX Runtime's workers spin after each call by default: on a machine shared with torch, decoders or other

@@ -22,12 +22,13 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True, help: s
         "--quantize",
         default=None,
         choices=["int8", "8bit", "4bit"],
-        help="int8: dynamic quantisation of linear layers on CPU; 8bit/4bit: bitsandbytes on a CUDA GPU",
+        help="int8: dynamic quantisation of linear layers on CPU (any torch model; check what it costs with "
+        "`mmfusion quantize`); 8bit/4bit: bitsandbytes on a CUDA GPU (pretrained models)",
     )
 
 
 def load_model(args: argparse.Namespace):
-    """The model named by --model with --device/--dtype/--quantize (the latter two for pretrained models)."""
+    """The model named by --model with --device/--dtype/--quantize (--dtype for pretrained models)."""
     from ..backends import load
 
     kwargs = {k: getattr(args, k) for k in ("dtype", "quantize") if getattr(args, k, None)}

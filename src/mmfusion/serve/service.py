@@ -9,6 +9,7 @@ the CLI rank alike. Every use of the index runs in one thread of its own (SQLite
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,7 @@ class Service:
         self.generators = Generators()
         self.jobs: JobRunner | None = None
         self.started = time.time()
+        self._threads_before: tuple[int | None, int | None] | None = None  # (ONNX Runtime's, torch's) before
 
     # ---- opening and closing ------------------------------------------------------------------------------
 
@@ -110,6 +112,11 @@ class Service:
         from ..index.encoder import QueryEncoder
 
         s = self.settings
+        if s.threads:  # before any model is loaded, the index's own included; close() puts the old ones back
+            from ..backends import ort
+
+            self._threads_before = (ort.DEFAULT_THREADS, None)
+            ort.set_default_threads(s.threads)
         if embedder is None:
             embedder = await asyncio.to_thread(_load_model, s.model, s.device)
         if s.index_dir is not None:
@@ -124,6 +131,11 @@ class Service:
         if answerer is None:
             answerer = await asyncio.to_thread(_load_model, s.answerer, s.device)
         self.generators.close()  # the empty one made in __init__
+        if s.threads and "torch" in sys.modules:  # a torch model (an export alone never imports torch)
+            import torch
+
+            self._threads_before = (self._threads_before[0], torch.get_num_threads())
+            torch.set_num_threads(s.threads)
         self.embedder, self.generators = embedder, Generators(captioner, answerer)
         if embedder is not None:
             self.encoder = QueryEncoder(embedder)
@@ -141,6 +153,15 @@ class Service:
 
     async def close(self) -> None:
         """Stop the job runner and the batchers, then close the job store, the index and the threads."""
+        if self._threads_before is not None:
+            from ..backends import ort
+
+            ort.set_default_threads(self._threads_before[0])
+            if self._threads_before[1] is not None:
+                import torch
+
+                torch.set_num_threads(self._threads_before[1])
+            self._threads_before = None
         if self.jobs is not None:
             await self.jobs.stop()
         for b in self.batchers.values():

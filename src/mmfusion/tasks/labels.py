@@ -19,15 +19,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..data.prompts import read_templates
-from ..eval.zeroshot import class_embeddings
 from ..interfaces import Embedder
 from ..utils.io import atomic_write_bytes
+
+if TYPE_CHECKING:  # torch is imported where a model needs it: /classify of an ONNX export runs without it
+    import torch
 
 DEFAULT_CACHE = Path(os.environ.get("MMFUSION_CACHE", "~/.cache/mmfusion")).expanduser() / "labels"
 
@@ -69,6 +70,23 @@ def probabilities(embedder: Embedder, image_emb: torch.Tensor, text_emb: torch.T
     if callable(own):
         return own(image_emb, text_emb).float().cpu()
     return (100.0 * image_emb.float().cpu() @ text_emb.float().cpu().T).softmax(dim=-1)
+
+
+def probabilities_np(embedder: Embedder, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """:func:`probabilities` on NumPy arrays, through torch only when the process has it loaded (a torch model);
+    an ONNX export without torch scores in NumPy itself."""
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        return probabilities(embedder, torch.from_numpy(image_emb), torch.from_numpy(text_emb)).numpy()
+    own = getattr(embedder, "probabilities", None)
+    if callable(own):
+        return np.asarray(own(image_emb, text_emb), dtype=np.float32)
+    logits = 100.0 * image_emb @ text_emb.T
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def is_sigmoid(embedder: Embedder) -> bool:
@@ -118,10 +136,14 @@ class ZeroShotClassifier:
                 try:
                     arr = np.load(path, allow_pickle=False)
                     if arr.shape == (len(self.labels), self.embedder.embed_dim):
+                        import torch
+
                         self._label_emb, self.cached = torch.from_numpy(arr), True
                 except (OSError, ValueError):
                     pass  # a damaged cache file is recomputed and rewritten
             if self._label_emb is None:
+                from ..eval.zeroshot import class_embeddings
+
                 self._label_emb = class_embeddings(self.embedder, self.labels, self.templates).float().cpu()
                 if path is not None:
                     self._save(path, self._label_emb.numpy())
@@ -177,6 +199,9 @@ class ZeroShotClassifier:
 
 
 def _encode_images(embedder: Embedder, images) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     from ..data.images import load_image
 
     if isinstance(images, torch.Tensor):
@@ -192,6 +217,9 @@ def best_caption(embedder: Embedder, image, candidates: Sequence[str]) -> list[P
     """Candidate captions ranked for one image, best first; scores are cosine similarities."""
     if not candidates:
         raise ValueError("give at least one candidate caption")
+    import torch
+    import torch.nn.functional as F
+
     img = _encode_images(embedder, [image])
     with torch.inference_mode():
         txt = F.normalize(embedder.encode_text(list(candidates)).float().cpu(), dim=-1)
