@@ -38,9 +38,10 @@ import mmfusion
 from mmfusion.backends.ort import OrtEmbedder, is_export_dir
 from mmfusion.export import export_onnx, verify
 from mmfusion.export.quantize import REPORT_JSON, QuantizeOptions, quantize_export
+from mmfusion.export.quantize_torch import quantize_native
 
 ROOT = Path("runs/bench-export")
-LABELS = {"dynamic": "ORT int8 dynamic", "static": "ORT int8 static", "fp16": "ORT fp16"}
+LABELS = {"dynamic": "ORT int8 dynamic", "static": "ORT int8 static", "fp16": "ORT fp16", "torch": "torch int8 dynamic"}
 
 
 def trained_clip_tiny(train_time: str, threads: int) -> Path:
@@ -103,6 +104,11 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
             quantize_export(export, out, opts)
         reports[mode] = json.loads((out / REPORT_JSON).read_text())
         variants[LABELS[mode]] = OrtEmbedder(out, threads=args.threads)
+    torch_int8 = ROOT / f"{name}-torch-int8"
+    if fresh or not (torch_int8 / REPORT_JSON).is_file():  # the same gate, in torch (mmfusion quantize --runtime torch)
+        quantize_native(ckpt, torch_int8, QuantizeOptions(n=args.n, max_drop=1.0))
+    reports["torch"] = json.loads((torch_int8 / REPORT_JSON).read_text())
+    model_int8 = mmfusion.load(torch_int8)
     print(f"{name}: exported and quantised in {time.perf_counter() - t0:.0f}s", flush=True)
 
     ds = verify.verification_set(model, "shapes", args.n)
@@ -112,11 +118,11 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
     for batch in (1, 32):
         x_t, x_n = pixels[:batch], pixels[:batch].numpy()
 
-        def torch_call(x=x_t):
+        def torch_call(x=x_t, m=model):
             with torch.inference_mode():
-                model.encode_image(x)
+                m.encode_image(x)
 
-        fns = {"torch fp32 eager": torch_call}
+        fns = {"torch fp32 eager": torch_call, LABELS["torch"]: lambda x=x_t: torch_call(x, model_int8)}
         fns |= {k: (lambda e=e, x=x_n: e.encode_image(x)) for k, e in variants.items()}
         speed[batch] = rates(fns, batch, args.repeats if batch > 1 else args.repeats * 4, args.budget)
         print(f"  batch {batch}: " + ", ".join(f"{k} {v}" for k, v in speed[batch].items()), flush=True)
@@ -127,7 +133,7 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         quality[LABELS[mode]] = report["gate"]["after"]
     cos = {LABELS[m]: r["gate"]["cosine_to_before"] for m, r in reports.items()}
     rows = {}
-    for k in ["torch fp32 eager", *variants]:
+    for k in ["torch fp32 eager", LABELS["torch"], *variants]:
         rows[k] = {
             "images/s batch 1": speed[1][k],
             "images/s batch 32": speed[32][k],
