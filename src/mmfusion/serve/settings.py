@@ -23,8 +23,9 @@ class ServeSettings:
     model: str | None = field(None, "the Embedder (default: the index's model); enables /v1/embeddings, /classify")
     device: str | None = field(None, "cpu, cuda or cuda:N (default: a GPU when there is one)")
     threads: int | None = field(
-        None, "threads per model call: ONNX Runtime's intra-op threads for an export, torch's for a native or "
-        "pretrained model (default: the physical cores); with several servers on one machine give each a share"
+        None,
+        "threads per model call: ONNX Runtime's intra-op threads for an export, torch's for a native or "
+        "pretrained model (default: the physical cores); with several servers on one machine give each a share",
     )
     max_batch_size: int = field(32, "model calls batch up to this many requests (1: no batching)")
     max_wait_ms: float = field(5.0, "a request waits at most this long for others to join its batch")
