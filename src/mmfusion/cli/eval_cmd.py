@@ -1,5 +1,5 @@
-"""``mmfusion eval KIND``: retrieval, zero-shot, fusion, captioning and VQA reports of any model, as JSON and plots;
-the kinds come from the model registry."""
+"""``mmfusion eval KIND``: retrieval, zero-shot, composition, fusion, captioning and VQA reports of any model, as
+JSON and plots; the kinds come from the model registry."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if spec is not None and len(spec.eval_kinds) == 1 and kind not in spec.eval_kinds:
         kind = spec.eval_kinds[0]  # a family with one report (a fusion classifier) gets it
         print(f"mmfusion: a {spec.name} model is measured by `eval {kind}`", file=sys.stderr)
+    if args.n is None:
+        args.n = 500 if kind == "composition" else 1000
     return RUNNERS[kind](model, args, _eval_out(args.model, args.out))
 
 
@@ -57,6 +59,21 @@ def _eval_embedding(model, args: argparse.Namespace, out: Path) -> int:
         write_report(report, path)
         print("\n".join(summary_lines(report)))
         print(f"  report: {path}")
+    return 0
+
+
+def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
+    """True captions against hard negatives by type (ARO/SugarCrepe-style), image to text and text to image."""
+    from ..eval.composition import evaluate_composition, summary_lines
+    from ..eval.report import write_report
+    from ..interfaces import Embedder
+
+    if not isinstance(model, Embedder):
+        raise ValueError(f"{args.model} does not embed images and texts; `eval composition` needs an embedder")
+    report = evaluate_composition(model, args.data, n=args.n, split=args.split, out=out, progress=not args.quiet)
+    path = write_report(report, Path(args.json) if args.json else out / "composition.json")
+    print("\n".join(summary_lines(report)))
+    print(f"  report: {path}")
     return 0
 
 
@@ -127,19 +144,20 @@ def add_parser(sub) -> None:
     )
     e.add_argument(
         "kind", choices=LazyChoices(_eval_kinds), metavar="KIND",
-        help="which evaluation: %(choices)s (fusion: a fusion classifier on its held-out split, or on --data "
-             "FILE.npz; caption: BLEU, CIDEr and attribute accuracy; vqa: accuracy per question type)",
+        help="which evaluation: %(choices)s (composition: true captions against hard negatives, per type; fusion: "
+             "a fusion classifier on its held-out split, or on --data FILE.npz; caption: BLEU, CIDEr and attribute "
+             "accuracy; vqa: accuracy per question type)",
     )  # fmt: skip
     add_model_options(e)
     e.add_argument(
         "--data",
         default="shapes",
         help="'shapes' (in memory) or a folder (captions.jsonl for "
-        "retrieval; class folders root/<class>/ for zero-shot)",
+        "retrieval and composition; class folders root/<class>/ for zero-shot)",
     )
-    e.add_argument("--n", type=int, default=1000, help="retrieval: images to rank (0 = all in a folder); "
-                   "caption / vqa: images / questions")  # fmt: skip
-    e.add_argument("--split", default="test", help="retrieval on ShapesWorld: test or heldout")
+    e.add_argument("--n", type=int, default=None, help="retrieval: images to rank (0 = all in a folder; default "
+                   "1000); caption / vqa: images / questions; composition: scenes or images (default 500)")  # fmt: skip
+    e.add_argument("--split", default="test", help="retrieval and composition on ShapesWorld: test or heldout")
     e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")
     e.add_argument("--templates", help="zero-shot prompts: a file (one per line) or 'a photo of a {}.|a {}'")
     e.add_argument("--json", help="where to write the JSON report")
@@ -151,6 +169,7 @@ RUNNERS = {
     "retrieval": _eval_embedding,
     "zeroshot": _eval_embedding,
     "all": _eval_embedding,
+    "composition": _eval_composition,
     "fusion": _eval_fusion,
     "caption": _eval_generation,
     "vqa": _eval_generation,

@@ -163,3 +163,31 @@ def plot_recall(metrics: dict[str, float], out: str | Path, title: str = "retrie
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, out)
+
+
+def plot_composition(types: dict[str, dict], out: str | Path, title: str = "composition", chance: float = 0.5) -> Path:
+    """Bars of accuracy per negative type (image→text and text→image, 95% intervals), with the chance line.
+
+    Args:
+        types: type -> {"i2t": {"accuracy", "ci95", "n"}, "t2i": {...}}, as in the composition report.
+    """
+    kinds = list(types)
+    directions = [(d, name) for d, name in (("i2t", "image→text"), ("t2i", "text→image"))
+                  if any(d in t for t in types.values())]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) + 2), 3.8))
+    width = 0.8 / max(1, len(directions))
+    x = np.arange(len(kinds))
+    for i, (d, name) in enumerate(directions):
+        acc = [types[k][d]["accuracy"] if d in types[k] else np.nan for k in kinds]
+        err = [types[k][d]["ci95"] if d in types[k] else 0.0 for k in kinds]
+        b = ax.bar(x + (i - (len(directions) - 1) / 2) * width, acc, width, yerr=err, capsize=2, label=name)
+        ax.bar_label(b, fmt="%.2f", fontsize=7, padding=2)
+    ax.axhline(chance, color="#c0392b", ls="--", lw=1, label=f"chance ({chance:g})")
+    ax.set_xticks(x, [k.replace("_", "\n") for k in kinds], fontsize=8)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("accuracy (true caption wins)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8, loc="upper center", ncol=3)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, out)

@@ -89,7 +89,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "clip": FamilySpec(
         "clip", "dual-encoder CLIP: embeds images and texts in one space", "Embedder",
         CLIPConfig, CLIP, {"clip": "mmfusion.train.clip_task:ClipTask"}, "clip-tiny", text_field="text",
-        eval_kinds=("retrieval", "zeroshot", "all"),
+        eval_kinds=("retrieval", "zeroshot", "all", "composition"),
         next_steps={"clip": "mmfusion index PHOTOS --db photos.index --model {out}"},
     ),
     "fusion": FamilySpec(
@@ -121,7 +121,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "hf-clip": FamilySpec(
         "hf-clip", "pretrained CLIP or SigLIP from Hugging Face", "Embedder", source="hf",
         model_types=("clip", "siglip"), adapter="mmfusion.backends.hf:HFEmbedder",
-        example="hf:openai/clip-vit-base-patch32", eval_kinds=("retrieval", "zeroshot", "all"),
+        example="hf:openai/clip-vit-base-patch32", eval_kinds=("retrieval", "zeroshot", "all", "composition"),
     ),
     "hf-blip": FamilySpec(
         "hf-blip", "pretrained BLIP captioner from Hugging Face", "Captioner", source="hf", model_types=("blip",),

@@ -8,6 +8,7 @@ so the top-1 errors of a model can be read as what it confuses.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 from ..scene import Obj, Scene
 
@@ -27,14 +28,14 @@ def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
     return {"left_of": a.x < b.x, "right_of": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}[rel]
 
 
-def satisfies(scene: Scene, meaning: dict) -> bool:
-    """Whether a scene makes the caption with this meaning true (partial descriptions count)."""
+def assignments(scene: Scene, meaning: dict) -> Iterator[tuple[int, ...]]:
+    """Every way the meaning holds in the scene: for each, the scene object each reference names, in order."""
     objs = scene.objects
     refs = meaning.get("objects", [])
     if meaning.get("count") is not None and meaning["count"] != len(objs):
-        return False
+        return
     if len(refs) > len(objs):
-        return False
+        return
     for assignment in itertools.permutations(range(len(objs)), len(refs)):
         ok = True
         for ref, k in zip(refs, assignment):
@@ -48,8 +49,12 @@ def satisfies(scene: Scene, meaning: dict) -> bool:
         if ok and all(
             relation_holds(objs[assignment[i]], rel, objs[assignment[j]]) for i, rel, j in meaning.get("relations", [])
         ):
-            return True
-    return False
+            yield assignment
+
+
+def satisfies(scene: Scene, meaning: dict) -> bool:
+    """Whether a scene makes the caption with this meaning true (partial descriptions count)."""
+    return next(assignments(scene, meaning), None) is not None
 
 
 MISS_REASONS = ("shape missing", "colour missing", "size missing", "binding", "count", "relation", "region")
