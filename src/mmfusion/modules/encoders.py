@@ -38,6 +38,8 @@ class VisionConfig:
         "patchify with one strided conv, or a stack of stride-2 3x3 "
         "convs (Xiao et al., 2021); patch_size must be a power of 2",
     )
+    layer_heads: list[int] | None = field(None, "heads each block kept after pruning (null: heads in every block)")
+    layer_mlp: list[int] | None = field(None, "MLP hidden width of each block after pruning (null: width x mlp_ratio)")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class TextConfig:
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
     eot_id: int = field(3, "id of the end-of-text token, whose features are pooled")
+    layer_heads: list[int] | None = field(None, "heads each block kept after pruning (null: heads in every block)")
+    layer_mlp: list[int] | None = field(None, "MLP hidden width of each block after pruning (null: width x mlp_ratio)")
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -99,7 +103,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
         self.pos_embed = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
+        self.transformer = Transformer(
+            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.layer_heads, cfg.layer_mlp
+        )
         pooled = 2 * cfg.width if cfg.pool == "cls+mean" else cfg.width
         self.ln_post = nn.LayerNorm(pooled)
         self.proj = nn.Parameter(pooled**-0.5 * torch.randn(pooled, embed_dim))
@@ -174,7 +180,9 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
+        self.transformer = Transformer(
+            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.layer_heads, cfg.layer_mlp
+        )
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
         nn.init.normal_(self.token_embed.weight, std=0.02)

@@ -8,6 +8,8 @@ through two batched matmuls instead: the CPU flash kernel spends 2-4x longer on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,39 +51,48 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection."""
+    """Multi-head self-attention with a fused QKV projection.
 
-    def __init__(self, width: int, heads: int):
+    ``head_dim`` defaults to ``width // heads``; a pruned block keeps its heads' size with fewer of them, so its
+    heads x head_dim (the inner width) is less than ``width``.
+    """
+
+    def __init__(self, width: int, heads: int, head_dim: int | None = None):
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
+        if head_dim is None:
+            if width % heads:
+                raise ValueError(f"width {width} must be divisible by heads {heads}")
+            head_dim = width // heads
+        if heads < 1:
+            raise ValueError(f"an attention layer needs at least one head, got {heads}")
+        self.heads, self.head_dim = heads, head_dim
+        self.inner = heads * head_dim
+        self.qkv = nn.Linear(width, 3 * self.inner)
+        self.out = nn.Linear(self.inner, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, W = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, W // self.heads)  # (B, L, 3, nh, hs)
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)  # (B, L, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, L, hs)
-        y = attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, L, W)  # (B, L, W)
+        y = attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, L, self.inner)  # (B, L, nh*hs)
         return self.out(y)
 
     def forward_query(self, x: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention outputs at a few query tokens only: ``query`` (B, Q, W) attends to all of ``x`` (B, L, W)
         (``mask`` (B, 1, Q, L) True where allowed). Keys and values cost as before; queries, the output
         projection and everything after it shrink from L to Q rows."""
-        B, L, W = x.shape
-        Q, hs = query.shape[1], W // self.heads
+        B, L, _ = x.shape
+        Q, hs, inner = query.shape[1], self.head_dim, self.inner
         if isinstance(self.qkv.weight, torch.Tensor):
-            w_q, w_kv = self.qkv.weight.split([W, 2 * W])
-            b_q, b_kv = self.qkv.bias.split([W, 2 * W])
+            w_q, w_kv = self.qkv.weight.split([inner, 2 * inner])
+            b_q, b_kv = self.qkv.bias.split([inner, 2 * inner])
             q, kv = F.linear(query, w_q, b_q), F.linear(x, w_kv, b_kv)
         else:  # int8 (models/int8.py) packs the weight: project all three, keep the parts needed
-            q, kv = self.qkv(query)[..., :W], self.qkv(x)[..., W:]
+            q, kv = self.qkv(query)[..., :inner], self.qkv(x)[..., inner:]
         q = q.view(B, Q, self.heads, hs).transpose(1, 2)  # (B, nh, Q, hs)
         k, v = kv.view(B, L, 2, self.heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Q, hs)
-        return self.out(y.transpose(1, 2).reshape(B, Q, W))
+        return self.out(y.transpose(1, 2).reshape(B, Q, inner))
 
 
 class MLP(nn.Module):
@@ -98,12 +109,20 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        head_dim: int | None = None,
+        hidden: int | None = None,
+    ):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, head_dim)
         self.ln2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), act)
+        self.mlp = MLP(width, hidden or int(width * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), causal=causal, mask=mask)
@@ -121,9 +140,34 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-norm blocks, with optional activation checkpointing to save memory."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        layer_heads: Sequence[int] | None = None,
+        layer_hidden: Sequence[int] | None = None,
+    ):
+        """``layer_heads`` / ``layer_hidden``: per block, the heads (of ``width // heads`` channels each) and the MLP
+        hidden width a pruned model kept; None for ``heads`` and ``width * mlp_ratio`` in every block."""
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
+        for name, per_layer in (("layer_heads", layer_heads), ("layer_hidden", layer_hidden)):
+            if per_layer is not None and len(per_layer) != layers:
+                raise ValueError(f"{name} has {len(per_layer)} entries for {layers} layers")
+        head_dim = width // heads if layer_heads is not None else None
+        self.blocks = nn.ModuleList(
+            Block(
+                width,
+                layer_heads[i] if layer_heads is not None else heads,
+                mlp_ratio,
+                act,
+                head_dim,
+                layer_hidden[i] if layer_hidden is not None else None,
+            )
+            for i in range(layers)
+        )
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
