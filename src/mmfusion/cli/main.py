@@ -19,9 +19,10 @@ log = logging.getLogger("mmfusion")
 # runs (or for --help), so that `mmfusion serve` of an ONNX export imports no torch and every command starts quickly
 COMMANDS = {
     "data": "data_cmd", "train": "train_cmd", "eval": "eval_cmd", "index": "index_cmds", "search": "index_cmds",
-    "embed": "embed_cmd", "transcribe": "transcribe_cmd", "ask": "ask_cmd", "serve": "serve_cmd", "bench": "bench_cmd",
-    "classify": "classify_cmd", "caption": "caption_cmd", "models": "models_cmd", "demo": "demo_cmd",
-    "export": "export_cmd", "quantize": "quantize_cmd",
+    "embed": "embed_cmd", "transcribe": "transcribe_cmd", "ask": "ask_cmd", "serve": "serve_cmd",
+    "bench": "bench_cmd", "classify": "classify_cmd", "caption": "caption_cmd",
+    "models": "models_cmd", "demo": "demo_cmd", "export": "export_cmd", "quantize": "quantize_cmd",
+    "distill": "compress_cmd", "prune": "compress_cmd",
 }  # fmt: skip
 
 

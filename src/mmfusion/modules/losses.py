@@ -130,6 +130,17 @@ def triplet_loss(
     return ContrastiveOutput(loss, *_accuracies(sim, pos))
 
 
+def affinity_mimicking(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Affinity mimicking (TinyCLIP, Wu et al., 2023): the student's image->text distributions over a batch's
+    texts (rows of its logits, (B, T)) and text->image distributions over its images (columns) learn the
+    teacher's, by KL(teacher || student) averaged over the two directions."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    i2t = F.kl_div(student.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="batchmean")
+    t2i = F.kl_div(student.t().log_softmax(1), teacher.t().log_softmax(1), log_target=True, reduction="batchmean")
+    return (i2t + t2i) / 2
+
+
 def focal_loss(
     logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -44,6 +44,9 @@ class PairBatch:
     tokens: torch.Tensor  # (T, L) token ids: each image's k captions then its hard negatives
     positives: torch.Tensor | None  # (B, T) bool, or None when each image matches only its own caption
     meta: list[Pair] | None = None  # in several processes: this slice's pairs without images (for the mask)
+    raw: np.ndarray | None = None  # with a teacher: the uint8 images (B, S, S, 3) it sees through its preprocessing
+    texts: list[str] | None = None  # with a teacher: the texts of ``tokens``
+    keys: list[int] | None = None  # with a teacher: dataset indices of the images (finite data), for its cache
 
 
 def resolve_caption_folder(source: str) -> Path:
@@ -113,6 +116,20 @@ def contrastive_loss(
     return CONTRASTIVE_LOSSES[kind](image, text, model, positives, margin)
 
 
+def start_from(path: str, device: torch.device) -> CLIP:
+    """A trained CLIP to continue training: its weights, architecture and tokenizer (``init.from_clip``)."""
+    from ..models import load
+
+    model = load(path, device=device)
+    if not isinstance(model, CLIP):
+        raise ValueError(
+            f"init.from_clip: {path} is a {getattr(model, 'family', type(model).__name__)} model, not a CLIP"
+        )
+    if getattr(model, "precision", "").startswith("int8"):
+        raise ValueError(f"init.from_clip: {path} is kept as int8; train from the fp32 checkpoint it came from")
+    return model.train()
+
+
 class ClipTask(TaskDefaults):
     """Batches, loss and checkpoints of a CLIP run (see :class:`mmfusion.train.trainer.Trainer`).
 
@@ -125,18 +142,26 @@ class ClipTask(TaskDefaults):
 
     def __init__(self, cfg: RunConfig, model: CLIP, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
+        self.teacher = None  # a distill.Teacher when the run has one
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> ClipTask:
-        mcfg = cfg.model_config("clip")
-        if cfg.train.loss == "siglip" and mcfg.init_logit_bias is None:
-            # SigLIP's initialisation: t' = ln 10, b = -10, so early logits say "no match" to most pairs
-            mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0
-        source = build_pair_source(cfg, mcfg.vision.image_size)
-        corpus = source.caption_corpus
-        tokenizer = run_tokenizer(tokenizer, lambda: corpus(cfg.data.tokenizer_captions), mcfg.text, "model.text")
-        model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
-        model.meta = {"trained_on": trained_on(cfg)}
+        if cfg.init.from_clip:  # the whole model, its architecture and tokenizer: fine-tuning, pruning's recovery
+            model = start_from(cfg.init.from_clip, device)
+            mcfg = model.cfg
+            source = build_pair_source(cfg, mcfg.vision.image_size)
+            model.meta = {"trained_on": trained_on(cfg), "init_from": str(cfg.init.from_clip),
+                          **{k: v for k, v in model.meta.items() if k == "pruned"}}  # fmt: skip
+        else:
+            mcfg = cfg.model_config("clip")
+            if cfg.train.loss == "siglip" and mcfg.init_logit_bias is None:
+                # SigLIP's initialisation: t' = ln 10, b = -10, so early logits say "no match" to most pairs
+                mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0
+            source = build_pair_source(cfg, mcfg.vision.image_size)
+            corpus = source.caption_corpus
+            tokenizer = run_tokenizer(tokenizer, lambda: corpus(cfg.data.tokenizer_captions), mcfg.text, "model.text")
+            model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
+            model.meta = {"trained_on": trained_on(cfg)}
         k = cfg.train.captions_per_image
         if k > 1 and cfg.train.loss == "triplet":
             raise ValueError("the triplet loss takes one caption per image: set train.captions_per_image=1")
@@ -152,7 +177,16 @@ class ClipTask(TaskDefaults):
             first_caption=cfg.data.caption_pick == "first",
         )
         task = cls(cfg, model, sampler, device)
-        if cfg.init.whiten_patches and mcfg.vision.stem == "patch":
+        if cfg.distill.teacher:
+            if cfg.train.accum_steps > 1:
+                raise ValueError("a teacher works on whole batches: set train.accum_steps=1 with distill.teacher")
+            from .distill import Teacher
+
+            finite = len(source) > 0 and not cfg.data.augment.enabled
+            task.teacher = Teacher(cfg.distill, device, cache_images=finite)
+            model.meta["distilled_from"] = str(cfg.distill.teacher)
+            log.info("teacher: %s (%d-d embeddings)", task.teacher.name, task.teacher.embed_dim)
+        if cfg.init.whiten_patches and mcfg.vision.stem == "patch" and not cfg.init.from_clip:
             task.whiten_patches(cfg.init.whiten_patches)
         return task
 
@@ -181,11 +215,14 @@ class ClipTask(TaskDefaults):
         if self.dist.enabled:  # the mask spans the global batch: made in train_step from every slice's captions
             return PairBatch(self._images(pairs), tokens, None, [replace(p, image=None) for p in pairs])
         mask = matches(pairs, self.cfg.train.positives)
-        return PairBatch(
-            self._images(pairs),
-            tokens,
-            torch.from_numpy(mask) if mask is not None else None,
-        )
+        batch = PairBatch(self._images(pairs), tokens, torch.from_numpy(mask) if mask is not None else None)
+        if self.teacher is not None:
+            start, size = self.positions(step)
+            finite = len(self.sampler.source) > 0
+            batch.raw = np.stack([p.image for p in pairs])
+            batch.texts = [t for p in pairs for t in p.texts]
+            batch.keys = [self.sampler.index(q)[1] for q in range(start, start + size)] if finite else None
+        return batch
 
     def _global_positives(self, batch: PairBatch) -> torch.Tensor | None:
         """The (B, T) mask of the global batch, the same on every process (their captions, all-gathered)."""
@@ -216,15 +253,28 @@ class ClipTask(TaskDefaults):
         positives = batch.positives.to(self.device) if batch.positives is not None else None
         if self.dist.enabled:
             positives = self._global_positives(batch)
+        extra: dict[str, float] = {}
         if accum <= 1:
             with autocast():
                 out = self.model(images, tokens)
             res = self._loss(out.image_embeds, out.text_embeds, positives)
-            res.loss.backward()
+            total = res.loss
+            if self.teacher is not None:
+                total, extra = self._with_teacher(batch, out.image_embeds.float(), out.text_embeds.float(), res.loss)
+            total.backward()
         else:
             res = self._grad_cache_step(images, tokens, positives, accum, autocast)
         loss = float(self._global_value) if self.dist.enabled else res.loss.item()
-        return {"loss": loss, "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item()}
+        return {"loss": loss, "i2t_acc": res.i2t_acc.item(), "t2i_acc": res.t2i_acc.item(), **extra}
+
+    def _with_teacher(self, batch: PairBatch, image: torch.Tensor, text: torch.Tensor, contrastive: torch.Tensor):
+        """The student's total loss with the teacher's terms, and those terms for the log."""
+        from .distill import combine, distill_terms
+
+        t_image = self.teacher.embed_images(batch.raw, batch.keys)
+        t_text = self.teacher.embed_texts(batch.texts)
+        terms = distill_terms(self.cfg.distill, image, text, self.model.logit(), t_image, t_text)
+        return combine(self.cfg.distill, contrastive, terms), {k: v.item() for k, v in terms.items()}
 
     def _grad_cache_step(
         self,

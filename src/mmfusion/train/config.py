@@ -156,11 +156,37 @@ class InitConfig:
         "(median semantic P@1 after 3 minutes on ShapesWorld 0.61 -> 0.69); 0 keeps the random init",
     )
 
-    from_clip: str | None = field(None, "a trained CLIP checkpoint whose image encoder (and tokenizer) to start from")
+    from_clip: str | None = field(
+        None, "a trained CLIP checkpoint to start from: the whole model for task clip (its architecture replaces "
+        "the preset's: fine-tuning, pruning's recovery), its image encoder (and tokenizer) for caption and vqa"
+    )  # fmt: skip
     from_captioner: str | None = field(
         None, "generative VQA: a trained captioner to fine-tune on questions (its encoder, decoder and tokenizer)"
     )
     freeze_vision: bool = field(False, "keep the image encoder fixed (train the rest only)")
+
+
+@dataclass
+class DistillConfig:
+    """A teacher for a CLIP run (``mmfusion distill``, or pruning's recovery): the student learns from the
+    teacher's embeddings besides the pairs."""
+
+    teacher: str | None = field(None, "the teacher: a native run or checkpoint, hf:<hub-id>, or an ONNX export")
+    affinity_weight: float = field(
+        1.0, "affinity mimicking (TinyCLIP): KL from the teacher's image->text and text->image distributions over "
+        "the batch to the student's"
+    )  # fmt: skip
+    embed_weight: float = field(
+        0.0, "embedding regression: 1 - cosine of the student's and the teacher's embeddings (equal widths only)"
+    )
+    contrastive_weight: float = field(1.0, "the usual contrastive loss on the pairs, beside the teacher's")
+    temperature: float | None = field(
+        None, "temperature of both distributions (null: the student's own learned temperature)"
+    )
+    cache: bool = field(
+        True, "compute the teacher's text embeddings once per text, and its image embeddings once per image of a "
+        "finite dataset without augmentation"
+    )  # fmt: skip
 
 
 @dataclass
@@ -174,6 +200,7 @@ class RunConfig:
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     fusion: FusionDataConfig = field(factory=FusionDataConfig, help="fusion data and loss (task fusion)")
     init: InitConfig = field(factory=InitConfig, help="how a run starts: CLIP patch whitening, checkpoints")
+    distill: DistillConfig = field(factory=DistillConfig, help="a teacher the student learns from (task clip)")
     video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
     vqa: VQADataConfig = field(factory=VQADataConfig, help="VQA data (task vqa)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")

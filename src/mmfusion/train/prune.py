@@ -62,13 +62,10 @@ def _blocks(model: CLIP, name: str) -> list[Block]:
     return list(tower(model, name).transformer.blocks)
 
 
-def shapes_batches(model: CLIP, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[tuple]:
-    """(images, tokens, positives) batches of the ShapesWorld the model was trained on, from its validation split
-    (every scene complexity, none of the test scenes), the same for a given seed."""
+def batches_of(model: CLIP, sampler: PairSampler, n_batches: int, batch_size: int) -> Iterator[tuple]:
+    """(images, tokens, positives) batches of ``sampler``'s pairs as the model takes them (the same for a seed)."""
     if model.tokenizer is None:
         raise ValueError("measuring importance needs the model's tokenizer: prune a trained run, not a preset")
-    world = ShapesWorld(shapes_config_of(model))
-    sampler = PairSampler(ShapesPairs(world, model.cfg.vision.image_size, split="val"), seed)
     for b in range(n_batches):
         pairs = sampler.batch(b * batch_size, batch_size)
         images = normalize_batch(torch.from_numpy(np.stack([p.image for p in pairs])), model.cfg.image_mean,
@@ -76,6 +73,14 @@ def shapes_batches(model: CLIP, n_batches: int, batch_size: int, seed: int = 0) 
         tokens = model.tokenizer.encode([t for p in pairs for t in p.texts])
         mask = matches(pairs, "meaning")
         yield images, tokens, torch.from_numpy(mask) if mask is not None else None
+
+
+def shapes_batches(model: CLIP, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[tuple]:
+    """Batches of the ShapesWorld the model was trained on, from its validation split (every scene complexity,
+    none of the test scenes)."""
+    world = ShapesWorld(shapes_config_of(model))
+    sampler = PairSampler(ShapesPairs(world, model.cfg.vision.image_size, split="val"), seed)
+    return batches_of(model, sampler, n_batches, batch_size)
 
 
 def measure_importance(model: CLIP, batches, towers: Sequence[str] = TOWERS) -> Importance:

@@ -1,0 +1,116 @@
+"""A teacher for a CLIP run: its embeddings of each batch, and the loss that makes the student learn from them.
+
+The student learns the teacher's *relations* (affinity mimicking, TinyCLIP: Wu et al., "TinyCLIP: CLIP
+Distillation via Affinity Mimicking and Weight Inheritance", 2023): per image, the teacher's distribution over the
+batch's texts, and per text its distribution over the images, which carries what the teacher knows about near
+misses (the hard negatives included) that one-hot pair labels do not. Optionally the embeddings themselves
+(regression on the cosine, equal widths). Any Embedder teaches: a native run, a pretrained CLIP/SigLIP, an ONNX
+export; it sees the batch as images and strings, through its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..modules.losses import affinity_mimicking
+from .config import DistillConfig
+
+log = logging.getLogger(__name__)
+MAX_CACHED = 500_000  # embeddings kept per kind; past this the cache stops growing (the run goes on without it)
+
+
+class Teacher:
+    """The teacher model, frozen, with caches of what it already embedded.
+
+    Args:
+        cfg: the run's ``distill`` section (``cfg.teacher`` names the model).
+        device: where it runs (the student's device).
+        cache_images: whether an image's embedding may be reused by its dataset index (finite data without
+            augmentation: the same index is the same pixels).
+    """
+
+    def __init__(self, cfg: DistillConfig, device: torch.device, cache_images: bool):
+        from ..backends import load
+
+        if not cfg.teacher:
+            raise ValueError("distill.teacher names no model")
+        self.cfg, self.device = cfg, device
+        self.model = load(cfg.teacher, device=str(device))
+        if isinstance(self.model, torch.nn.Module):
+            self.model.eval().requires_grad_(False)
+        self.name = getattr(self.model, "name", cfg.teacher)
+        self._texts: dict[str, torch.Tensor] = {}
+        self._images: dict[int, torch.Tensor] = {}
+        self.cache_images = cfg.cache and cache_images
+        self.hits = self.misses = 0
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(T, D) normalised teacher embeddings, from the cache where it has them."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._texts] if self.cfg.cache else list(texts)
+        fresh = {}
+        if todo:
+            z = F.normalize(torch.as_tensor(np.asarray(self.model.encode_text(list(todo)))).float(), dim=-1).cpu()
+            fresh = dict(zip(todo, z, strict=True))
+            if self.cfg.cache and len(self._texts) < MAX_CACHED:
+                self._texts.update(fresh)
+        self.hits += len(texts) - len(todo)
+        self.misses += len(todo)
+        return torch.stack([self._texts.get(t, fresh.get(t)) for t in texts]).to(self.device)
+
+    @torch.no_grad()
+    def embed_images(self, images: np.ndarray, keys: Sequence[int] | None) -> torch.Tensor:
+        """(B, D) normalised teacher embeddings of uint8 images (B, S, S, 3); ``keys`` (dataset indices) reuse
+        the embeddings of images seen before when caching images is allowed."""
+        use = self.cache_images and keys is not None
+        todo = [i for i, k in enumerate(keys) if k not in self._images] if use else list(range(len(images)))
+        fresh: dict[int, torch.Tensor] = {}
+        if todo:
+            pil = [Image.fromarray(images[i]) for i in todo]
+            z = F.normalize(torch.as_tensor(np.asarray(self.model.encode_image(pil))).float(), dim=-1).cpu()
+            fresh = dict(zip(todo, z, strict=True))
+            if use and len(self._images) < MAX_CACHED:
+                self._images.update({keys[i]: fresh[i] for i in todo})
+        self.hits += len(images) - len(todo)
+        self.misses += len(todo)
+        rows = [fresh[i] if i in fresh else self._images[keys[i]] for i in range(len(images))]
+        return torch.stack(rows).to(self.device)
+
+
+def distill_terms(cfg: DistillConfig, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                  t_image: torch.Tensor, t_text: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The teacher's loss terms for a batch: ``affinity`` and (when weighted) ``embed``, unweighted.
+
+    Args:
+        image, text: the student's normalised embeddings (B, D) and (T, D).
+        scale: the student's logit scale (used for both distributions unless ``cfg.temperature`` is set).
+        t_image, t_text: the teacher's normalised embeddings of the same images and texts.
+    """
+    s = (1.0 / cfg.temperature) if cfg.temperature else scale.detach()
+    terms = {"affinity": affinity_mimicking(s * image @ text.t(), s * t_image @ t_text.t())}
+    if cfg.embed_weight:
+        if image.shape[-1] != t_image.shape[-1]:
+            raise ValueError(
+                f"distill.embed_weight regresses embeddings of equal width; the student's are {image.shape[-1]}, "
+                f"the teacher's {t_image.shape[-1]}: set distill.embed_weight=0 (affinity mimicking needs no match)"
+            )
+        terms["embed"] = (2 - (image * t_image).sum(-1).mean() - (text * t_text).sum(-1).mean()) / 2
+    return terms
+
+
+def combine(cfg: DistillConfig, contrastive: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weighted sum the student minimises."""
+    total = cfg.contrastive_weight * contrastive + cfg.affinity_weight * terms["affinity"]
+    if "embed" in terms:
+        total = total + cfg.embed_weight * terms["embed"]
+    return total
