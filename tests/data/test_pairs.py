@@ -103,8 +103,25 @@ def test_hard_negatives_join_the_batch_as_unmatched_columns():
     assert m.shape == (6, 18)
     for i in range(6):
         assert m[i, 3 * i] and not m[i, 3 * i + 1] and not m[i, 3 * i + 2]  # own caption yes, own negatives no
-    with pytest.raises(ValueError, match="meaning is known"):
-        PairSampler(_Finite(4), seed=0, hard_negatives=1).sample(0)
+
+
+class _Words(_Finite):
+    def pair(self, index, rng, k=1, first=False):
+        return Pair(np.full((2, 2, 3), index, np.uint8), ["a red cat left of a blue dog", "a photo"][index % 2 :][:1])
+
+
+def test_free_text_gets_word_swap_negatives_and_a_true_filler_when_none_exists():
+    """A folder's captions (no scene): negatives are word swaps, unmatched by the positives mask; a caption no swap
+    changes fills its slot with itself, which the mask then counts as a match (never a false negative)."""
+    s = PairSampler(_Words(2), seed=0, hard_negatives=1)
+    samples = [s.sample(0), s.sample(1)]
+    swapped = next(p for p in samples if "cat" in p.captions[0])
+    plain = next(p for p in samples if p is not swapped)
+    assert swapped.negatives[0] != swapped.captions[0] and sorted(swapped.negatives[0].split()) != []
+    assert swapped.negative_meanings == [None]
+    assert plain.negatives == plain.captions  # nothing to swap in "a photo"
+    m = matches([swapped, plain], "meaning")
+    assert m.tolist() == [[True, False, False, False], [False, False, True, True]]
 
 
 def test_unique_ids_ignore_case_and_spaces():

@@ -211,8 +211,10 @@ def test_caption_kinds():
     assert caption_kind({"objects": [one], "relations": [], "count": 3}) == "count"
 
 
-def test_negative_captions_are_minimal_edits_that_turn_false():
-    from mmfusion.data.shapes import negative_caption
+def test_training_negatives_are_edits_that_turn_false():
+    """What train.hard_negatives adds (data.negatives.hard_negative): false of the scene, never a held-out
+    combination, and the binding swap among them."""
+    from mmfusion.data.negatives import hard_negative
 
     world = ShapesWorld(ShapesConfig(curriculum=0))
     rng = np.random.default_rng(0)
@@ -220,16 +222,15 @@ def test_negative_captions_are_minimal_edits_that_turn_false():
     made = 0
     for i in range(150):
         scene = world.scene("test", i)
-        for cap in world.captions(scene):
-            neg = negative_caption(scene, cap, rng, world.cfg.heldout)
-            assert neg is not None
-            made += 1
-            assert not satisfies(scene, neg.meaning) and neg.text != cap.text
-            assert len(neg.text.split()) == len(cap.text.split())  # word swaps, nothing added or dropped
-            assert not any(f"{o.get('colour')} {o.get('shape')}" in held for o in neg.meaning["objects"])
-    assert made > 500
-    # the binding swap: same words, other pairing
+        got = hard_negative(scene, world.captions(scene), rng, avoid=held)
+        if got is None:
+            continue
+        cap, neg = got
+        made += 1
+        assert not satisfies(scene, neg.meaning) and neg.text != cap.text
+        assert not any(f"{o.get('colour')} {o.get('shape')}" in held for o in neg.meaning["objects"])
+    assert made > 140
     scene = Scene((Obj("circle", "red", "small", 0.2, 0.5), Obj("square", "blue", "small", 0.8, 0.5)), 40)
-    cap = [c for c in make_captions(scene, np.random.default_rng(1), 5) if " and " in c.text][0]
-    texts = {negative_caption(scene, cap, np.random.default_rng(s)).text for s in range(40)}
+    caps = [c for c in make_captions(scene, np.random.default_rng(1), 5) if " and " in c.text][:1]
+    texts = {hard_negative(scene, caps, np.random.default_rng(s))[1].text for s in range(60)}
     assert any("blue circle" in t and "red square" in t for t in texts)

@@ -18,7 +18,8 @@ import numpy as np
 
 from .datasets import CaptionFolder, read_jsonl
 from .images import AugmentConfig, augment, to_uint8
-from .shapes import DEFAULT_HELDOUT, Caption, Scene, ShapesWorld, describes_matrix, negative_caption
+from .negatives import hard_negative, text_negatives
+from .shapes import DEFAULT_HELDOUT, Caption, Scene, ShapesWorld, describes_matrix
 
 
 @dataclass
@@ -202,20 +203,24 @@ class PairSampler:
         return pair
 
     def _add_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
-        """Hard negative captions for data that knows what its captions mean (ShapesWorld)."""
-        if pair.scene is None or not pair.meanings or None in pair.meanings:
-            raise ValueError(
-                "hard negatives are made by editing captions whose meaning is known: train on the "
-                "ShapesWorld stream or an export with scenes.jsonl, or set train.hard_negatives=0"
-            )
-        heldout = getattr(self.source, "heldout", DEFAULT_HELDOUT)
+        """Hard negative captions (NegCLIP): for data that knows its scenes (ShapesWorld), one of the pair's
+        captions edited by a random kind of :mod:`~mmfusion.data.negatives` so that it is false of the scene; for
+        free text (a folder), a word swap of a caption (colours, shapes, a relation's order, a count), unchecked.
+        A slot that no edit can fill holds a true caption, which the positives mask then counts as a match."""
+        known = pair.scene is not None and bool(pair.meanings) and None not in pair.meanings
+        heldout = set(getattr(self.source, "heldout", DEFAULT_HELDOUT))
+        captions = [Caption(t, m) for t, m in zip(pair.captions, pair.meanings or [None] * len(pair.captions))]
         for _ in range(self.n_negatives):
-            j = int(rng.integers(len(pair.captions)))
-            neg = negative_caption(pair.scene, Caption(pair.captions[j], pair.meanings[j]), rng, heldout)
-            if neg is None:  # no edit makes this caption false: the slot holds a true caption instead
-                neg = Caption(pair.captions[j], pair.meanings[j])
-            pair.negatives.append(neg.text)
-            pair.negative_meanings.append(neg.meaning)
+            j = int(rng.integers(len(captions)))
+            if known:
+                got = hard_negative(pair.scene, captions, rng, avoid=heldout)
+                text, meaning = (got[1].text, got[1].meaning) if got else (captions[j].text, captions[j].meaning)
+            else:
+                options = text_negatives(captions[j].text)
+                pick = options[int(rng.integers(len(options)))] if options else None
+                text, meaning = (pick.text, None) if pick else (captions[j].text, None)
+            pair.negatives.append(text)
+            pair.negative_meanings.append(meaning)
 
     def batch(self, start: int, size: int) -> list[Pair]:
         """Samples ``start .. start+size-1``."""

@@ -61,9 +61,9 @@ class TrainConfig:
     )
     hard_negatives: int = field(
         0,
-        "ShapesWorld: per image, this many of its captions edited to be false of it "
-        "(two objects' colours swapped, a shape or colour changed, a relation or region "
-        "flipped) join the batch as negatives, as in NegCLIP: they teach binding and "
+        "per image, this many of its captions edited to be false of it join the batch as negatives, as in "
+        "NegCLIP (ShapesWorld: attribute and relation swaps, replacements, counts, regions, checked against the "
+        "scene; a folder: word swaps of colours, shapes, relation sides, numbers): they teach binding and "
         "spatial words that random negatives never test",
     )
     accum_steps: int = field(1, "split each step into this many micro-batches (same result, less memory)")

@@ -20,7 +20,6 @@ caption true of a scene), :mod:`.matching` (the same for a whole batch), :mod:`.
 from ..scene import COLOURS, DEFAULT_HELDOUT, SHAPES, SIZES, Obj, Scene, all_combos
 from .captions import NUMBER_WORDS, PREFIXES, REGION_PHRASES, RELATION_PHRASES, Caption, a_or_an, make_captions
 from .matching import describes_matrix
-from .negatives import negative_caption
 from .questions import QA, make_questions
 from .render import polygon, render_image
 from .sampling import ShapesConfig, object_count_weights, sample_scene, single_object_scene
@@ -53,7 +52,6 @@ __all__ = [
     "describes_matrix",
     "make_captions",
     "make_questions",
-    "negative_caption",
     "object_count_weights",
     "polygon",
     "render_image",
