@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data.pairs import PairSampler
-from ..eval.report import evaluate_retrieval
+from ..eval.report import evaluate_retrieval, shapes_config_of
 from ..models import load as load_native
 from ..models import save_model
 from ..models.clip import CLIP
@@ -27,6 +27,7 @@ from ..utils.io import atomic_write_json
 from .prune import TOWERS, Importance, batches_of, measure_importance, prune, shapes_batches
 
 log = logging.getLogger(__name__)
+RECOVER_LR = 2e-4  # recovery's peak learning rate (from-scratch training peaks at 2e-3)
 
 
 @dataclass
@@ -101,14 +102,19 @@ def recover(pruned_dir: Path, original: str, out: Path, opts: PruneOptions) -> C
 
     budget = str(opts.recover)
     teacher = original if opts.teacher == "original" else opts.teacher
+    length = {"steps": int(budget)} if budget.isdigit() else {"time": budget}
     data: dict[str, Any] = {
         "task": "clip",
         "init": {"from_clip": str(pruned_dir), "whiten_patches": 0},
         "distill": {"teacher": teacher},
-        "train": {"steps": int(budget)} if budget.isdigit() else {"time": budget},
+        # fine-tuning, not training from scratch: a tenth of the from-scratch peak rate, a short warm-up
+        "train": {**length, "lr": RECOVER_LR, "warmup_steps": 10},
         "data": {"source": opts.data},
         "out": str(out),
     }
+    if opts.data == "shapes":  # the world the model learned, at full complexity: it is past the curriculum
+        world = asdict(shapes_config_of(load_native(pruned_dir)))
+        data["data"]["shapes"] = {**world, "curriculum": 0}
     train(from_dict(RunConfig, with_overrides(data, list(opts.overrides))))
     return load_native(out)
 
