@@ -65,3 +65,5 @@ def test_prune_names_the_fix(tmp_path, capsys):
     assert "fractions in [0, 1)" in capsys.readouterr().err
     assert main(["prune", "--model", str(src), "--out", str(tmp_path / "o"), "--train.lr=1"]) == 2
     assert "apply to --recover only" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path)]) == 2  # holds the source model
+    assert "is not empty; choose a new --out" in capsys.readouterr().err

@@ -123,6 +123,8 @@ def prune_run(model_path: str, out: str | Path, opts: PruneOptions) -> dict[str,
     """Prune ``model_path`` (a native CLIP run or checkpoint) into the run ``out``; returns the report."""
     t0 = time.perf_counter()
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new --out (a pruned run is written whole)")
     model = load_native(model_path)
     if not isinstance(model, CLIP):
         raise ValueError(f"{model_path} is a {getattr(model, 'family', '?')} model; `mmfusion prune` prunes a CLIP")
