@@ -86,10 +86,22 @@ def sweep_part(args) -> dict:
     return prune_run(str(args.teacher), ROOT / "sweep", opts)
 
 
+def speed_part(args) -> dict:
+    """Image encoding of the teacher and every pruned model, all side by side in one measurement (one thread,
+    alternating, median of ``--speed-repeats``): the speed figures the bars and the curve quote."""
+    models = {"teacher": mmfusion.load(args.teacher)}
+    for d in sorted(ROOT.glob("prune30-s*")) + sorted((ROOT / "sweep").glob("ratio-*")):
+        models[d.name] = mmfusion.load(d)
+    rates = image_rate(models, repeats=args.speed_repeats)
+    return {"images_per_s": rates, "x_teacher": {k: round(v / rates["teacher"], 3) for k, v in rates.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=ROOT / "teacher")
-    ap.add_argument("--part", nargs="+", default=["distill", "prune", "sweep"], choices=["distill", "prune", "sweep"])
+    parts = ["distill", "prune", "sweep", "speed"]
+    ap.add_argument("--part", nargs="+", default=parts, choices=parts)
+    ap.add_argument("--speed-repeats", type=int, default=40, help="timed batches per model in the speed part")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--student-time", default="3m", help="each student's wall-clock (distilled or alone)")
     ap.add_argument("--recover", default="2m", help="pruning's recovery")
@@ -101,7 +113,8 @@ def main() -> None:
     results |= {"date": date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
                 "teacher": str(args.teacher)}  # fmt: skip
     for part in args.part:
-        results[part] = {"distill": distill_part, "prune": prune_part, "sweep": sweep_part}[part](args)
+        run = {"distill": distill_part, "prune": prune_part, "sweep": sweep_part, "speed": speed_part}[part]
+        results[part] = run(args)
         print(json.dumps(results[part], indent=1)[:3000], flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

@@ -169,11 +169,15 @@ def one_ratio(model: CLIP, model_path: str, importance: Importance, out: Path, o
 
 def sweep(model: CLIP, model_path: str, importance: Importance, out: Path, opts: PruneOptions, t0: float) -> dict:
     """Prune at each ratio of ``opts.sweep`` (each in ``out/ratio-R``), measure, and draw quality vs speed."""
-    points = [{"ratio": 0.0, "images_per_s": image_rate({"m": model})["m"], **quality(model, opts)}]
+    points = [{"ratio": 0.0, **quality(model, opts)}]
+    models = {0.0: model}
     for r in opts.sweep:
         rep = one_ratio(model, model_path, importance, out / f"ratio-{r:g}", opts, r, r)
-        points.append({"ratio": r, "images_per_s": rep["images_per_s"]["after"], **rep["quality"]["after"],
-                       "parameters": rep["kept"]["parameters"]["after"]})  # fmt: skip
+        points.append({"ratio": r, **rep["quality"]["after"], "parameters": rep["kept"]["parameters"]["after"]})
+        models[r] = load_native(out / f"ratio-{r:g}")
+    speed = image_rate({str(r): m for r, m in models.items()}, repeats=15)  # all side by side, at the end
+    for p in points:
+        p["images_per_s"] = speed[str(p["ratio"])]
     report = {"task": "prune-sweep", "source": str(model_path), "recover": opts.recover, "points": points,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     atomic_write_json(out / "prune_curve.json", report)
