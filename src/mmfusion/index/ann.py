@@ -166,6 +166,21 @@ class VectorIndex:
             return True  # shrunk well below the threshold: back to exact
         return n >= self.trained_on * self.cfg.rebuild_growth
 
+    def layout_problems(self) -> list[str]:
+        """The approximate layout must hold every vector (a repair rebuilds it otherwise)."""
+        if self.ivf is not None and self.ivf.ntotal != len(self):
+            return [f"approximate layout holds {int(self.ivf.ntotal)} vectors, not {len(self)}"]
+        return []
+
+    def clear(self) -> None:
+        """Drop every vector and the approximate layout."""
+        faiss = _faiss()
+        self.exact = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.ivf, self.nprobe, self.trained_on = None, 0, 0
+
+    def close(self) -> None:
+        """Nothing to release (the vector store interface: a database engine closes its connection)."""
+
     def rebuild(self, seed: int = 0) -> None:
         """Choose the layout for the current size: exact, or a freshly trained and tuned IVF."""
         n = len(self)

@@ -4,6 +4,7 @@
 
     index.sqlite    metadata and vectors (SQLite, WAL): the source of truth, committed in chunks
     vectors.faiss   the search structure (FAISS), saved atomically; repaired from SQLite when behind
+                    (or, with --vectors milvus://..., a Milvus collection instead: see .vectors)
     write.lock      one writer at a time
     reports/        one JSON report per indexing run
 
@@ -19,6 +20,7 @@ import functools
 import glob
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from .pipeline import UpdateOptions, update_index
 from .query import SearchResult, Term, combine_terms
 from .search import VectorQuery, query_terms, search_many
 from .store import DB_FILE, LOCK_FILE, VECTORS_FILE, IndexMismatchError, Store, WriteLock
+from .vectors import VECTORS_META, VectorsSpec, VectorStore, choose_vectors, open_milvus, parse_vectors_spec
 from .writer import CheckReport, IndexReport
 
 _NEW_INDEX_NEEDS_A_MODEL = (
@@ -104,9 +107,11 @@ class Index:
     here; indexing runs in :mod:`.pipeline`, searching in :mod:`.search`, query encoding in :mod:`.encoder`.
     """
 
-    def __init__(self, root: Path, store: Store, vectors: VectorIndex | None, write: bool):
+    def __init__(self, root: Path, store: Store, vectors: VectorStore | None, write: bool):
         self.dir, self.store, self.write = root, store, write
         self.vi = vectors
+        self.vectors_spec = VectorsSpec("faiss")  # where the vectors are searched (recorded in the meta)
+        self._vectors_given: VectorsSpec | None = None
         self._ann = AnnConfig()
         self._model: Embedder | None = None
         self._encoder: QueryEncoder | None = None
@@ -122,6 +127,7 @@ class Index:
         model: Embedder | str | os.PathLike | None = None,
         write: bool = False,
         ann: AnnConfig | None = None,
+        vectors: str | None = None,
     ) -> Index:
         """Open an index directory; ``write=True`` creates it if needed and takes the writer's lock.
 
@@ -131,6 +137,9 @@ class Index:
                 made it otherwise (an index never mixes models). Default: the model it was made with.
             write: open for indexing (one writer at a time); readers need no lock.
             ann: when the search structure turns approximate (tests lower the threshold).
+            vectors: the vector store, a spec (:mod:`.vectors`: ``faiss``, ``milvus://HOST:PORT/COLLECTION``,
+                ``PATH.db[/COLLECTION]``); a new index records it, an existing one checks it is the one it
+                records (a server may be given by another address). Default: the recorded one (FAISS if none).
 
         A first open for writing that fails (no model, or one that cannot be loaded) leaves nothing behind: what it
         created (the directory, the lock file, the database) is removed, and nothing else.
@@ -141,6 +150,7 @@ class Index:
             ValueError: a new index opened for writing without a model.
         """
         root = Path(root).expanduser()
+        given = parse_vectors_spec(vectors)  # a bad spec fails before anything is created
         created = _Created(root) if write else None
         lock = store = None
         try:
@@ -157,6 +167,7 @@ class Index:
             idx = cls(root, store, None, write)
             idx._lock = lock
             idx._ann = ann or AnnConfig()
+            idx._vectors_given = given
             idx.bind_model(model, ref=ref)
             idx._load_vectors()
         except BaseException:
@@ -170,6 +181,8 @@ class Index:
         return idx
 
     def close(self) -> None:
+        if self.vi is not None:
+            self.vi.close()  # a Milvus client's connection; nothing for FAISS
         self.store.close()
         if self._lock is not None:
             self._lock.release()
@@ -255,9 +268,15 @@ class Index:
         stored = self.store.meta("model")
         return int(stored["dim"]) if stored else int(self.model.embed_dim)
 
-    # ---- the FAISS side and its consistency with SQLite ---------------------------------------------
+    # ---- the vector store (FAISS or Milvus) and its consistency with SQLite ----------------------------
 
     def _load_vectors(self) -> None:
+        recorded = self.store.meta(VECTORS_META)
+        spec, owner = choose_vectors(recorded, self._vectors_given, lambda: self.store.count() > 0, self.dir)
+        self.vectors_spec = spec
+        if spec.kind != "faiss":
+            self._open_milvus(spec, owner, record=recorded is None)
+            return
         path = self.dir / VECTORS_FILE
         if self.write:
             for tmp in glob.glob(str(self.dir / f".{VECTORS_FILE}.*.tmp")):  # a save cut short by a crash
@@ -279,8 +298,64 @@ class Index:
         if report.repaired and self.write:
             self.save_vectors()
 
+    def _open_milvus(self, spec: VectorsSpec, owner: str, record: bool) -> None:
+        if self.write and record:
+            self.store.set_meta({VECTORS_META: {"spec": spec.text, "owner": owner}})
+        if self.store.meta("model") is None:
+            self.vi = None
+            return
+        self.vi = open_milvus(spec, self.dim, owner, create=self.write)
+        if self.write:  # readers trust the shared collection: its one writer repairs it (listing ids costs)
+            self.check(repair=True)
+
+    def _new_vectors(self) -> VectorStore:
+        if self.vectors_spec.kind == "faiss":
+            return VectorIndex(self.dim, self._ann)
+        owner = (self.store.meta(VECTORS_META) or {}).get("owner", "")
+        return open_milvus(self.vectors_spec, self.dim, owner, create=True)
+
+    def rebuild_vectors(self, vectors: str | None = None) -> int:
+        """Refill the vector store from SQLite, the source of truth; into the store ``vectors`` names when given,
+        which moves the index there (FAISS to Milvus or back) and records it.
+
+        Returns:
+            The number of vectors written.
+        """
+        if not self.write:
+            raise RuntimeError("open the index with write=True to rebuild its vectors")
+        if self.store.meta("model") is None:
+            raise ValueError(f"{self.dir} holds no images yet: nothing to rebuild")
+        target = parse_vectors_spec(vectors) or self.vectors_spec
+        same = target.same_store(self.vectors_spec)
+        recorded = self.store.meta(VECTORS_META) or {}
+        owner = recorded.get("owner") or uuid.uuid4().hex  # names the index (and the collections it owns)
+        if same and self.vi is not None:
+            new = self.vi
+            new.clear()
+        elif target.kind == "faiss":
+            new = VectorIndex(self.dim, self._ann)
+        else:
+            new = open_milvus(target, self.dim, owner, create=True)
+            new.clear()
+        n = 0
+        for ids, vecs in self.store.iter_vectors():
+            new.add(ids, vecs)
+            n += len(ids)
+        if new.needs_rebuild():
+            new.rebuild()
+        if not same and self.vi is not None:
+            self.vi.close()
+        self.vi, self.vectors_spec = new, (self.vectors_spec if same else target)
+        self.store.set_meta({VECTORS_META: {"spec": self.vectors_spec.text, "owner": owner}})
+        if target.kind == "faiss":
+            self.save_vectors()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / VECTORS_FILE).unlink()  # stale now: the vectors live in Milvus
+        return n
+
     def save_vectors(self) -> None:
-        """Save the FAISS side atomically (SQLite is committed as it goes)."""
+        """Save the FAISS side atomically (SQLite is committed as it goes); a Milvus collection keeps its writes."""
         if self.vi is not None:
             self.vi.save(self.dir / VECTORS_FILE)
 
@@ -339,7 +414,7 @@ class Index:
             raise RuntimeError("open the index with write=True to update it")
         encoder = self.query_encoder  # fails before scanning when the model cannot be loaded
         if self.vi is None:
-            self.vi = VectorIndex(self.dim, self._ann)
+            self.vi = self._new_vectors()
         opts = UpdateOptions(batch_size, workers, chunk_size, commit_every_s, save_every_s, max_pixels, draft, progress)
         if ray is None:
             return update_index(self.store, self.vi, encoder, roots, opts, self.save_vectors, self.dir / "reports")
@@ -359,7 +434,7 @@ class Index:
         if not self.write:
             raise RuntimeError("open the index with write=True to update it")
         if self.vi is None:
-            self.vi = VectorIndex(self.dim, self._ann)
+            self.vi = self._new_vectors()
         return index_embeddings(self.store, self.vi, out, chunk_size, self.save_vectors, self.dir / "reports", progress)
 
     # ---- searching --------------------------------------------------------------------------------
@@ -431,6 +506,7 @@ class Index:
             "fingerprint": stored.get("fingerprint"),
             "dim": stored.get("dim"),
             "index_type": self.vi.kind if self.vi is not None else "empty",
+            "vectors": self.vectors_spec.text,
             "size_on_disk_bytes": size,
             "roots": [{"root": r, "images": n} for r, n in self.store.roots()],
             "last_run": last,

@@ -1,4 +1,4 @@
-"""Does the FAISS side agree with SQLite, the source of truth? And if not, make it agree.
+"""Does the vector store (FAISS, or Milvus) agree with SQLite, the source of truth? And if not, make it agree.
 
 A crash between a chunk's SQLite commit and the FAISS save leaves FAISS behind (rows missing) or, after a
 deletion, ahead (phantom ids); opening an index repairs either from SQLite, which costs only the difference.
@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ann import AnnConfig, VectorIndex
+from .ann import AnnConfig
 from .store import Store
+from .vectors import VectorStore
 from .writer import CheckReport
 
 
 def check_vectors(
-    store: Store, vectors: VectorIndex | None, ann: AnnConfig, repair: bool = False, full: bool = False
-) -> tuple[CheckReport, VectorIndex | None]:
+    store: Store, vectors: VectorStore | None, ann: AnnConfig, repair: bool = False, full: bool = False
+) -> tuple[CheckReport, VectorStore | None]:
     """Compare FAISS ids with the live SQLite rows (and, with ``full``, look for NaN vectors).
 
     Args:
         store: the SQLite side.
-        vectors: the FAISS side (None when the index holds nothing yet).
-        ann: the layout settings of a rebuilt FAISS side.
+        vectors: the vector store (None when the index holds nothing yet).
+        ann: the layout settings of a rebuilt FAISS side (a Milvus collection keeps its own).
         repair: make FAISS agree with SQLite (in memory; a writer saves the result).
         full: also read every vector and check that it is finite and the same in both stores.
 
@@ -41,25 +42,23 @@ def check_vectors(
         problems.append(f"{len(extra)} ids in the vector index have no file row (phantoms)")
     if len(missing):
         problems.append(f"{len(missing)} file rows are missing from the vector index")
-    ivf_n = None if vectors.ivf is None else int(vectors.ivf.ntotal)
-    if ivf_n is not None and ivf_n != len(vectors):
-        problems.append(f"approximate layout holds {ivf_n} vectors, not {len(vectors)}")
+    problems += vectors.layout_problems()
     if full:
         problems += _vector_problems(store, vectors, uniq)
     repaired: list[str] = []
     if repair and problems:
         if len(uniq) != len(fa_ids) or (full and any("differ" in p for p in problems)):
-            vectors = _rebuilt(store, vectors.dim, ann)
+            vectors = _rebuilt(store, vectors, ann)
             repaired.append(f"rebuilt the vector index from {len(vectors)} stored vectors")
         else:
             repaired += _patch(store, vectors, extra, missing)
-        if vectors.ivf is not None and vectors.ivf.ntotal != len(vectors):
+        if vectors.layout_problems():
             vectors.rebuild()  # (a change of layout as the collection grows is the writer's job, in update)
     ok = not problems or (repair and bool(repaired))
     return CheckReport(ok, problems, repaired), vectors
 
 
-def _vector_problems(store: Store, vectors: VectorIndex, present_ids: np.ndarray) -> list[str]:
+def _vector_problems(store: Store, vectors: VectorStore, present_ids: np.ndarray) -> list[str]:
     """Non-finite stored vectors, and FAISS vectors that differ from the stored ones."""
     problems = []
     for ids, vecs in store.iter_vectors():
@@ -72,14 +71,15 @@ def _vector_problems(store: Store, vectors: VectorIndex, present_ids: np.ndarray
     return problems
 
 
-def _rebuilt(store: Store, dim: int, ann: AnnConfig) -> VectorIndex:
-    vectors = VectorIndex(dim, ann)
+def _rebuilt(store: Store, vectors: VectorStore, ann: AnnConfig) -> VectorStore:
+    """Every vector again from SQLite, into the same store (FAISS: exact, with ``ann``'s settings)."""
+    vectors.clear()  # (FAISS keeps its settings, which the index gave it: ``ann``)
     for ids, vecs in store.iter_vectors():
         vectors.add(ids, vecs)
     return vectors
 
 
-def _patch(store: Store, vectors: VectorIndex, extra: np.ndarray, missing: np.ndarray) -> list[str]:
+def _patch(store: Store, vectors: VectorStore, extra: np.ndarray, missing: np.ndarray) -> list[str]:
     """Remove the phantom ids and add the missing rows' vectors: what a crash between commit and save leaves."""
     done = []
     if len(extra):

@@ -20,11 +20,11 @@ import numpy as np
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from ..utils.io import atomic_write_json
-from .ann import VectorIndex
 from .decode import Decoded, DecodeGate, decode_file
 from .encoder import QueryEncoder
 from .scan import FileEntry, is_under, scan
 from .store import Store
+from .vectors import VectorStore
 from .writer import ChunkWriter, IndexInterrupted, IndexReport
 
 NON_FINITE = "the model produced a non-finite vector"
@@ -46,7 +46,7 @@ class UpdateOptions:
 
 def update_index(
     store: Store,
-    vectors: VectorIndex,
+    vectors: VectorStore,
     encoder: QueryEncoder,
     roots: Sequence[str | os.PathLike],
     opts: UpdateOptions,

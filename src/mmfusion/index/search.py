@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .ann import VectorIndex
 from .query import SearchResult, Term, parse_query
 from .store import Store
+from .vectors import VectorStore
 
 
 @dataclass
@@ -58,7 +58,7 @@ def query_terms(
     return terms
 
 
-def search_many(store: Store, vectors: VectorIndex | None, queries: Sequence[VectorQuery]) -> list[list[SearchResult]]:
+def search_many(store: Store, vectors: VectorStore | None, queries: Sequence[VectorQuery]) -> list[list[SearchResult]]:
     """Several searches by query vector at once, each with its own ``k``, threshold and filters.
 
     The unfiltered ones go to FAISS together, in one call for the largest ``k`` (an exact index then reads
@@ -68,7 +68,7 @@ def search_many(store: Store, vectors: VectorIndex | None, queries: Sequence[Vec
     layout, its candidates come from the largest ``k`` of the call, so it can only find as much or more).
     """
     out: list[list[SearchResult]] = [[] for _ in queries]
-    if vectors is None or not len(vectors) or not queries:
+    if vectors is None or not queries:  # (no len() here: counting a Milvus collection is a round trip)
         return out
     hits = _plain_hits(vectors, queries) | _filtered_hits(store, vectors, queries)
     rows = store.get({int(j) for _, ids in hits.values() for j in ids if j >= 0})
@@ -79,7 +79,7 @@ def search_many(store: Store, vectors: VectorIndex | None, queries: Sequence[Vec
     return out
 
 
-def _plain_hits(vectors: VectorIndex, queries: Sequence[VectorQuery]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _plain_hits(vectors: VectorStore, queries: Sequence[VectorQuery]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(scores, ids) of the unfiltered queries, from one FAISS call for the largest ``k``."""
     plain = [i for i, q in enumerate(queries) if not q.filtered]
     if not plain:
@@ -89,7 +89,7 @@ def _plain_hits(vectors: VectorIndex, queries: Sequence[VectorQuery]) -> dict[in
 
 
 def _filtered_hits(
-    store: Store, vectors: VectorIndex, queries: Sequence[VectorQuery]
+    store: Store, vectors: VectorStore, queries: Sequence[VectorQuery]
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(scores, ids) of the filtered queries, each among the ids its filters allow."""
     hits = {}

@@ -30,13 +30,13 @@ import numpy as np
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from ..utils.io import atomic_write_json
-from .ann import VectorIndex
 from .decode import Decoded, decode_file
 from .encoder import QueryEncoder
 from .pipeline import record_run
 from .ray_embed import FAILED, OK, Embedded, RayOptions, connected, embed_files
 from .scan import FileEntry, scan
 from .store import Store
+from .vectors import VectorStore
 from .writer import ChunkWriter, IndexReport
 
 FORMAT = "mmfusion-embeddings/1"
@@ -298,7 +298,7 @@ def embed_to_shards(
 
 def index_embeddings(
     store: Store,
-    vectors: VectorIndex,
+    vectors: VectorStore,
     out: str | os.PathLike,
     chunk_size: int,
     save_vectors: Callable[[], None],

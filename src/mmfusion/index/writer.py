@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ann import VectorIndex
 from .decode import Decoded
 from .scan import display_path
 from .store import Store
+from .vectors import VectorStore
 
 
 @dataclass
@@ -139,7 +139,7 @@ class ChunkWriter:
     def __init__(
         self,
         store: Store,
-        vectors: VectorIndex,
+        vectors: VectorStore,
         report: IndexReport,
         chunk_size: int,
         commit_every_s: float,
