@@ -15,7 +15,8 @@ def test_distill_trains_a_student_from_a_teacher(tmp_path, capsys):
     teacher = tiny_clip(tmp_path / "teacher")
     out = tmp_path / "student"
     argv = ["distill", "--teacher", str(teacher), "--student-preset", "clip-tiny", "--steps", "2", "--out", str(out)]
-    assert main([*argv, "--embed-weight", "0.5", *[f"--{o}" for o in TINY_OVERRIDES], *QUICK, "--data.tokenizer_captions=200"]) == 0
+    tiny = [f"--{o}" for o in TINY_OVERRIDES]
+    assert main([*argv, "--embed-weight", "0.5", *tiny, *QUICK, "--data.tokenizer_captions=200"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "affinity" in rows[-1] and "embed" in rows[-1]
     assert mmfusion.load(out).meta["distilled_from"] == str(teacher)

@@ -47,6 +47,11 @@ def _eval_embedding(model, args: argparse.Namespace, out: Path) -> int:
     for kind in kinds:
         if kind == "retrieval":
             report = evaluate_retrieval(model, args.data, n=args.n, split=args.split, out=out, progress=not args.quiet)
+            if args.rerank:
+                from ..eval.rerank import rerank_retrieval
+
+                report["rerank"] = rerank_retrieval(_reranker(args.rerank), model, args.data, args.n, args.split,
+                                                    args.rerank_k)  # fmt: skip
         else:
             report = evaluate_zeroshot(
                 model, args.data, per_class=args.per_class, templates=templates, out=out, progress=not args.quiet
@@ -58,8 +63,21 @@ def _eval_embedding(model, args: argparse.Namespace, out: Path) -> int:
             )
         write_report(report, path)
         print("\n".join(summary_lines(report)))
+        if "rerank" in report:
+            from ..eval.rerank import reranked_lines
+
+            print("\n".join(reranked_lines(report["rerank"])))
         print(f"  report: {path}")
     return 0
+
+
+def _reranker(path: str):
+    from ..models.checkpoint import load
+
+    model = load(path)
+    if getattr(model, "family", None) != "reranker":
+        raise ValueError(f"--rerank {path} is not a re-ranker: train one (mmfusion train rerank --init.from_clip=RUN)")
+    return model
 
 
 def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
@@ -68,11 +86,32 @@ def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
     from ..eval.report import write_report
     from ..interfaces import Embedder
 
+    reranker = _reranker(args.rerank) if args.rerank else None
+    if getattr(model, "family", None) == "reranker":  # `eval composition --model RERANK_RUN`
+        reranker = model
+    if reranker is not None:
+        return _compare_composition(reranker, args, out)
     if not isinstance(model, Embedder):
         raise ValueError(f"{args.model} does not embed images and texts; `eval composition` needs an embedder")
     report = evaluate_composition(model, args.data, n=args.n, split=args.split, out=out, progress=not args.quiet)
     path = write_report(report, Path(args.json) if args.json else out / "composition.json")
     print("\n".join(summary_lines(report)))
+    print(f"  report: {path}")
+    return 0
+
+
+def _compare_composition(reranker, args: argparse.Namespace, out: Path) -> int:
+    """A re-ranker and its CLIP on the same ShapesWorld tests (the re-ranker carries the CLIP it was trained over)."""
+    from ..eval.composition import summary_lines
+    from ..eval.report import write_report
+    from ..eval.rerank import compare_composition, comparison_lines
+
+    if args.data != "shapes":
+        raise ValueError("a re-ranker is compared with its CLIP on ShapesWorld: leave --data at shapes")
+    reports = compare_composition(reranker, n=args.n, split=args.split, out=out, progress=not args.quiet)
+    path = write_report(reports, Path(args.json) if args.json else out / "composition_rerank.json")
+    print("\n".join(summary_lines(reports["reranker"])))
+    print("\n".join(comparison_lines(reports)))
     print(f"  report: {path}")
     return 0
 
@@ -160,6 +199,9 @@ def add_parser(sub) -> None:
     e.add_argument("--split", default="test", help="retrieval and composition on ShapesWorld: test or heldout")
     e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")
     e.add_argument("--templates", help="zero-shot prompts: a file (one per line) or 'a photo of a {}.|a {}'")
+    e.add_argument("--rerank", metavar="RUN", help="a re-ranker (mmfusion train rerank): composition scores with it "
+                   "beside its CLIP; retrieval adds semantic P@1 with the top --rerank-k re-ranked")  # fmt: skip
+    e.add_argument("--rerank-k", type=int, default=20, help="retrieval with --rerank: results re-ranked (default 20)")
     e.add_argument("--json", help="where to write the JSON report")
     e.add_argument("--out", help="folder for the report and plots")
 

@@ -24,12 +24,17 @@ examples:
   mmfusion index /data/coco --model runs/clip --db coco --ray           # decode and embed on a local Ray
   mmfusion index /mnt/shared/photos --db photos --ray auto --actors 8   # on the cluster 'ray start' runs
   mmfusion index --from-embeddings embeddings/ --db photos              # from 'mmfusion embed' shards
+  mmfusion index ~/Pictures --model runs/clip --db photos --vectors milvus://localhost:19530/photos
+  mmfusion index ~/Pictures --model runs/clip --db photos --vectors ~/.mmfusion/vectors.db/photos  # milvus-lite
+  mmfusion index rebuild --db photos --vectors milvus://milvus:19530/photos  # move the vectors (from SQLite)
+  mmfusion index ~/Pictures --db photos --publish                       # then a snapshot: serve --snapshots
+  mmfusion index publish --db photos                                    # publish what is committed now
 
 Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors (a renamed file
 keeps its id). A root that is missing or empty (an unmounted disk) removes nothing. Killing a run keeps
 every committed chunk; Ctrl-C or SIGTERM also records the run as interrupted and prints what it committed
 (exit 130 or 143): re-running resumes.
-(To index a folder literally named 'info' or 'check', write ./info.)
+(To index a folder literally named 'info', 'check', 'publish' or 'rebuild', write ./info.)
 """
 
 EXAMPLES_SEARCH = """
@@ -39,10 +44,18 @@ examples:
   mmfusion search --like 1234 --db ~/.mmfusion/photos             # more like an indexed image (its id)
   mmfusion search "beach" + holiday.jpg - "people" --db ~/.mmfusion/photos
   mmfusion search "0.5*sunset" + id:42 --path '*/2024/*' --after 2024-06-01 --json --db ~/.mmfusion/photos
+  mmfusion search "a red circle left of a blue square" --db shapes.index --rerank runs/rerank   # top 20 re-ranked
 
 A query term that names an image file is an image, id:N is an indexed image, anything else is text;
 '+' and '-' between terms add or subtract them, 'W*term' weights one.
 """
+
+
+_VECTORS_HELP = (
+    "where the vectors are searched: faiss (default), milvus://HOST:PORT/COLLECTION (a Milvus server; token in "
+    "MMFUSION_MILVUS_TOKEN) or PATH.db[/COLLECTION] (milvus-lite, one process); recorded by the index, so later "
+    "runs can leave it out"
+)
 
 
 def add_parser(sub) -> None:
@@ -76,7 +89,18 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="build the index from embedding shards written by 'mmfusion embed' (no model is run; PATH unused)",
     )
+    ix.add_argument("--vectors", metavar="SPEC", help=_VECTORS_HELP + "; 'index rebuild --vectors SPEC' moves them")
     add_ray_options(ix)
+    ix.add_argument(
+        "--publish",
+        action="store_true",
+        help="after the run, publish a snapshot for 'mmfusion serve --snapshots' replicas (DB/snapshots/)",
+    )
+    ix.add_argument("--keep-snapshots", type=int, default=2, metavar="N",
+                    help="with --publish: older versions kept besides the current one (default 2)")  # fmt: skip
+    ix.add_argument("--redis", default=os.environ.get("MMFUSION_REDIS_URL"), metavar="URL",
+                    help="with --publish: announce the version on this Redis so replicas swap at once "
+                    "(default $MMFUSION_REDIS_URL; without it they poll)")  # fmt: skip
 
     s = command(
         sub,
@@ -97,6 +121,10 @@ def add_parser(sub) -> None:
     s.add_argument("--before", help="only images dated before: YYYY-MM-DD")
     s.add_argument("--ensemble", action="store_true", help="average text queries over photo prompts")
     s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--vectors", metavar="SPEC", help=_VECTORS_HELP + " (another address of the same Milvus)")
+    s.add_argument("--rerank", metavar="RUN", help="re-order the top results with a cross-attention re-ranker "
+                   "(mmfusion train rerank) that reads the query's text against each image")  # fmt: skip
+    s.add_argument("--rerank-k", type=positive_int, default=20, help="with --rerank: results re-ranked (default 20)")
 
 
 def _is_action(paths: list[str], name: str) -> bool:
@@ -113,12 +141,21 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     if not args.paths:
         raise ConfigError("say what to index: mmfusion index PATH --db DB (or --from-embeddings DIR)")
     if _is_action(args.paths, "info"):
-        with Index.open(args.db) as ix:
+        with Index.open(args.db, vectors=args.vectors) as ix:
             info = ix.info()
         print(json.dumps(info, indent=2) if args.json else "\n".join(_info_lines(info)))
         return 0
-    if _is_action(args.paths, "check"):
+    if _is_action(args.paths, "publish"):
         with Index.open(args.db, write=True) as ix:
+            _publish(ix, args, force=True)
+        return 0
+    if _is_action(args.paths, "rebuild"):
+        with Index.open(args.db, write=True) as ix:
+            n = ix.rebuild_vectors(args.vectors)
+            print(f"rebuilt {n:,} vectors from the database into {ix.vectors_spec.text}")
+        return 0
+    if _is_action(args.paths, "check"):
+        with Index.open(args.db, write=True, vectors=args.vectors) as ix:
             report = ix.check(repair=True, full=True)
         for p in report.problems:
             print(f"problem: {p}")
@@ -129,7 +166,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     ray = ray_options(args)
     with _sigterm_interrupts() as received:
         try:
-            with Index.open(args.db, model=args.model, write=True) as ix:
+            with Index.open(args.db, model=args.model, write=True, vectors=args.vectors) as ix:
                 report = ix.update(
                     args.paths,
                     batch_size=args.batch_size,
@@ -140,6 +177,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                     progress=not args.quiet,
                     ray=ray,
                 )
+                _publish(ix, args)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: exit 128 + the signal's number, as shells do
             report = getattr(e, "report", None)  # IndexInterrupted: the run is recorded with what it committed
             if report is None:
@@ -162,10 +200,22 @@ def _index_embeddings(args: argparse.Namespace) -> int:
     if args.model or args.ray:
         raise ConfigError("--from-embeddings runs no model: leave out --model and --ray (the shards name the model)")
     manifest = read_manifest(args.from_embeddings)
-    with Index.open(args.db, model=manifest["model"], write=True) as ix:
+    with Index.open(args.db, model=manifest["model"], write=True, vectors=args.vectors) as ix:
         report = ix.add_embeddings(args.from_embeddings, chunk_size=args.chunk, progress=not args.quiet)
+        _publish(ix, args)
     _print_report(report, args.json)
     return 0
+
+
+def _publish(ix, args: argparse.Namespace, force: bool = False) -> None:
+    """With --publish (or ``index publish``): the committed state as the next snapshot version."""
+    if not (args.publish or force):
+        return
+    from ..index.snapshots import publish
+
+    done = publish(ix, keep=args.keep_snapshots, redis_url=args.redis)
+    gone = f"; removed v{', v'.join(map(str, done.removed))}" if done.removed else ""
+    print(f"published snapshot v{done.version} ({done.images:,} images) in {done.path}{gone}", file=sys.stderr)
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -212,6 +262,7 @@ def _info_lines(info: dict) -> list[str]:
         f"images:   {info['images']:,}",
         f"model:    {info['model']} ({info['dim']}-d, weights {info['fingerprint']})",
         f"search:   {info['index_type']}",
+        f"vectors:  {info.get('vectors', 'faiss')}",
         f"on disk:  {_human(info['size_on_disk_bytes'])}",
     ]
     for r in info["roots"]:
@@ -235,16 +286,15 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"unrecognised arguments {extra}; see mmfusion search --help")
         args.query += [x for t in extra for x in ("-", t[1:])]
     query = _query_terms(args)
-    with Index.open(args.db) as ix:
-        results = ix.search(
-            query,
-            k=args.top,
-            threshold=args.threshold,
-            path=args.path,
-            after=parse_date(args.after),
-            before=parse_date(args.before),
-            ensemble=args.ensemble,
-        )
+    options = {"threshold": args.threshold, "path": args.path, "after": parse_date(args.after),
+               "before": parse_date(args.before), "ensemble": args.ensemble}  # fmt: skip
+    with Index.open(args.db, vectors=args.vectors) as ix:
+        if args.rerank:
+            from ..index.rerank import load_reranker, search_reranked
+
+            results = search_reranked(ix, load_reranker(args.rerank), query, args.top, args.rerank_k, **options)
+        else:
+            results = ix.search(query, k=args.top, **options)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0

@@ -20,7 +20,7 @@ log = logging.getLogger("mmfusion")
 COMMANDS = {
     "data": "data_cmd", "train": "train_cmd", "eval": "eval_cmd", "index": "index_cmds", "search": "index_cmds",
     "embed": "embed_cmd", "transcribe": "transcribe_cmd", "ask": "ask_cmd", "serve": "serve_cmd",
-    "bench": "bench_cmd", "classify": "classify_cmd", "caption": "caption_cmd",
+    "worker": "worker_cmd", "bench": "bench_cmd", "classify": "classify_cmd", "caption": "caption_cmd",
     "models": "models_cmd", "demo": "demo_cmd", "export": "export_cmd", "quantize": "quantize_cmd",
     "distill": "compress_cmd", "prune": "compress_cmd",
 }  # fmt: skip

@@ -13,14 +13,16 @@ examples:
   mmfusion serve --db photos/ --answerer hf:Qwen/Qwen2.5-VL-3B-Instruct \
                  --captioner hf:Salesforce/blip-image-captioning-base     # questions and captions too
   mmfusion serve --config serve.yaml --port 9000
+  mmfusion serve --db photos/ --redis redis://localhost:6379/0 --no-worker   # an API replica: jobs go to
+                                                        # mmfusion worker processes, cache and jobs shared in Redis
   MMFUSION_API_KEYS=key1,key2 mmfusion serve --db photos/       # every request needs 'Authorization: Bearer key1'
 
 Routes: POST /v1/embeddings and GET /v1/models (OpenAI shapes; images as data URLs with "modality": "image"),
 POST /search (text, image, id or weighted terms; k, threshold, path, after, before), POST /search/upload,
 GET /images/{id}, GET /thumbs/{id}, POST /classify, POST /v1/chat/completions (questions and captions; images as
 data URLs or mmfusion://images/<id>; stream: true for server-sent events), POST /jobs and GET /jobs/{id}
-(captions or answers for many images, kept in SQLite), GET /healthz, GET /metrics (Prometheus), and the web
-page at /.
+(captions, answers or embeddings for many images, kept in SQLite or Redis; GET /jobs/{id}/events streams them),
+GET /healthz, GET /metrics (Prometheus), and the web page at /.
 The OpenAPI page (every body documented) is at /docs. Settings: flags > MMFUSION_<NAME> environment
 variables > --config YAML > defaults. The service binds 127.0.0.1 unless --host says otherwise.
 """
@@ -48,13 +50,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    """A flag for every field of :class:`ServeSettings`, with its help and default: a new setting is added there
-    alone. Flags default to None, so that only the ones given override the YAML file and the environment."""
+ALIASES = {"redis_url": ("--redis",)}  # shorter names a flag also answers to
+
+
+def add_setting_flags(p: argparse.ArgumentParser, only: typing.Collection[str] | None = None) -> None:
+    """A flag for every field of :class:`ServeSettings` (or the fields named in ``only``), with its help and
+    default: a new setting is added there alone. Flags default to None, so that only the ones given override the
+    YAML file and the environment."""
     from ..serve.settings import ServeSettings, setting_types
 
     types = setting_types()
     for f in dataclasses.fields(ServeSettings):
+        if only is not None and f.name not in only:
+            continue
         tp = types[f.name]
         kinds = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
         default = None if f.default is dataclasses.MISSING else f.default
@@ -67,7 +75,7 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
                            help=help)  # fmt: skip
         else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=kinds[0], help=help)
+            p.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()), type=kinds[0], help=help)
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -84,8 +92,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
     settings = ServeSettings.load(args.config, **flags)
-    if not (settings.db or settings.model or settings.captioner or settings.answerer):
-        raise ValueError("nothing to serve: give --db (an index), --model, --captioner and/or --answerer")
+    if not (settings.db or settings.model or settings.captioner or settings.answerer or settings.redis_url):
+        raise ValueError("nothing to serve: give --db (an index), --model, --captioner, --answerer and/or --redis")
     app = create_app(settings)  # the models and the index load when the server starts (the app's lifespan)
     print(f"mmfusion serving on http://{settings.host}:{settings.port}  (API docs: /docs)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,

@@ -84,11 +84,19 @@ class Store:
     Args:
         root: the index directory.
         readonly: open without creating anything (searching).
+        immutable: the file never changes while open (a published snapshot): read-only, without locks or a
+            ``-shm`` file (so a read-only or network volume works), and usable from any thread.
     """
 
-    def __init__(self, root: str | os.PathLike, readonly: bool = False):
+    def __init__(self, root: str | os.PathLike, readonly: bool = False, immutable: bool = False):
         self.dir = Path(root)
         path = self.dir / DB_FILE
+        if immutable:
+            if not path.is_file():
+                raise FileNotFoundError(f"no {DB_FILE} in the snapshot {self.dir}")
+            uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            return
         if readonly:
             if not path.is_file():
                 raise FileNotFoundError(

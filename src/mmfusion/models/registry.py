@@ -30,6 +30,7 @@ from ..data.tokenizer import Tokenizer
 from .captioner import CaptionerConfig, CaptionModel
 from .clip import CLIP, CLIPConfig
 from .fusion import FusionClassifier, FusionConfig
+from .reranker import Reranker, RerankerConfig
 from .video import VideoClassifier, VideoConfig
 from .vqa import VQAConfig, VQAModel
 
@@ -117,6 +118,12 @@ FAMILIES: dict[str, FamilySpec] = {
         "video", "video classifier (TimeSformer divided attention, joint attention or frame pooling)", "Classifier",
         VideoConfig, VideoClassifier, {"video": "mmfusion.train.video_task:VideoTask"}, "video-tiny",
         data_config="video",
+    ),
+    "reranker": FamilySpec(
+        "reranker", "cross-attention scorer of (image, caption) pairs over a CLIP's features: re-ranks a search",
+        "Reranker", RerankerConfig, Reranker, {"rerank": "mmfusion.train.rerank_task:RerankTask"}, "rerank-tiny",
+        data_config="rerank", eval_kinds=("composition",),
+        next_steps={"rerank": "mmfusion search 'a red circle left of a blue square' --db photos.index --rerank {out}"},
     ),
     "hf-clip": FamilySpec(
         "hf-clip", "pretrained CLIP or SigLIP from Hugging Face", "Embedder", source="hf",

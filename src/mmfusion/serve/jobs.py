@@ -1,8 +1,12 @@
-"""Async jobs: captions or answers for many images, kept in SQLite so they survive a restart.
+"""Async jobs: captions, answers or embeddings for many images, kept in SQLite so they survive a restart.
 
 ``POST /jobs`` stores the request and answers at once with the job's id; one runner per service takes queued jobs
 in order and works through their images, committing each result as it comes (``GET /jobs/{id}`` shows progress).
 A job is visible only to the API key that made it (others get 404, as if it did not exist).
+
+This module holds the embedded store (:class:`JobStore`, SQLite) and what every store shares: the request and
+response bodies, the :class:`Jobs` interface the routes call, and :func:`run_item`, the work of one image. The
+store on Redis, for many replicas and workers apart, is :mod:`.redis_jobs`; the settings pick one by ``redis_url``.
 
 What happens when things go wrong:
 
@@ -26,7 +30,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
@@ -42,7 +46,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,          -- a hash of the API key that made it ('' without keys)
-    task TEXT NOT NULL,           -- caption | answer
+    task TEXT NOT NULL,           -- caption | answer | embed
     status TEXT NOT NULL,         -- queued | running | done | failed | cancelled
     created REAL NOT NULL,
     started REAL,
@@ -63,12 +67,13 @@ CREATE TABLE IF NOT EXISTS job_results (
 );
 """
 FINAL = ("done", "failed", "cancelled")
+Task = Literal["caption", "answer", "embed"]
 
 
 class JobRequest(Body):
-    """Captions or answers for many images."""
+    """Captions, answers or embeddings for many images."""
 
-    task: Literal["caption", "answer"] = Field(description="caption each image, or answer a question about each")
+    task: Task = Field(description="caption each image, answer a question about each, or embed each")
     images: list[ImageId | str] = Field(
         min_length=1, description="indexed image ids, 'mmfusion://images/<id>' or data URLs (one result each)"
     )
@@ -91,7 +96,7 @@ class JobSummary(BaseModel):
     """A job's status and progress (times are unix seconds; null until they happen)."""
 
     id: str
-    task: Literal["caption", "answer"]
+    task: Task
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     created: float
     started: float | None
@@ -103,7 +108,8 @@ class JobSummary(BaseModel):
 
 class JobStatus(JobSummary):
     results: list[dict[str, Any]] = Field(
-        description="one per finished image, in order: image, question, and caption or answer, or error"
+        description="one per finished image, in order of the images: image, question, and caption, answer or "
+        "embedding, or error"
     )
 
 
@@ -116,11 +122,38 @@ class JobCancelled(BaseModel):
     status: Literal["queued", "running", "done", "failed", "cancelled"] = Field(description="after cancelling")
 
 
+class StoreUnavailable(RuntimeError):
+    """The job store cannot be reached now (Redis down or restarting): the route answers 503, retry shortly."""
+
+
 def owner_of(key: str | None) -> str:
     return "" if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 JOB_FIELDS = ("id", "task", "status", "created", "started", "finished", "total", "done", "error")  # what GET shows
+
+
+class Jobs(Protocol):
+    """What the routes ask of a job store (SQLite here, Redis in :mod:`.redis_jobs`); methods block briefly."""
+
+    def create(self, owner: str, task: str, request: dict[str, Any], total: int) -> str: ...
+
+    def get(self, job_id: str, owner: str, with_results: bool = True) -> dict[str, Any] | None: ...
+
+    def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def cancel(self, job_id: str, owner: str) -> str | None: ...
+
+    def follow(self, job_id: str, owner: str, cursor: Any) -> tuple[dict[str, Any] | None, list, Any]:
+        """(the job without results, [(item, result)] recorded since ``cursor`` (None: from the start), the next
+        cursor); (None, [], cursor) when there is no such job for this owner. Never waits."""
+        ...
+
+    def offers(self, task: str) -> bool:
+        """Whether a live worker elsewhere runs ``task`` (a store without a worker registry says False)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class JobStore:
@@ -233,6 +266,20 @@ class JobStore:
                   "to finish it", now - stale_s)))  # fmt: skip
         return cur.rowcount
 
+    def follow(self, job_id: str, owner: str, cursor: int | None) -> tuple[dict[str, Any] | None, list, int | None]:
+        """What :meth:`Jobs.follow` says; here the items run in order, so the cursor is the count seen."""
+        job = self.get(job_id, owner, with_results=False)
+        if job is None:
+            return None, [], cursor
+        start = cursor or 0
+        with self._lock:
+            rows = self._db.execute("SELECT item, result FROM job_results WHERE job = ? AND item >= ? ORDER BY item",
+                                    (job_id, start)).fetchall()  # fmt: skip
+        return job, [(i, json.loads(r)) for i, r in rows], start + len(rows)
+
+    def offers(self, task: str) -> bool:
+        return False
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -245,6 +292,7 @@ class JobRunner:
         self.svc, self.store = svc, store
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.worker = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.tasks = [t for t in MODEL_FLAG if model_for(svc, t) is not None]  # what this process can run
         self.current: str | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -260,7 +308,9 @@ class JobRunner:
     def wake(self) -> None:
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop now: a running job goes back to the queue and continues after its last result (``grace`` is for
+        the Redis runner's interface; a job here is whole, so there is no item to wait for)."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -300,28 +350,47 @@ class JobRunner:
 
     async def _work(self, job_id: str, task: str, request: dict[str, Any], start: int) -> None:
         req = JobRequest(**request)
-        gen = self.svc.generators
-        model = gen.captioner if task == "caption" else gen.answerer
-        if model is None:
-            missing = "captioner" if task == "caption" else "answerer"
-            await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", f"this service has no {missing}")
+        if model_for(self.svc, task) is None:
+            why = f"this service has no {MODEL_FLAG[task][2:]}"
+            await asyncio.to_thread(self.store.finish, job_id, self.worker, "failed", why)
             return
-        opts = options_from(req.max_tokens, req.temperature, req.top_p, req.seed, self.svc.settings.max_new_tokens)
         for i in range(start, len(req.images)):
-            ref = image_ref(req.images[i])
-            result: dict[str, Any] = {"image": shown_ref(ref, i)}
-            question = None if task == "caption" else (req.questions[i] if req.questions else req.question)
-            if question is not None:
-                result["question"] = question
-            try:
-                img = await resolve_image(self.svc, ref)
-                text = await gen.generate(model, Prompt(images=[img], question=question), opts)
-                result["caption" if task == "caption" else "answer"] = text
-            except HTTPException as e:
-                result["error"] = str(e.detail)
+            result = await run_item(self.svc, task, req, i)
             if not await asyncio.to_thread(self.store.add_result, job_id, self.worker, i, result):
                 return  # cancelled (or reaped) meanwhile: stop working on it
         await asyncio.to_thread(self.store.finish, job_id, self.worker, "done")
+
+
+MODEL_FLAG = {"caption": "--captioner", "answer": "--answerer", "embed": "--model"}  # what loads each task's model
+
+
+def model_for(svc, task: str):
+    """The model of ``svc`` that runs ``task``, or None."""
+    if task == "embed":
+        return svc.embedder
+    return svc.generators.captioner if task == "caption" else svc.generators.answerer
+
+
+async def run_item(svc, task: str, req: JobRequest, i: int) -> dict[str, Any]:
+    """The result of image ``i`` of a job: image, question, and caption, answer or embedding, or error (an image
+    that cannot be read, a request the model refuses). Every runner, of every store, runs items through here."""
+    ref = image_ref(req.images[i])
+    result: dict[str, Any] = {"image": shown_ref(ref, i)}
+    question = None if task != "answer" else (req.questions[i] if req.questions else req.question)
+    if question is not None:
+        result["question"] = question
+    try:
+        img = await resolve_image(svc, ref)
+        if task == "embed":
+            (vec,) = await svc.embed_images([img])
+            result["embedding"] = [float(x) for x in vec]
+        else:
+            opts = options_from(req.max_tokens, req.temperature, req.top_p, req.seed, svc.settings.max_new_tokens)
+            text = await svc.generators.generate(model_for(svc, task), Prompt(images=[img], question=question), opts)
+            result["caption" if task == "caption" else "answer"] = text
+    except HTTPException as e:
+        result["error"] = str(e.detail)
+    return result
 
 
 def image_ref(ref: int | str) -> str:

@@ -93,11 +93,18 @@ class SearchRequest(Body):
     path: str | None = Field(None, description="only files whose path matches this glob or contains this text")
     after: float | None = Field(None, description="only images taken (or modified) after this unix time")
     before: float | None = None
+    rerank: bool = Field(
+        False,
+        description="re-order the top results with the service's cross-attention re-ranker (needs a text; "
+        "scores become the re-ranker's, the cosine stays as metadata.similarity)",
+    )
 
 
 class SearchHit(BaseModel):
     id: int = Field(description="the indexed image's id (for /images, /thumbs, more-like-this and labels)")
-    score: float = Field(description="cosine similarity to the query, rounded to 6 digits")
+    score: float = Field(
+        description="cosine similarity to the query (with rerank=true, the re-ranker's score), rounded to 6 digits"
+    )
     name: str = Field(description="the file's name (never its path)")
     metadata: dict[str, Any] = Field(description="width, height, format, size, modified, taken")
     image_url: str
@@ -139,6 +146,7 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str | None = Field(description="the embedder's id; null when none is loaded")
     images: int | None = Field(description="images in the index; null when no index is served")
+    index_version: int | None = Field(None, description="the published snapshot served (--snapshots); else null")
     captioner: str | None
     answerer: str | None
     labels: list[str] = Field(description="zero-shot labels the web page offers")

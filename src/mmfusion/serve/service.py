@@ -9,9 +9,9 @@ the CLI rank alike. Every use of the index runs in one thread of its own (SQLite
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,31 +19,11 @@ import numpy as np
 from PIL import Image
 
 from .batching import MicroBatcher
+from .cache import LRU, EmbeddingCache, LocalCache
 from .generation import Generators
 from .images import decode_data_url, decode_image_bytes
-from .jobs import JobRunner, JobStore
+from .jobs import JobRunner, Jobs, JobStore
 from .settings import ServeSettings
-
-
-class LRU:
-    """A small least-recently-used cache; size 0 keeps nothing."""
-
-    def __init__(self, size: int):
-        self.size, self.data = size, OrderedDict()
-
-    def get(self, key):
-        if key in self.data:
-            self.data.move_to_end(key)
-            return self.data[key]
-        return None
-
-    def put(self, key, value) -> None:
-        if self.size <= 0:
-            return
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
 
 
 class Metrics:
@@ -81,12 +61,14 @@ class Service:
         self.embedder = self.index = self.encoder = None
         self.draft_size: int | None = None  # query JPEGs decode at the scale indexing decodes them for the model
         self.metrics = Metrics()
-        self.text_cache = LRU(settings.text_cache_size)
+        self.text_cache: EmbeddingCache = LocalCache(settings.text_cache_size)
         self.thumbs = LRU(2048)  # (id, content hash) -> JPEG bytes
         self.index_pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-index")  # SQLite stays in one thread
         self.batchers: dict[str, MicroBatcher] = {}
         self.generators = Generators()
-        self.jobs: JobRunner | None = None
+        self.job_store: Jobs | None = None  # SQLite, or Redis with redis_url (what the routes call)
+        self.jobs = None  # the runner of job items in this process (a JobRunner or a RedisJobRunner), if any
+        self.reranker = None  # an index.rerank.SearchReranker when settings.reranker names one
         self.started = time.time()
         self._threads_before: tuple[int | None, int | None] | None = None  # (ONNX Runtime's, torch's) before
 
@@ -123,13 +105,27 @@ class Service:
             from ..index import Index
 
             # a given embedder is checked against the index's model: an index never mixes models
-            self.index = await self.in_index_thread(lambda: Index.open(s.index_dir, model=embedder))
+            if s.snapshots:  # the published versions, swapped between requests (index/snapshots.py)
+                from ..index.snapshots import SnapshotReader
+
+                self.index = await asyncio.to_thread(
+                    SnapshotReader.open, s.index_dir, embedder, poll_s=s.snapshot_poll_s,
+                    redis_url=getattr(s, "redis_url", None),
+                )  # fmt: skip
+            else:
+                self.index = await self.in_index_thread(
+                    lambda: Index.open(s.index_dir, model=embedder, vectors=s.vectors)
+                )
             if embedder is None:
                 embedder = await self.in_index_thread(lambda: self.index.model)  # the model the index was built with
         if captioner is None:
             captioner = await asyncio.to_thread(_load_model, s.captioner, s.device)
         if answerer is None:
             answerer = await asyncio.to_thread(_load_model, s.answerer, s.device)
+        if getattr(s, "reranker", None):
+            from ..index.rerank import load_reranker
+
+            self.reranker = await asyncio.to_thread(load_reranker, s.reranker)
         self.generators.close()  # the empty one made in __init__
         if s.threads and "torch" in sys.modules:  # a torch model (an export alone never imports torch)
             import torch
@@ -144,12 +140,31 @@ class Service:
             self.batchers["image"] = self._batcher("image", lambda images: list(self.encoder.encode_images(images)))
         if self.index is not None:  # searches of concurrent requests share one FAISS call, in the index's thread
             self.batchers["search"] = self._batcher("search", self._search_batch, executor=self.index_pool)
-        jobs_db = s.jobs_db or (s.index_dir / "jobs.sqlite" if s.index_dir is not None else None)
-        if captioner is None and answerer is None:
-            jobs_db = None  # nothing can run a job: no file is written beside the index
-        store = await asyncio.to_thread(JobStore, jobs_db)
-        self.jobs = JobRunner(self, store, s.job_heartbeat_s, s.job_stale_s)
-        self.jobs.start()
+        await self._open_jobs(captioner, answerer)
+
+    async def _open_jobs(self, captioner, answerer) -> None:
+        """The job store (Redis with redis_url, else SQLite), the shared text cache, and this process's runner."""
+        s = self.settings
+        if s.redis_url:
+            from .redis_jobs import RedisJobRunner, RedisJobStore
+
+            self.job_store = await asyncio.to_thread(RedisJobStore, s.redis_url, s.job_stale_s, s.job_max_attempts)
+            if self.embedder is not None and s.text_cache_size > 0:
+                from .cache import RedisCache
+
+                fingerprint = await asyncio.to_thread(_fingerprint, self.embedder)
+                self.text_cache = RedisCache(s.redis_url, fingerprint, ttl_s=s.cache_ttl_s)
+            if s.worker:
+                self.jobs = RedisJobRunner(self, self.job_store, s.job_heartbeat_s)
+        else:
+            jobs_db = s.jobs_db or (s.index_dir / "jobs.sqlite" if s.index_dir is not None else None)
+            if captioner is None and answerer is None:
+                jobs_db = None  # no model that generates: no file is written beside the index (embed jobs in memory)
+            self.job_store = await asyncio.to_thread(JobStore, jobs_db)
+            if s.worker:
+                self.jobs = JobRunner(self, self.job_store, s.job_heartbeat_s, s.job_stale_s)
+        if self.jobs is not None:
+            self.jobs.start()
 
     async def close(self) -> None:
         """Stop the job runner and the batchers, then close the job store, the index and the threads."""
@@ -167,8 +182,9 @@ class Service:
         for b in self.batchers.values():
             await b.stop()
         self.generators.close()
-        if self.jobs is not None:
-            self.jobs.store.close()
+        if self.job_store is not None:
+            self.job_store.close()
+        await self.text_cache.close()
         if self.index is not None:
             await self.in_index_thread(self.index.close)
         self.index_pool.shutdown(wait=True)
@@ -195,7 +211,7 @@ class Service:
 
     async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
         """(D,) embeddings of texts, through the LRU cache and the text batcher."""
-        out: list[np.ndarray | None] = [self.text_cache.get(t) for t in texts]
+        out: list[np.ndarray | None] = await self.text_cache.get_many(texts)
         todo = [i for i, v in enumerate(out) if v is None]
         self.metrics.cache.labels("hit").inc(len(texts) - len(todo))
         self.metrics.cache.labels("miss").inc(len(todo))
@@ -203,7 +219,7 @@ class Service:
             vecs = await self._submit("text", [texts[i] for i in todo])
             for i, v in zip(todo, vecs, strict=True):
                 out[i] = v
-                self.text_cache.put(texts[i], v)
+            await self.text_cache.put_many({texts[i]: out[i] for i in todo})
         return out  # type: ignore[return-value]
 
     async def decode(self, images: list[str | bytes]) -> list[Image.Image]:
@@ -247,14 +263,27 @@ class Service:
 
         out: list = [None] * len(items)
         queries: list[tuple[int, VectorQuery]] = []
-        for i, (terms, options) in enumerate(items):
-            try:
-                queries.append((i, VectorQuery(combine_terms(terms, self.index), **options)))
-            except (KeyError, ValueError) as e:
-                out[i] = e
-        for (i, _), results in zip(queries, self.index.search_many([q for _, q in queries]), strict=True):
-            out[i] = results
+        lease = getattr(self.index, "lease", None)  # snapshots: the whole batch on one version
+        with lease() if lease is not None else contextlib.nullcontext(self.index) as index:
+            for i, (terms, options) in enumerate(items):
+                try:
+                    queries.append((i, VectorQuery(combine_terms(terms, index), **options)))
+                except (KeyError, ValueError) as e:
+                    out[i] = e
+            for (i, _), results in zip(queries, index.search_many([q for _, q in queries]), strict=True):
+                out[i] = results
         return out
+
+
+def _fingerprint(model) -> str:
+    """What keys the shared cache's entries: the weights' fingerprint (the name, for a model without one and no
+    torch to hash it with)."""
+    from ..backends import model_fingerprint
+
+    try:
+        return model_fingerprint(model)
+    except ImportError:
+        return str(getattr(model, "name", type(model).__name__))
 
 
 def _load_model(name: str | None, device: str | None):

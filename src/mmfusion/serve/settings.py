@@ -20,6 +20,17 @@ class ServeSettings:
     host: str = field("127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
     port: int = field(8000, "TCP port")
     db: str | None = field(None, "an image index directory (mmfusion index): enables /search, /images, /thumbs")
+    vectors: str | None = field(
+        None,
+        "the index's vector store at another address (milvus://HOST:PORT/COLLECTION: every replica searches "
+        "one Milvus); default: the store the index recorded (FAISS, or the Milvus it was built into)",
+    )
+    snapshots: bool = field(
+        False,
+        "serve the --db index's published snapshots (mmfusion index --publish), swapping to each new version "
+        "between requests: many replicas, one writer",
+    )
+    snapshot_poll_s: float = field(1.0, "with --snapshots: how often the version pointer is read")
     model: str | None = field(None, "the Embedder (default: the index's model); enables /v1/embeddings, /classify")
     device: str | None = field(None, "cpu, cuda or cuda:N (default: a GPU when there is one)")
     threads: int | None = field(
@@ -53,11 +64,27 @@ class ServeSettings:
     thumb_size: int = field(256, "longest side of thumbnails in pixels")
     captioner: str | None = field(None, "a Captioner (e.g. hf:Salesforce/blip-image-captioning-base): captions")
     answerer: str | None = field(None, "an Answerer (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct): questions about images")
+    reranker: str | None = field(
+        None, "a re-ranker run (mmfusion train rerank): searches with rerank=true re-order their top rerank_k by it"
+    )
+    rerank_k: int = field(20, "results a search with rerank=true re-ranks")
     labels: list[str] = field(factory=list, help="default zero-shot labels offered by the web page")
     jobs_db: str | None = field(None, "SQLite file for async jobs (default: jobs.sqlite in --db, else in memory)")
     max_job_images: int = field(10_000, "most images in one job")
     job_heartbeat_s: float = field(5.0, "a running job's worker shows it is alive this often")
-    job_stale_s: float = field(30.0, "a running job whose worker was silent this long is marked failed")
+    job_stale_s: float = field(
+        30.0,
+        "a running job whose worker was silent this long is marked failed (with --redis: the visibility "
+        "timeout, after which another worker takes the item)",
+    )
+    redis_url: str | None = field(
+        None,
+        "redis://HOST:PORT/DB: jobs, workers and the text-embedding cache on Redis, shared by every replica "
+        "(flag --redis; default: SQLite jobs and an in-process cache)",
+    )
+    worker: bool = field(True, "run job items in this process; --no-worker: an API replica that only enqueues")
+    job_max_attempts: int = field(3, "with --redis: an image started this often by workers that died fails its job")
+    cache_ttl_s: float = field(86400.0, "with --redis: a cached text embedding expires this long after it is written")
     max_new_tokens: int = field(64, "longest caption or answer, in tokens, unless a request asks for fewer")
     allow_url_fetch: bool = field(False, "read image_url http(s) URLs (never private or loopback addresses)")
 

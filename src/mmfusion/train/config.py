@@ -146,6 +146,23 @@ class VQADataConfig:
 
 
 @dataclass
+class RerankDataConfig:
+    """The candidates of a re-ranker run (task rerank): per image, its caption among false ones; per caption, its
+    image among others."""
+
+    hard_negatives: int = field(
+        6, "per image, captions edited to be false of it (ShapesWorld: checked against the scene; a folder: word swaps)"
+    )
+    random_captions: int = field(2, "per image, other images' captions from the batch (those true of it are skipped)")
+    changed_scenes: int = field(
+        3, "ShapesWorld: per caption, its scene minimally changed so the caption is false of it (image-side negatives)"
+    )
+    random_images: int = field(2, "per caption, other images from the batch (those it is true of are skipped)")
+    text_weight: float = field(1.0, "weight of the caption-to-images loss beside the image-to-captions loss")
+    eval_scenes: int = field(200, "held-out ShapesWorld scenes of the composition report after training (0: none)")
+
+
+@dataclass
 class InitConfig:
     """What a run starts from."""
 
@@ -158,7 +175,8 @@ class InitConfig:
 
     from_clip: str | None = field(
         None, "a trained CLIP checkpoint to start from: the whole model for task clip (its architecture replaces "
-        "the preset's: fine-tuning, pruning's recovery), its image encoder (and tokenizer) for caption and vqa"
+        "the preset's: fine-tuning, pruning's recovery), its image encoder (and tokenizer) for caption and vqa, "
+        "its towers (and tokenizer) for rerank"
     )  # fmt: skip
     from_captioner: str | None = field(
         None, "generative VQA: a trained captioner to fine-tune on questions (its encoder, decoder and tokenizer)"
@@ -203,6 +221,7 @@ class RunConfig:
     distill: DistillConfig = field(factory=DistillConfig, help="a teacher the student learns from (task clip)")
     video: VideoDataConfig = field(factory=VideoDataConfig, help="video data (task video)")
     vqa: VQADataConfig = field(factory=VQADataConfig, help="VQA data (task vqa)")
+    rerank: RerankDataConfig = field(factory=RerankDataConfig, help="re-ranker candidates (task rerank)")
     out: str = field("runs/clip", "output directory: model/, checkpoints/, metrics.jsonl, plots/")
 
     def family(self) -> FamilySpec:

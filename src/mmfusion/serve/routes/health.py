@@ -20,6 +20,7 @@ async def healthz(svc: ServiceDep) -> dict[str, Any]:
     images = await svc.in_index_thread(svc.index.store.count) if svc.index is not None else None
     gen = svc.generators
     return {"status": "ok", "model": svc.embedder_id if svc.embedder is not None else None, "images": images,
+            "index_version": getattr(svc.index, "version", None),
             "captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
             "labels": svc.settings.labels, "auth": bool(svc.settings.api_keys),
             "uptime_s": round(time.time() - svc.started, 1)}  # fmt: skip

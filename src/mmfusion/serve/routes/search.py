@@ -77,7 +77,9 @@ async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None
     need_index(svc)
     need_embedder(svc)
     terms = await _terms(svc, req, image)
-    options = {"k": req.k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
+    rerank = _rerank_text(svc, req) if req.rerank else None
+    k = max(req.k, svc.settings.rerank_k) if rerank else req.k
+    options = {"k": k, "threshold": req.threshold, "path": req.path, "after": req.after, "before": req.before}
     try:
         results = await svc.search(terms, options)  # batched with concurrent searches
     except KeyError as e:
@@ -87,9 +89,32 @@ async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None
         raise HTTPException(404, f"no indexed image has id {missing}") from e
     except ValueError as e:
         raise HTTPException(400, str(e)) from e
+    if rerank:
+        results = await _reranked(svc, rerank, results, req.k)
     return {"results": [{"id": r.id, "score": round(r.score, 6), "name": r.path.rsplit("/", 1)[-1],
                          "metadata": r.metadata, "image_url": f"/images/{r.id}",
                          "thumbnail_url": f"/thumbs/{r.id}"} for r in results]}  # fmt: skip
+
+
+def _rerank_text(svc: Service, req: SearchRequest) -> str:
+    """The words a re-ranker reads for ``req``: its text and its text terms of positive weight."""
+    if svc.reranker is None:
+        raise HTTPException(400, "this service has no re-ranker: start it with --reranker RUN (mmfusion train rerank)")
+    texts = ([req.text] if req.text else []) + [t.text for t in req.terms if t.text and t.weight > 0]
+    if not texts:
+        raise HTTPException(400, "rerank=true reads the query's words: give a text (not only images or ids)")
+    return " ".join(texts)
+
+
+async def _reranked(svc: Service, text: str, results: list, k: int) -> list:
+    """The first ``rerank_k`` results re-ordered by the re-ranker (its model work off the event loop and out of the
+    index's thread), then the first ``k``."""
+    from ...index.rerank import rerank_results
+
+    head = results[: svc.settings.rerank_k]
+    rows = await svc.in_index_thread(svc.index.store.get, [r.id for r in head])
+    head = await asyncio.to_thread(rerank_results, svc.reranker, rows, text, head)
+    return (head + results[len(head) :])[:k]
 
 
 async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = None) -> list:

@@ -1,0 +1,174 @@
+"""Re-ranking a search's top K with a cross-attention re-ranker (``mmfusion search --rerank``, ``rerank=true``).
+
+The first stage (the CLIP vectors in the index) finds the K most similar images fast; a re-ranker
+(:class:`~mmfusion.models.reranker.Reranker`) then reads the query's words against each candidate's patches and
+orders them by its own score. The index keeps one vector per image, not its patches, so a candidate's file is
+decoded again (as indexing decodes it) and encoded by the re-ranker's image tower; those memories are kept in an
+LRU cache keyed by the file's id and content hash, so a candidate seen by an earlier query costs nothing (the
+benchmark, ``benchmarks/bench_rerank.py``, measures both). A result's ``score`` becomes the re-ranker's; the
+first stage's cosine stays in its metadata as ``similarity``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..data.images import ImageDecodeError
+from .decode import decode_file
+from .query import SearchResult, Term
+
+
+class PairScorer(Protocol):
+    """What re-ranks: a score per candidate image for one query text (a :class:`Reranker` is wrapped as one)."""
+
+    def score_files(self, text: str, rows: Sequence[Any]) -> np.ndarray:
+        """(K,) scores of ``rows`` (index rows with ``id``, ``path``, ``hash``), NaN for an unreadable file."""
+        ...
+
+
+def rerank_text(terms: Sequence[Term]) -> str:
+    """The text a re-ranker reads for a query: its text terms of positive weight, joined.
+
+    Raises:
+        ValueError: the query has no such text (a search by image alone cannot be re-ranked by words).
+    """
+    texts = [str(t.value) for t in terms if t.kind == "text" and t.weight > 0]
+    if not texts:
+        raise ValueError("re-ranking reads the query's words: give a text to search for (not only images or ids)")
+    return " ".join(texts)
+
+
+class SearchReranker:
+    """Scores candidate files with a re-ranker, caching each image's memory by (id, content hash).
+
+    Args:
+        model: a :class:`~mmfusion.models.reranker.Reranker`.
+        cache_size: image memories kept (about 25 KB each for rerank-tiny).
+        max_pixels: larger files are not decoded (as the index's limit).
+    """
+
+    def __init__(self, model, cache_size: int = 2048, max_pixels: int | None = None):
+        self.model, self.cache_size, self.max_pixels = model, cache_size, max_pixels
+        self.name = getattr(model, "name", "reranker")
+        self._cache: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.last_timing: dict[str, float] = {}
+
+    def clear(self) -> None:
+        """Empty the memory cache (the next query decodes and encodes every candidate)."""
+        with self._lock:
+            self._cache.clear()
+
+    def _memories(self, rows: Sequence[Any]) -> tuple[list[Any | None], int]:
+        """Per row its (1, ...) memory, None for a file that cannot be read; and how many were encoded now."""
+        import torch
+
+        from ..data.images import normalize_batch
+        from ..models.reranker import ImageMemory
+
+        with self._lock:
+            found = [self._cache.get((r.id, r.hash)) for r in rows]
+            for r, m in zip(rows, found):
+                if m is not None:
+                    self._cache.move_to_end((r.id, r.hash))
+        todo, pixels = [], []
+        size = self.model.transform.size
+        for n, r in enumerate(rows):
+            if found[n] is None:
+                try:
+                    kw = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+                    pixels.append(decode_file(r.path, size, **kw).pixels)
+                    todo.append(n)
+                except ImageDecodeError:
+                    continue
+        if todo:
+            t = self.model.transform
+            x = normalize_batch(torch.from_numpy(np.stack(pixels)), t.mean, t.std)
+            with torch.no_grad():
+                mem = self.model.encode_images(x)
+            with self._lock:
+                for j, n in enumerate(todo):
+                    found[n] = ImageMemory(mem.tokens[j : j + 1], mem.embeds[j : j + 1])
+                    self._cache[(rows[n].id, rows[n].hash)] = found[n]
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return found, len(todo)
+
+    def score_files(self, text: str, rows: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        from ..models.reranker import ImageMemory
+
+        t0 = time.perf_counter()
+        mems, encoded = self._memories(rows)
+        t1 = time.perf_counter()
+        ok = [n for n, m in enumerate(mems) if m is not None]
+        out = np.full(len(rows), np.nan)
+        if ok:
+            memory = ImageMemory(torch.cat([mems[n].tokens for n in ok]), torch.cat([mems[n].embeds for n in ok]))
+            out[ok] = self.model.score(text, memory).numpy()
+        self.last_timing = {"images_ms": (t1 - t0) * 1000, "head_ms": (time.perf_counter() - t1) * 1000,
+                            "encoded": encoded, "cached": len(rows) - encoded}  # fmt: skip
+        return out
+
+
+def rerank_results(
+    scorer: PairScorer, rows: Mapping[int, Any], text: str, results: Sequence[SearchResult]
+) -> list[SearchResult]:
+    """``results`` re-ordered by ``scorer``'s score for ``text``, each with that score (its first-stage score kept
+    as ``similarity`` in the metadata); files that can no longer be read keep their order, after the others.
+
+    Args:
+        rows: the index rows of the results by id (``store.get(ids)``: their files' paths and hashes).
+    """
+    if not results:
+        return []
+    present = [r for r in results if r.id in rows]
+    scores = scorer.score_files(text, [rows[r.id] for r in present])
+    scored = [(float(s), r) for s, r in zip(scores, present) if np.isfinite(s)]
+    scored.sort(key=lambda x: -x[0])  # stable: equal scores keep the first stage's order
+    out = [replace(r, score=s, metadata={**r.metadata, "similarity": round(r.score, 6)}) for s, r in scored]
+    done = {r.id for r in out}
+    return out + [r for r in results if r.id not in done]
+
+
+def search_reranked(index, scorer: PairScorer, query, k: int = 10, rerank_k: int = 20, **options) -> list[SearchResult]:
+    """:meth:`Index.search` for ``max(k, rerank_k)`` results, the first ``rerank_k`` re-ranked by ``scorer`` on the
+    query's text, then the first ``k``.
+
+    Args:
+        index: an open :class:`~mmfusion.index.Index`.
+        query: the query as :meth:`Index.search` takes it (CLI tokens, a string, or terms), with a text term.
+        options: the rest of :meth:`Index.search`'s keywords (threshold, path, after, before, ensemble, text, ...).
+    """
+    from .search import query_terms
+
+    text = rerank_text(query_terms(query, options.get("text"), options.get("image"), options.get("like")))
+    results = index.search(query, k=max(k, rerank_k), **options)
+    head = rerank_results(scorer, index.store.get([r.id for r in results[:rerank_k]]), text, results[:rerank_k])
+    return (head + results[rerank_k:])[:k]
+
+
+def as_scorer(model_or_scorer) -> PairScorer:
+    """A re-ranker model wrapped as a :class:`PairScorer` (a scorer is returned as it is)."""
+    return model_or_scorer if hasattr(model_or_scorer, "score_files") else SearchReranker(model_or_scorer)
+
+
+def load_reranker(spec: str, cache_size: int = 2048) -> SearchReranker:
+    """A re-ranker checkpoint (a ``mmfusion train rerank`` run) ready to re-rank searches."""
+    from ..models.checkpoint import load
+
+    model = load(spec)
+    if getattr(model, "family", None) != "reranker":
+        raise ValueError(
+            f"{spec} is a {getattr(model, 'family', type(model).__name__)} model, not a re-ranker: train one with "
+            "mmfusion train rerank --init.from_clip=CLIP_RUN --out RUN"
+        )
+    return SearchReranker(model, cache_size)

@@ -1,0 +1,211 @@
+"""Training adapter for the cross-attention re-ranker: each image against false captions, each caption against
+other images, softmax over the candidates.
+
+The candidates are the hard ones a CLIP confuses (:mod:`mmfusion.data.negatives`, as the composition benchmark
+makes them): per image, its caption against ``rerank.hard_negatives`` edits of its captions that are false of it
+(attributes or a relation swapped, one replaced, a count changed; word swaps for a caption folder) and
+``rerank.random_captions`` captions of other images in the batch; per caption, its image against
+``rerank.changed_scenes`` minimally changed scenes of which it is false (ShapesWorld) and ``rerank.random_images``
+other images. A candidate that is in fact true (another image's caption that also describes this scene) is left
+out of the softmax, not counted as a negative. The CLIP's towers come from ``init.from_clip`` and stay frozen
+unless ``model.freeze_clip=false``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.images import normalize_batch
+from ..data.negatives import changed_scenes, hard_negative
+from ..data.pairs import Pair, PairSampler, ShapesPairs
+from ..data.scene import Scene
+from ..data.shapes import Caption, satisfies
+from ..data.tokenizer import Tokenizer
+from ..models.reranker import Reranker
+from .clip_task import build_pair_source, first_epoch_in_order, start_from, trained_on
+from .config import RunConfig
+from .trainer import TaskDefaults
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RerankBatch:
+    images: torch.Tensor  # (NI, 3, S, S) normalised: the batch's images, then changed scenes
+    tokens: torch.Tensor  # (NT, L): the batch's captions, then the hard negative captions
+    i2t: torch.Tensor  # (B, C) per image, text candidates: column 0 its caption; -1 where none
+    t2i: torch.Tensor  # (B, C') per caption, image candidates: column 0 its image; -1 where none
+    meanings: list[dict | None] = field(default_factory=list)  # per text, when known (what the tests check)
+    scenes: list[Scene | None] = field(default_factory=list)  # per image, when known
+
+
+def _true_of(pair: Pair, text: str, meaning: dict | None) -> bool:
+    """Whether a caption is true of a pair's image: by the scene when both are known, else by equal text."""
+    if pair.scene is not None and meaning is not None:
+        return satisfies(pair.scene, meaning)
+    return text.strip().lower() in {c.strip().lower() for c in pair.captions}
+
+
+def _others(rng: np.random.Generator, n: int, i: int, k: int) -> list[int]:
+    """Up to ``k`` distinct indices of ``range(n)`` other than ``i``."""
+    pool = [j for j in range(n) if j != i]
+    return [pool[j] for j in rng.permutation(len(pool))[:k]]
+
+
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class RerankTask(TaskDefaults):
+    """Batches, loss and checkpoints of a re-ranker run (see :class:`mmfusion.train.trainer.Trainer`)."""
+
+    name = "rerank"
+
+    def __init__(self, cfg: RunConfig, model: Reranker, sampler: PairSampler, device: torch.device):
+        self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> RerankTask:
+        if not cfg.init.from_clip:
+            raise ValueError("a re-ranker reads a trained CLIP's features: give --init.from_clip=RUN (a CLIP run)")
+        clip = start_from(cfg.init.from_clip, device)
+        model = Reranker.from_clip(clip, cfg.model_config("reranker"), name=cfg.preset).to(device)
+        model.meta = {"trained_on": trained_on(cfg), "from_clip": str(cfg.init.from_clip)}
+        source = build_pair_source(cfg, model.cfg.clip.vision.image_size)
+        # ShapesWorld's negatives are drawn here from all of a scene's captions (below); a folder's by word swaps
+        folder_negatives = 0 if isinstance(source, ShapesPairs) else cfg.rerank.hard_negatives
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
+                              hard_negatives=folder_negatives)  # fmt: skip
+        log.info("re-ranker over %s: %s trainable parameters", cfg.init.from_clip,
+                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
+        return cls(cfg, model, sampler, device)
+
+    def dataset_size(self) -> int:
+        return len(self.sampler.source)
+
+    def prepare(self, step: int) -> RerankBatch:
+        """The batch of optimiser step ``step``: a pure function of the step (CPU work)."""
+        pairs = self.sampler.batch(*self.positions(step))
+        rng = np.random.default_rng([self.cfg.train.seed, 29, step])
+        for p in pairs:
+            self._scene_negatives(p, rng)
+        rc, B = self.cfg.rerank, len(pairs)
+        texts = [p.captions[0] for p in pairs]
+        meanings = [(p.meanings or [None])[0] for p in pairs]
+        i2t = []
+        for i, p in enumerate(pairs):
+            row = [i]
+            seen = {texts[i]}
+            for text, meaning in zip(p.negatives, p.negative_meanings or [None] * len(p.negatives)):
+                if text not in seen and not _true_of(p, text, meaning):  # a slot no edit filled holds a true one
+                    seen.add(text)
+                    row.append(len(texts))
+                    texts.append(text)
+                    meanings.append(meaning)
+            row += [j for j in _others(rng, B, i, rc.random_captions) if not _true_of(p, texts[j], meanings[j])]
+            i2t.append(row)
+        images, scenes = [p.image for p in pairs], [p.scene for p in pairs]
+        t2i = []
+        for i, p in enumerate(pairs):
+            row = [i]
+            for scene in self._changed(p, meanings[i], rng):
+                row.append(len(images))
+                images.append(np.asarray(self.sampler.source.world.render(scene, p.image.shape[0]), dtype=np.uint8))
+                scenes.append(scene)
+            row += [j for j in _others(rng, B, i, rc.random_images) if not _true_of(pairs[j], texts[i], meanings[i])]
+            t2i.append(row)
+        mcfg = self.model.cfg.clip
+        pixels = normalize_batch(torch.from_numpy(np.stack(images)), mcfg.image_mean, mcfg.image_std)
+        return RerankBatch(pixels, self.model.tokenizer.encode(texts), _padded(i2t), _padded(t2i), meanings, scenes)
+
+    def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
+        """ShapesWorld: ``rerank.hard_negatives`` negatives drawn from all the scene's captions, a type first and
+        then an edit of that type (as the benchmark draws them; one random caption rarely has a swap to make), the
+        pair's caption becoming the one the first negative was made from (the closest comparison)."""
+        source = self.sampler.source
+        if not isinstance(source, ShapesPairs) or pair.scene is None:
+            return
+        captions = source.world.captions(pair.scene)
+        got = [
+            hard_negative(pair.scene, captions, rng, avoid=source.heldout)
+            for _ in range(self.cfg.rerank.hard_negatives)
+        ]
+        got = [g for g in got if g is not None]
+        if got:
+            pair.captions, pair.meanings = [got[0][0].text], [got[0][0].meaning]
+        pair.negatives = [n.text for _, n in got]
+        pair.negative_meanings = [n.meaning for _, n in got]
+
+    def _changed(self, pair: Pair, meaning: dict | None, rng: np.random.Generator) -> list:
+        """Up to ``rerank.changed_scenes`` scenes minimally changed so that the pair's caption is false of them, each
+        of a type drawn first (replacements, many per caption, would otherwise crowd out the swaps)."""
+        k = self.cfg.rerank.changed_scenes
+        if not k or meaning is None or pair.scene is None or not isinstance(self.sampler.source, ShapesPairs):
+            return []
+        avoid = self.sampler.source.heldout
+        by_kind: dict[str, list] = {}
+        for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, avoid=avoid):
+            by_kind.setdefault(ch.kind, []).append(ch.scene)
+        kinds = list(by_kind)
+        out = []
+        for _ in range(min(k, sum(len(v) for v in by_kind.values()))):
+            options = by_kind[kinds[int(rng.integers(len(kinds)))]]
+            out.append(options.pop(int(rng.integers(len(options)))))
+            kinds = [kk for kk in kinds if by_kind[kk]]
+        return out
+
+    def train_step(self, batch: RerankBatch, accum: int,
+                   autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
+        with autocast():
+            memory = self.model.encode_images(batch.images.to(self.device))
+            feats = self.model.encode_texts(batch.tokens.to(self.device))
+            i2t = candidate_loss(self.model, memory, feats, batch.i2t.to(self.device), texts_vary=True)
+            t2i = candidate_loss(self.model, memory, feats, batch.t2i.to(self.device), texts_vary=False)
+            loss = i2t.loss + self.cfg.rerank.text_weight * t2i.loss
+        loss.backward()
+        return {"loss": float(loss.detach()), "i2t_acc": i2t.accuracy, "t2i_acc": t2i.accuracy}
+
+    def evaluate(self, out: Path) -> dict:
+        """The composition benchmark on held-out ShapesWorld scenes: the re-ranker, and its CLIP alone."""
+        from ..eval.rerank import compare_composition
+
+        if self.cfg.data.source != "shapes" or not self.cfg.rerank.eval_scenes:
+            return {}
+        return compare_composition(self.model, n=self.cfg.rerank.eval_scenes, out=out, progress=False)
+
+    @staticmethod
+    def summarize(report: dict, out: Path) -> list[str]:
+        from ..eval.rerank import comparison_lines
+
+        return comparison_lines(report) if report else []
+
+
+@dataclass
+class CandidateLoss:
+    loss: torch.Tensor  # scalar: mean cross-entropy of the true candidate (column 0) over the rows
+    accuracy: float  # rows whose true candidate scores highest
+
+
+def candidate_loss(model: Reranker, memory, feats, candidates: torch.Tensor, texts_vary: bool) -> CandidateLoss:
+    """Softmax over each row's candidates (-1: none), the true one in column 0.
+
+    Row ``i`` pairs image ``i`` with text candidates (``texts_vary``), or text ``i`` with image candidates."""
+    R, C = candidates.shape
+    valid = candidates >= 0  # (R, C)
+    rows = torch.arange(R, device=candidates.device)[:, None].expand(R, C)[valid]  # (P,)
+    cols = candidates[valid]  # (P,)
+    img, txt = (rows, cols) if texts_vary else (cols, rows)
+    logits = torch.full((R, C), float("-inf"), device=candidates.device)
+    logits[valid] = model.score_pairs(memory, feats, img, txt).float()
+    target = torch.zeros(R, dtype=torch.long, device=candidates.device)
+    loss = F.cross_entropy(logits, target)
+    return CandidateLoss(loss, float((logits.argmax(dim=1) == 0).float().mean()))
