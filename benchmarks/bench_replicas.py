@@ -62,21 +62,23 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def redis_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                              "--dir", str(tmp), "--protected-mode", "no"], stdout=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
+    import redis
+
     for _ in range(200):
         try:
-            import redis
-
             redis.Redis(port=port).ping()
-            break
-        except Exception:
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.RedisError:
             time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
 
 
 def arm(name: str, model: Path, tmp: Path, env: dict) -> tuple[list[int], list[subprocess.Popen]]:
