@@ -16,6 +16,22 @@ from mmfusion.index.writer import signals_deferred
 from tests.utils import photo, tiny_clip
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_delivered():
+    """A shell that starts the suite in the background (``cmd &`` without job control) hands it SIGINT ignored,
+    and Python keeps it so; these tests send Ctrl-C on purpose, so they get Python's usual handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _sigint_default() -> None:
+    """In a child about to exec Python: SIGINT back to its default, so Python installs KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return tiny_clip(tmp_path_factory.mktemp("model") / "clip")
@@ -106,7 +122,7 @@ def test_the_index_command_stops_cleanly_on_a_signal(tmp_path, model_dir, sig, c
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = ["-q", "index", str(photos), "--model", str(model_dir), "--db", str(db), "--batch-size", "2", "--chunk", "2"]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=_sigint_default)  # fmt: skip
     for _ in range(3):  # two batches embedded (and committed), the third under way
         assert proc.stdout.readline() == b"embedding\n", proc.stderr.read().decode()
     proc.send_signal(sig)
