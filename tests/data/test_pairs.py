@@ -140,3 +140,19 @@ def test_first_caption_leads_when_asked():
         assert first.sample(pos).texts[0] == full
     drawn = {PairSampler(src, seed=0).sample(p).texts[0] for p in range(20)}
     assert drawn - {world.captions(world.scene("train", p))[0].text for p in range(20)}  # random picks differ
+
+
+def test_negatives_edit_any_of_the_images_captions_so_swaps_come_often():
+    """One caption drawn per image, but its negatives may edit any caption of the scene: the binding and relation
+    swaps (same words, other order) that only multi-object captions allow show up, and every negative is false."""
+    from mmfusion.data.shapes import ShapesConfig, satisfies
+
+    world = ShapesWorld(ShapesConfig(curriculum=0))
+    s = PairSampler(ShapesPairs(world, 16), seed=0, hard_negatives=1)
+    swaps = 0
+    for pos in range(200):
+        p = s.sample(pos)
+        neg, meaning = p.negatives[0], p.negative_meanings[0]
+        assert neg not in {c.text for c in p.all_captions} and not satisfies(p.scene, meaning)
+        swaps += any(sorted(neg.split()) == sorted(c.text.split()) for c in p.all_captions)
+    assert swaps >= 30

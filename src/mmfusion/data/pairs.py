@@ -32,6 +32,7 @@ class Pair:
     meanings: list[dict | None] | None = None  # what each caption says, likewise
     negatives: list[str] = field(default_factory=list)  # captions edited to be false of the image
     negative_meanings: list[dict] = field(default_factory=list)
+    all_captions: list[Caption] | None = None  # every caption the data has for the image (hard negatives edit them)
 
     @property
     def caption(self) -> str:
@@ -80,6 +81,7 @@ class ShapesPairs:
             [c.text for c in chosen],
             scene,
             [c.meaning for c in chosen],
+            all_captions=list(caps),
         )
 
     def caption_corpus(self, limit: int) -> list[str]:
@@ -126,6 +128,7 @@ class FolderPairs:
             [rec.captions[i] for i in chosen],
             scene,
             [rec.extras[i].get("meaning") for i in chosen],
+            all_captions=[Caption(t, e.get("meaning")) for t, e in zip(rec.captions, rec.extras, strict=True)],
         )
 
     def caption_corpus(self, limit: int) -> list[str]:
@@ -203,17 +206,20 @@ class PairSampler:
         return pair
 
     def _add_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
-        """Hard negative captions (NegCLIP): for data that knows its scenes (ShapesWorld), one of the pair's
+        """Hard negative captions (NegCLIP): for data that knows its scenes (ShapesWorld), one of the image's
         captions edited by a random kind of :mod:`~mmfusion.data.negatives` so that it is false of the scene; for
         free text (a folder), a word swap of a caption (colours, shapes, a relation's order, a count), unchecked.
         A slot that no edit can fill holds a true caption, which the positives mask then counts as a match."""
         known = pair.scene is not None and bool(pair.meanings) and None not in pair.meanings
         heldout = set(getattr(self.source, "heldout", DEFAULT_HELDOUT))
         captions = [Caption(t, m) for t, m in zip(pair.captions, pair.meanings or [None] * len(pair.captions))]
+        # edits of any of the image's captions: the multi-object ones give the swaps even when the pair drew a
+        # single-object caption (any edit is false of the image, whichever caption it came from)
+        editable = [c for c in pair.all_captions or captions if c.meaning is not None] if known else captions
         for _ in range(self.n_negatives):
             j = int(rng.integers(len(captions)))
             if known:
-                got = hard_negative(pair.scene, captions, rng, avoid=heldout)
+                got = hard_negative(pair.scene, editable or captions, rng, avoid=heldout)
                 text, meaning = (got[1].text, got[1].meaning) if got else (captions[j].text, captions[j].meaning)
             else:
                 options = text_negatives(captions[j].text)
