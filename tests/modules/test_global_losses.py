@@ -8,8 +8,6 @@ a gather that drops the local part's gradient, labels without the rank's offset,
 scaling) and must each break the equality.
 """
 
-import os
-import socket
 
 import pytest
 import torch
@@ -81,10 +79,11 @@ def _bugged(bug: str, world: int, rank: int) -> None:
         global_losses._offset = lambda sizes, r: 0
 
 
-def _worker(rank: int, world: int, port: int, out: str):
+def _worker(rank: int, world: int, rendezvous: str, out: str):
     """Every case, first as the module is, then with each bug patched in (and taken out again)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: a port picked in advance can be taken by another socket before the store binds it
+    # (it was, once, by a test's lingering gRPC reconnects), and the child then aborts
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     originals = (global_losses._gather, global_losses._offset)
     results = {}
@@ -124,12 +123,6 @@ def _one_case(rank: int, world: int, bug: str | None, kind: str, local: bool, ma
             "scale": grads[0], "bias": grads[1]}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mismatch(got: dict, bug: str, kind: str, local: bool, masked: bool) -> float:
     img, txt, pos, _, _ = _data(masked)
     ref = _reference(kind, img, txt, pos, 7.5, -2.0)
@@ -140,8 +133,9 @@ def _mismatch(got: dict, bug: str, kind: str, local: bool, masked: bool) -> floa
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("global") / "result.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    folder = tmp_path_factory.mktemp("global")
+    out = str(folder / "result.pt")
+    mp.spawn(_worker, args=(2, str(folder / "rendezvous"), out), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 
