@@ -85,3 +85,13 @@ def test_a_teacher_refuses_gradient_accumulation(tmp_path):
     cfg = replace(tiny_run(tmp_path / "s", steps=2, accum_steps=2), distill=DistillConfig(teacher=str(teacher)))
     with pytest.raises(ValueError, match="accum_steps=1"):
         train(cfg)
+
+
+def test_a_teacher_refuses_several_processes(tmp_path, monkeypatch):
+    from mmfusion.train.clip_task import ClipTask
+
+    teacher = tiny_clip(tmp_path / "teacher")
+    cfg = replace(tiny_run(tmp_path / "s", steps=2), distill=DistillConfig(teacher=str(teacher)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="drop --nproc"):
+        ClipTask.build(cfg, torch.device("cpu"))

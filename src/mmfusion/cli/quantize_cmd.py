@@ -56,12 +56,13 @@ def cmd_quantize(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _is_checkpoint(path: str) -> bool:
-    from pathlib import Path
+    from ..models.checkpoint import resolve_checkpoint  # the one rule of what a checkpoint is
 
-    return any(
-        (p / "config.json").is_file() and (p / "model.safetensors").is_file()
-        for p in (Path(path), Path(path) / "model")
-    )
+    try:
+        resolve_checkpoint(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def add_parser(sub) -> None:

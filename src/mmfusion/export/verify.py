@@ -146,14 +146,7 @@ def compare(before: Measured, after: Measured, max_drop: float) -> dict[str, Any
 
 def plot_comparison(gate: dict[str, Any], path: str | Path, title: str) -> Path:
     """Grouped bars of each gated Recall@K before and after, the failed ones marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from ..utils.io import atomic_write_bytes
+    from ..eval.plots import _save, plt  # matplotlib (Agg) and the project's one way to write a figure
 
     names = list(gate["drops"])
     x = np.arange(len(names))
@@ -172,10 +165,7 @@ def plot_comparison(gate: dict[str, Any], path: str | Path, title: str) -> Path:
     ax.set_title(f"{title}: {verdict} (allowed drop {gate['max_drop']:g}, largest {gate['worst']['drop']:.3f})")
     ax.legend(frameon=False, fontsize=8, loc="upper left", ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return _save(fig, path)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -95,7 +95,8 @@ class SearchReranker:
                 mem = self.model.encode_images(x)
             with self._lock:
                 for j, n in enumerate(todo):
-                    found[n] = ImageMemory(mem.tokens[j : j + 1], mem.embeds[j : j + 1])
+                    # copies: a view would keep the whole batch alive until every entry of it is evicted
+                    found[n] = ImageMemory(mem.tokens[j : j + 1].clone(), mem.embeds[j : j + 1].clone())
                     self._cache[(rows[n].id, rows[n].hash)] = found[n]
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)

@@ -36,17 +36,17 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .jobs import JOB_FIELDS, JobRequest, StoreUnavailable, image_ref, model_for, run_item, shown_ref
+from .cache import LRU
+from .jobs import JOB_FIELDS, MODEL_FLAG, JobRequest, StoreUnavailable, image_ref, model_for, run_item, shown_ref
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mmfusion:"
 GROUP = "workers"
-TASKS = ("caption", "answer", "embed")
+TASKS = tuple(MODEL_FLAG)  # the tasks a job can have, as the SQLite runner knows them
 
 # KEYS: job, results. ARGV: item, max attempts, now, worker. -> {verdict, request}
 START = """
@@ -313,7 +313,7 @@ class RedisJobRunner:
         self.current: tuple[str, str] | None = None  # (task, entry id) being worked on
         self.items = 0  # items finished by this runner
         self._started = False  # whether the current item's start was counted
-        self._requests: OrderedDict[str, JobRequest] = OrderedDict()  # recent jobs' parsed requests
+        self._requests = LRU(8)  # recent jobs' parsed requests
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-redis-jobs")  # its blocking reads
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
@@ -408,11 +408,11 @@ class RedisJobRunner:
         await self._retry(self.store.ack, task, entry_id)
 
     def _request(self, job_id: str, request: dict[str, Any]) -> JobRequest:
-        if job_id not in self._requests:
-            self._requests[job_id] = JobRequest(**request)
-            while len(self._requests) > 8:
-                self._requests.popitem(last=False)
-        return self._requests[job_id]
+        req = self._requests.get(job_id)
+        if req is None:
+            req = JobRequest(**request)
+            self._requests.put(job_id, req)
+        return req
 
     async def _retry(self, fn, *args):
         """``fn(*args)`` in a thread, again every half second while Redis is away (a finished result is kept

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -180,6 +181,8 @@ class ClipTask(TaskDefaults):
         if cfg.distill.teacher:
             if cfg.train.accum_steps > 1:
                 raise ValueError("a teacher works on whole batches: set train.accum_steps=1 with distill.teacher")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # prepare() gives a slice no teacher inputs there
+                raise ValueError("distillation runs in one process: drop --nproc (or torchrun) with distill.teacher")
             from .distill import Teacher
 
             finite = len(source) > 0 and not cfg.data.augment.enabled

@@ -187,14 +187,7 @@ def sweep(model: CLIP, model_path: str, importance: Importance, out: Path, opts:
 
 def plot_curve(points: list[dict], path: Path, title: str) -> Path:
     """Quality (R@10 both ways, semantic P@1) against images/s, each point labelled with its ratio."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..utils.io import atomic_write_bytes
+    from ..eval.plots import _save, plt  # matplotlib (Agg) and the project's one way to write a figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = [p["images_per_s"] for p in points]
@@ -210,7 +203,4 @@ def plot_curve(points: list[dict], path: Path, title: str) -> Path:
     ax.set_title(f"pruning {Path(title).name}: quality against speed (labels: heads and MLP removed)", fontsize=9)
     ax.legend(frameon=False, fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return _save(fig, path)

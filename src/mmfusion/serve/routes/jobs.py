@@ -25,7 +25,6 @@ from ..jobs import (
     JobRequest,
     JobStatus,
     StoreUnavailable,
-    model_for,
     owner_of,
 )
 
@@ -43,7 +42,8 @@ async def _store(svc, fn: str, *args):
 
 async def _check_runnable(svc, task: str) -> None:
     """400 unless a model here or a live worker elsewhere runs ``task``."""
-    if model_for(svc, task) is not None or await _store(svc, "offers", task):
+    # a model here counts only when this process runs jobs (an API replica with --no-worker has models too)
+    if (svc.jobs is not None and task in svc.jobs.tasks) or await _store(svc, "offers", task):
         return
     flag = MODEL_FLAG[task]
     where = " and no live worker runs these jobs (mmfusion worker --redis URL " + flag + " ...)" if (
@@ -89,7 +89,7 @@ async def job_events(job_id: str, svc: ServiceDep, key: ApiKey) -> StreamingResp
     """The job as server-sent events: ``result`` ({item, result}) for each image as it finishes, ``progress``
     ({status, done, total}) when these change, and a last ``end`` (the job's summary) once it is over."""
     owner = owner_of(key)
-    job, _, _ = await _store(svc, "follow", job_id, owner, 0)
+    job = await _store(svc, "get", job_id, owner, False)  # exists for this key? (the stream reads the results)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} (for this API key)")
 
