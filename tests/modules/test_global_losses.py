@@ -8,7 +8,6 @@ a gather that drops the local part's gradient, labels without the rank's offset,
 scaling) and must each break the equality.
 """
 
-
 import pytest
 import torch
 import torch.distributed as dist
