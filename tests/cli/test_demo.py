@@ -1,4 +1,5 @@
-"""``mmfusion demo`` on a tiny budget: every step once, then the reuse that makes a second run start in seconds."""
+"""``mmfusion demo`` on a tiny budget: every step once (CLIP, captioner and VQA model trained, evaluated, served),
+then the reuse that makes a second run start in seconds."""
 
 import json
 import shutil
@@ -26,7 +27,20 @@ TINY = [
     "--data.tokenizer_captions=200",
     *[f"--{o}" for o in TINY_OVERRIDES],
 ]
-DEMO = ["-q", "demo", "--time", "3s", "--gallery", str(GALLERY), *TINY]
+# the captioner's decoder as small; the VQA model is the captioner fine-tuned (its shape)
+TINY_GENERATORS = [
+    "--caption.train.batch_size=8",
+    "--caption.train.threads=1",
+    "--caption.model.decoder.width=32",
+    "--caption.model.decoder.layers=1",
+    "--caption.model.decoder.heads=2",
+    "--caption.model.decoder.vocab_size=512",
+    "--caption.model.decoder.context_length=24",
+    "--vqa.train.batch_size=8",
+    "--vqa.train.threads=1",
+]
+DEMO = ["-q", "demo", "--time", "6s", "--gallery", str(GALLERY), *TINY, *TINY_GENERATORS]
+RUNS = ("clip", "caption", "vqa")
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +66,37 @@ def _images(db) -> int:
 
 def test_demo_runs_every_step_and_indexes_the_gallery(built):
     out, stdout = built
-    for step in range(1, 6):
-        assert f"[{step}/5]" in stdout, stdout
-    assert "training clip-tiny" in stdout
+    for step in range(1, 8):
+        assert f"[{step}/7]" in stdout, stdout
+    assert "budget 6s: clip 2s, caption 2s, vqa 2s" in stdout
+    assert "training the CLIP" in stdout and "training the captioner" in stdout and "training the VQA" in stdout
+    assert f"starting from {out / 'clip'}" in stdout and f"starting from {out / 'caption'}" in stdout
     assert f"{GALLERY} added" in stdout and f"({GALLERY} images embedded)" in stdout
-    assert (out / "clip" / "model" / "config.json").is_file()
+    configs = {run: json.loads((out / run / "model" / "config.json").read_text()) for run in RUNS}
+    assert configs["clip"]["family"] == "clip" and configs["caption"]["family"] == "captioner"
+    assert configs["vqa"]["config"]["answers_questions"] is True  # the captioner fine-tuned on questions
     assert json.loads((out / "clip" / "eval" / "retrieval.json").read_text())["n_images"] == GALLERY
+    assert json.loads((out / "caption" / "eval" / "captioning.json").read_text())["n"] == GALLERY
+    vqa = json.loads((out / "vqa" / "eval" / "vqa.json").read_text())
+    assert vqa["demo_n"] == 4 * GALLERY and 0 < vqa["n"] <= 4 * GALLERY
+    assert "attribute accuracy" in stdout and "accuracy" in stdout
     assert _images(out / "index") == GALLERY
-    assert "not serving (--no-serve)" in stdout and f"mmfusion serve --db {out / 'index'}" in stdout
+    serve = f"mmfusion serve --db {out / 'index'} --captioner {out / 'caption'} --answerer {out / 'vqa'}"
+    assert "not serving (--no-serve)" in stdout and serve in stdout
 
 
 def test_second_run_reuses_data_model_reports_and_index(built):
     out, _ = built
-    weights = out / "clip" / "model" / "model.safetensors"
-    before = weights.stat().st_mtime_ns
+    weights = [out / run / "model" / "model.safetensors" for run in RUNS]
+    before = [w.stat().st_mtime_ns for w in weights]
     stdout = _run_demo(out)
-    assert "reusing ShapesWorld" in stdout and "reusing the trained model" in stdout
-    assert "training clip-tiny" not in stdout and "evaluating" not in stdout
-    assert "the model's reports" in stdout and "R@1" in stdout  # the stored reports, shown again
+    assert "reusing ShapesWorld" in stdout
+    for what in ("CLIP", "captioner", "VQA model"):
+        assert f"reusing the trained {what}" in stdout, stdout
+    assert "training the" not in stdout and "evaluating" not in stdout
+    assert "R@1" in stdout and "attribute accuracy" in stdout  # the stored reports, shown again
     assert f"{GALLERY} unchanged" in stdout and "(0 images embedded)" in stdout
-    assert weights.stat().st_mtime_ns == before
+    assert [w.stat().st_mtime_ns for w in weights] == before
     assert _images(out / "index") == GALLERY
 
 
@@ -81,9 +106,10 @@ def test_training_cut_short_resumes_from_its_checkpoint(built, tmp_path):
     run = tmp_path / "demo"
     shutil.copytree(out / "shapesworld", run / "shapesworld")
     shutil.copytree(out / "clip" / "checkpoints", run / "clip" / "checkpoints")
-    stdout = _run_demo(run)
-    assert "resuming the training cut short at step-" in stdout
-    assert "training clip-tiny" not in stdout and "reusing ShapesWorld" in stdout
+    stdout = _run_demo(run, "--train", "clip")
+    assert "resuming the CLIP (search, zero-shot labels)'s training cut short at step-" in stdout
+    assert "training the CLIP" not in stdout and "reusing ShapesWorld" in stdout
+    assert "[3/7] not training the caption model" in stdout and not (run / "caption").exists()
     # the budget was spent before the cut: resuming adds no step, and the model is the one of the first run
     with (
         open(out / "clip" / "model" / "model.safetensors", "rb") as a,
@@ -101,7 +127,7 @@ def test_busy_port_fails_before_any_work(tmp_path, capsys):
         assert main([*DEMO, "--out", str(tmp_path / "demo"), "--port", str(port)]) == 2
     err = capsys.readouterr()
     assert f"port {port} on 127.0.0.1 is busy" in err.err and f"--port {port + 1}" in err.err
-    assert "[1/5]" not in err.out and not (tmp_path / "demo").exists()
+    assert "[1/7]" not in err.out and not (tmp_path / "demo").exists()
 
 
 def test_demo_serves_the_page_and_stops_on_ctrl_c(built):
@@ -121,6 +147,15 @@ def test_demo_serves_the_page_and_stops_on_ctrl_c(built):
         with urllib.request.urlopen(url + "healthz", timeout=10) as r:
             health = json.load(r)
         assert health["images"] == GALLERY and "red circle" in health["labels"] and len(health["labels"]) == 48
+        assert health["captioner"] and health["answerer"]  # the demo's own, trained above
+        with urllib.request.urlopen(url + "models", timeout=10) as r:
+            cards = {c["role"]: c for c in json.load(r)["models"]}
+        assert set(cards) == {"embedder", "captioner", "answerer"}
+        assert cards["captioner"]["family"] == "captioner" and cards["captioner"]["training"]["step"] > 0
+        tasks = {m["task"] for c in cards.values() for m in c["metrics"]}
+        assert tasks == {"retrieval", "zeroshot", "caption", "vqa"}, cards
+        with urllib.request.urlopen(url + "models/answerer/curve.png", timeout=10) as r:
+            assert r.headers["content-type"] == "image/png" and r.read(8) == b"\x89PNG\r\n\x1a\n"
         if (Path(mmfusion.serve.__file__).parent / "static" / "index.html").is_file():
             with urllib.request.urlopen(url, timeout=10) as r:
                 assert r.status == 200 and "text/html" in r.headers["content-type"]
@@ -140,6 +175,27 @@ def test_demo_help_names_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--port", "--no-serve", "--gallery", "--captioner", "--answerer", "--time", "--out"):
+    for flag in ("--port", "--no-serve", "--gallery", "--captioner", "--answerer", "--time", "--out", "--train"):
         assert flag in out, flag
-    assert "later release" in out  # native captioners and answerers are not trainable yet
+    assert "later release" not in out and "--caption.train.lr" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train", "clip,vqa"], "add caption"),
+        (["--train", "caption"], "keep clip"),
+        (["--train", "clip,blip"], "choose from clip, caption, vqa"),
+    ],
+)
+def test_bad_model_choices_fail_before_any_work(tmp_path, capsys, flags, message):
+    assert main([*DEMO, "--out", str(tmp_path / "demo"), "--no-serve", *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_options_go_to_the_model_they_name():
+    from mmfusion.cli.demo_steps import split_options
+
+    got = split_options(["--train.lr=1", "--caption.train.lr=2", "--vqa.vqa.caption_share=1", "--clip.model.x=3"])
+    assert got == {"clip": ["--train.lr=1", "--model.x=3"], "caption": ["--train.lr=2"],
+                   "vqa": ["--vqa.caption_share=1"]}  # fmt: skip

@@ -2,6 +2,6 @@
 them all. Every route takes the running service as ``svc: ServiceDep`` and the caller's key as ``key: ApiKey``
 (see :mod:`mmfusion.serve.deps`)."""
 
-from . import health, jobs, labels, openai, page, search
+from . import cards, health, jobs, labels, openai, page, search
 
-ROUTERS = (page.router, health.router, openai.router, search.router, labels.router, jobs.router)
+ROUTERS = (page.router, health.router, openai.router, search.router, labels.router, jobs.router, cards.router)
