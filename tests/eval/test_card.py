@@ -1,0 +1,60 @@
+"""Model cards read from a run directory: what the page shows beside each served model."""
+
+import json
+
+import pytest
+
+from mmfusion.eval.card import card_curve, headline_metrics, model_card
+from mmfusion.models.checkpoint import save_model
+from mmfusion.models.clip import CLIPConfig
+from mmfusion.models.registry import build_model
+from mmfusion.modules.encoders import TextConfig, VisionConfig
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A training run as `mmfusion train` leaves it: model/, metrics.jsonl (its last line cut by a crash), eval/."""
+    vision = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    cfg = CLIPConfig(embed_dim=16, vision=vision, text=TextConfig(vocab_size=64, context_length=8, width=32,
+                                                                  layers=1, heads=2))  # fmt: skip
+    model = build_model("clip", cfg, None, name="clip-mini")
+    model.meta = {"trained_on": {"source": "shapes"}}
+    save_model(model, tmp_path / "model")
+    rows = [{"step": 10, "elapsed_s": 1.5, "loss": 2.0}, {"step": 20, "samples": 640, "elapsed_s": 3.25, "loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')
+    (tmp_path / "eval").mkdir()
+    retrieval = {"task": "retrieval", "n_images": 24, "metrics": {"i2t_R@1": 0.5, "i2t_R@10": 0.9, "t2i_R@10": 0.8}}
+    (tmp_path / "eval" / "retrieval.json").write_text(json.dumps(retrieval))
+    (tmp_path / "eval" / "broken.json").write_text("{not json")
+    return tmp_path, sum(p.numel() for p in model.parameters())
+
+
+def test_card_of_a_run_has_its_family_size_training_and_figures(run):
+    path, params = run
+    card = model_card(str(path), "embedder")
+    assert card["family"] == "clip" and card["name"] == "clip-mini" and card["trained_on"] == "shapes"
+    assert card["parameters"] == params  # read from the safetensors header alone
+    assert card["training"] == {"step": 20, "samples": 640, "elapsed_s": 3.25, "loss": 1.5}  # the cut line skipped
+    assert card["metrics"] == [{"task": "retrieval", "n": 24, "i2t_R@1": 0.5, "i2t_R@10": 0.9, "t2i_R@10": 0.8}]
+    assert card["curve"] is False and card_curve(str(path)) is None
+    (path / "plots").mkdir()
+    (path / "plots" / "training.png").write_bytes(b"\x89PNG")
+    assert card_curve(str(path / "model")) == path / "plots" / "training.png"  # the checkpoint finds its run
+
+
+def test_pretrained_and_missing_models():
+    assert model_card(None, "captioner") is None
+    card = model_card("hf:Salesforce/blip-image-captioning-base", "captioner")
+    assert card["family"] == "pretrained" and "metrics" not in card and card_curve("hf:x/y") is None
+
+
+def test_headline_metrics_of_each_report_kind():
+    caption = {"task": "captioning", "n": 50, "metrics": {"attribute_accuracy": 0.9, "CIDEr": 4.1, "BLEU-4": 0.8}}
+    assert headline_metrics(caption) == {"task": "caption", "n": 50, "attribute_accuracy": 0.9, "CIDEr": 4.1,
+                                         "BLEU-4": 0.8}  # fmt: skip
+    vqa = {"task": "vqa", "n": 400, "metrics": {"accuracy": 0.85, "per_type": {"colour": 0.9}}}
+    assert headline_metrics(vqa) == {"task": "vqa", "n": 400, "accuracy": 0.85, "accuracy_colour": 0.9}
+    zs = {"task": "zeroshot", "groups": {"seen": {"top1": 0.5, "top5": 0.9, "n": 40}, "heldout": {"top1": 0.1, "n": 8}}}
+    assert headline_metrics(zs) == {"task": "zeroshot", "n": 48, "top1_seen": 0.5, "top5_seen": 0.9,
+                                    "top1_heldout": 0.1}  # fmt: skip
+    assert headline_metrics({"task": "fusion", "metrics": {"f1": 1.0}}) == {}
