@@ -124,7 +124,10 @@ def model_card(source: str | None, role: str) -> dict[str, Any] | None:
         return card
     meta = _read_json(ckpt / CONFIG_FILE) or {}
     family = meta.get("family", "unknown")
-    card.update(family=family, name=meta.get("name") or ckpt.name, what=KINDS.get(family, family))
+    what = KINDS.get(family, family)
+    if family == "captioner" and (meta.get("config") or {}).get("answers_questions"):
+        what = "captioner fine-tuned on questions (VQA by generation): it captions and answers"
+    card.update(family=family, name=meta.get("name") or ckpt.name, what=what)
     trained = meta.get("trained_on") or {}
     if trained.get("source"):
         card["trained_on"] = trained["source"]

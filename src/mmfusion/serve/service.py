@@ -13,6 +13,7 @@ import contextlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,7 @@ class Service:
         self.jobs = None  # the runner of job items in this process (a JobRunner or a RedisJobRunner), if any
         self.reranker = None  # an index.rerank.SearchReranker when settings.reranker names one
         self.started = time.time()
+        self._ids: dict[int, str] = {}  # id(model) -> its name in the API, unique among the served models
         self._threads_before: tuple[int | None, int | None] | None = None  # (ONNX Runtime's, torch's) before
 
     # ---- opening and closing ------------------------------------------------------------------------------
@@ -133,6 +135,8 @@ class Service:
             self._threads_before = (self._threads_before[0], torch.get_num_threads())
             torch.set_num_threads(s.threads)
         self.embedder, self.generators = embedder, Generators(captioner, answerer)
+        self._ids = served_ids([(embedder, s.model, "embedder"), (captioner, s.captioner, "captioner"),
+                                (answerer, s.answerer, "answerer")])  # fmt: skip
         if embedder is not None:
             self.encoder = QueryEncoder(embedder)
             self.draft_size = self.encoder.size  # the smallest side indexing decodes JPEGs at for this model
@@ -204,10 +208,13 @@ class Service:
     @property
     def embedder_id(self) -> str:
         """The embedder's id in /v1/models and /healthz."""
-        return getattr(self.embedder, "name", None) or "mmfusion"
+        return self._ids.get(id(self.embedder)) or getattr(self.embedder, "name", None) or "mmfusion"
 
     def model_name(self, model) -> str | None:
-        return None if model is None else (getattr(model, "name", None) or type(model).__name__)
+        """A served model's id in /v1/models, /healthz and the chat route's ``model`` field."""
+        if model is None:
+            return None
+        return self._ids.get(id(model)) or getattr(model, "name", None) or type(model).__name__
 
     async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
         """(D,) embeddings of texts, through the LRU cache and the text batcher."""
@@ -273,6 +280,23 @@ class Service:
             for (i, _), results in zip(queries, index.search_many([q for _, q in queries]), strict=True):
                 out[i] = results
         return out
+
+
+def served_ids(models: list[tuple[Any, str | None, str]]) -> dict[int, str]:
+    """Names for the served models that tell them apart: each its own name, unless two different models share
+    one (a captioner and the same preset fine-tuned for VQA are both ``caption-tiny``): those get the folder they
+    were loaded from (``caption-tiny:vqa``), or their role, after it. One model in two roles keeps one name."""
+    names = {id(m): getattr(m, "name", None) or type(m).__name__ for m, _, _ in models if m is not None}
+    out = {}
+    for model, source, role in models:
+        if model is None or id(model) in out:
+            continue
+        name = names[id(model)]
+        if sum(n == name for n in names.values()) > 1:
+            tag = Path(str(source).rstrip("/")).name if source and not str(source).startswith("hf:") else role
+            name = f"{name}:{tag}"
+        out[id(model)] = name
+    return out
 
 
 def _fingerprint(model) -> str:

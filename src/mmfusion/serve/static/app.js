@@ -196,12 +196,12 @@ const METRIC_NAMES = {
 };
 
 function metricRows(m) {
-  // one row per figure: "retrieval · image→text R@10 · 0.912"
+  // one row per figure of a report: ["image→text R@10", "0.912"]
   const rows = [];
   for (const [k, v] of Object.entries(m)) {
     if (k === "task" || k === "n" || typeof v !== "number") continue;
     const name = METRIC_NAMES[k] || k.replace(/^accuracy_/, "VQA accuracy, ");
-    rows.push([m.task, name, Number.isInteger(v) ? String(v) : v.toFixed(3)]);
+    rows.push([name, Number.isInteger(v) && Math.abs(v) >= 1 ? String(v) : v.toFixed(3)]);
   }
   return rows;
 }
@@ -211,7 +211,7 @@ function modelCard(c) {
   li.className = "model-card";
   li.dataset.role = c.role;
   const h = document.createElement("h3");
-  h.textContent = `${c.role}: ${c.name}`;
+  h.textContent = `${c.role}: ${c.id || c.name}`;
   const what = Object.assign(document.createElement("p"), { className: "what", textContent: c.what || "" });
   li.append(h, what);
   const facts = [];
@@ -221,18 +221,25 @@ function modelCard(c) {
   if (t && t.step) facts.push(`${t.step.toLocaleString()} steps in ${Math.round(t.elapsed_s || 0)} s`);
   if (c.quantize) facts.push(c.quantize);
   if (facts.length) li.append(Object.assign(document.createElement("p"), { className: "facts", textContent: facts.join(" · ") }));
-  const rows = (c.metrics || []).flatMap(metricRows);
-  if (rows.length) {
+  const reports = (c.metrics || []).filter((m) => metricRows(m).length);
+  if (reports.length) {
     const table = document.createElement("table");
     table.className = "metrics";
     table.createCaption().textContent = "Measured on held-out data";
-    for (const [task, name, value] of rows) {
-      const tr = table.insertRow();
-      tr.insertCell().textContent = task;
-      tr.insertCell().textContent = name;
-      const td = tr.insertCell();
-      td.textContent = value;
-      td.className = "num";
+    for (const m of reports) {
+      const body = table.createTBody();
+      const th = document.createElement("th");
+      th.colSpan = 2;
+      th.scope = "rowgroup";
+      th.textContent = m.n ? `${m.task} (n=${m.n})` : m.task;
+      body.insertRow().append(th);
+      for (const [name, value] of metricRows(m)) {
+        const tr = body.insertRow();
+        tr.insertCell().textContent = name;
+        const td = tr.insertCell();
+        td.textContent = value;
+        td.className = "num";
+      }
     }
     li.append(table);
   } else if (c.family !== "pretrained") {
