@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..utils.checkpoint_files import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
+
 __all__ = ["model_card", "card_curve", "headline_metrics"]
 
 # what each family is, in a line a newcomer understands
@@ -86,8 +88,6 @@ def _run_dir(ckpt: Path) -> Path:
 
 def _parameters(ckpt: Path) -> int | None:
     """Parameters in the checkpoint's weights, from the safetensors header alone (no tensor is read)."""
-    from ..models.checkpoint import WEIGHTS_FILE
-
     try:
         with open(ckpt / WEIGHTS_FILE, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -115,11 +115,8 @@ def model_card(source: str | None, role: str) -> dict[str, Any] | None:
     if str(source).startswith("hf:") or not Path(source).exists():
         card.update(family="pretrained", name=str(source), what="a pretrained model (Hugging Face)")
         return card
-    from ..models.checkpoint import CONFIG_FILE, resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(source)
-    except FileNotFoundError:  # an export or a save_pretrained folder: named, not described
+    ckpt = find_checkpoint(source)
+    if ckpt is None:  # an export or a save_pretrained folder: named, not described
         card.update(family="other", name=Path(source).name, what="a model exported or saved elsewhere")
         return card
     meta = _read_json(ckpt / CONFIG_FILE) or {}
@@ -153,11 +150,8 @@ def card_curve(source: str | None) -> Path | None:
     """The training curve (``plots/training.png``) of the run behind ``source``, if it has one."""
     if not source or str(source).startswith("hf:"):
         return None
-    from ..models.checkpoint import resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(source)
-    except FileNotFoundError:
+    ckpt = find_checkpoint(source)
+    if ckpt is None:
         return None
     curve = _run_dir(ckpt) / "plots" / "training.png"
     return curve if curve.is_file() else None

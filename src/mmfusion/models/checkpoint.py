@@ -24,12 +24,12 @@ from torch import nn
 
 from ..config import ConfigError, from_dict
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..utils.checkpoint_files import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 from ..utils.io import atomic_replace_dir, atomic_write_json
 from ..version import __version__
 from .int8 import INT8, native_int8
 from .registry import FAMILIES, build_model, list_models
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "mmfusion.checkpoint/1"
 _CORE_KEYS = ("format", "family", "name", "config", "mmfusion_version")
 
@@ -72,9 +72,9 @@ def write_model_files(model: nn.Module, directory: Path, extra: dict[str, Any] |
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory for a path: the directory itself, or the ``model/`` of a training run."""
     path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
-            return candidate
+    found = find_checkpoint(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise FileNotFoundError(
             f"no model at {path}: give a checkpoint directory (config.json + model.safetensors) "
