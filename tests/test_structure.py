@@ -31,7 +31,7 @@ LAYERS = [
     {"tasks"},
     {"index"},
     {"serve"},
-    {"cli"},
+    {"cli", "recipe"},  # a recipe runs the commands of cli in order (cli/run_cmd.py runs a recipe)
     {"", "__main__"},  # the package root: mmfusion/__init__.py, the public API, and `python -m mmfusion`
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import socket
 import sys
 
 MODEL_HELP = (
@@ -149,3 +152,22 @@ def ray_options(args: argparse.Namespace):
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
     )
+
+
+def listen_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket on ``host:port`` (0: any free port), or an error that says what to do."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if os.name != "nt":  # as uvicorn does: a port left in TIME_WAIT by the last run is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise RuntimeError(
+                f"port {port} on {host} is busy (another mmfusion serve or demo?): choose another with "
+                f"--port {port + 1} (make demo PORT={port + 1}), or stop what is using it"
+            ) from e
+        raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from e
+    return sock

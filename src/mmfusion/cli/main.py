@@ -22,7 +22,7 @@ COMMANDS = {
     "embed": "embed_cmd", "transcribe": "transcribe_cmd", "ask": "ask_cmd", "serve": "serve_cmd",
     "worker": "worker_cmd", "bench": "bench_cmd", "classify": "classify_cmd", "caption": "caption_cmd",
     "models": "models_cmd", "demo": "demo_cmd", "export": "export_cmd", "quantize": "quantize_cmd",
-    "distill": "compress_cmd", "prune": "compress_cmd",
+    "distill": "compress_cmd", "prune": "compress_cmd", "run": "run_cmd",
 }  # fmt: skip
 
 
