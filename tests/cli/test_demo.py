@@ -68,7 +68,7 @@ def test_demo_runs_every_step_and_indexes_the_gallery(built):
     out, stdout = built
     for step in range(1, 8):
         assert f"[{step}/7]" in stdout, stdout
-    assert "budget 6s: clip 2s, caption 2s, vqa 2s" in stdout
+    assert "budget 6s: clip 1s, caption 2s, vqa 2s" in stdout
     assert "training the CLIP" in stdout and "training the captioner" in stdout and "training the VQA" in stdout
     assert f"starting from {out / 'clip'}" in stdout and f"starting from {out / 'caption'}" in stdout
     assert f"{GALLERY} added" in stdout and f"({GALLERY} images embedded)" in stdout
@@ -191,6 +191,14 @@ def test_demo_help_names_every_flag(capsys):
 def test_bad_model_choices_fail_before_any_work(tmp_path, capsys, flags, message):
     assert main([*DEMO, "--out", str(tmp_path / "demo"), "--no-serve", *flags]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_the_budget_is_shared_by_the_models_trained():
+    from mmfusion.cli.demo_steps import STAGES, budgets, duration
+
+    assert {k: duration(v) for k, v in budgets(720, list(STAGES)).items()} == {
+        "clip": "2m24s", "caption": "4m48s", "vqa": "4m48s"}  # fmt: skip
+    assert budgets(60, [STAGES[0]]) == {"clip": 60}  # the CLIP alone gets it all
 
 
 def test_options_go_to_the_model_they_name():

@@ -34,13 +34,13 @@ EXAMPLES = """
 examples:
   mmfusion demo                                    # everything under runs/demo/, then http://127.0.0.1:8000/
   mmfusion demo --port 9000
-  mmfusion demo --time 15m                         # a longer budget: better captions and answers
+  mmfusion demo --time 20m                         # a longer budget: better captions and answers
   mmfusion demo --no-serve                         # stop after indexing; serve later with the command it prints
   mmfusion demo --train clip                       # the CLIP alone (search and labels), in the whole budget
   mmfusion demo --captioner hf:Salesforce/blip-image-captioning-base   # a pretrained captioner instead
 
-The budget is shared: the CLIP gets 30%, the captioner 35% (its image encoder starts as the CLIP's), the VQA
-model 35% (the captioner fine-tuned on questions). A second run reuses the data, the models, the reports and the
+The budget is shared: the CLIP gets 20%, the captioner 40% (its image encoder starts as the CLIP's), the VQA
+model 40% (the captioner fine-tuned on questions). A second run reuses the data, the models, the reports and the
 index; to train one again, remove its folder (OUT/clip, OUT/caption, OUT/vqa). Options of `mmfusion train` apply
 to the CLIP (--train.batch_size=64, --model.vision.layers=3, ...), or to one model with its name in front
 (--caption.train.lr=1e-3, --vqa.vqa.caption_share=1.0).
@@ -61,9 +61,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
     p.add_argument(
         "--time",
-        default="8m",
-        help="training budget of all the models together (default 8m; 3m, 20m, ...): 30%% CLIP, 35%% captioner, "
-        "35%% VQA",
+        default="12m",
+        help="training budget of all the models together (default 12m; 5m, 20m, ...): 20%% CLIP, 40%% captioner, "
+        "40%% VQA",
     )
     p.add_argument(
         "--train",
