@@ -12,6 +12,7 @@ from .common import add_model_options, command, load_model
 
 EXAMPLES_ASK = """
 examples:
+  mmfusion ask scene.png "What colour is the circle?" --model runs/vqa    # a run of mmfusion train vqa
   mmfusion ask photo.jpg "How many dogs are there?" --model hf:Qwen/Qwen2.5-VL-3B-Instruct
   mmfusion ask photo.jpg "Describe the scene." --model hf:Qwen/Qwen2.5-VL-3B-Instruct --max-new-tokens 200
   mmfusion ask photo.jpg "Write a caption." --model hf:Qwen/Qwen2.5-VL-3B-Instruct --temperature 0.7 --seed 1
@@ -19,6 +20,9 @@ examples:
 
 The answer is printed as it is generated (--no-stream: all at once). Greedy decoding unless --temperature
 or --top-p is given; --seed makes sampling repeatable. HF_HUB_OFFLINE=1 keeps everything off the network.
+mmfusion's own VQA runs answer the question alone (no --system): one trained with --preset caption-tiny generates
+its answer and takes the generation options; a VQA classifier (the default preset, vqa-tiny) picks one of the
+answers it was trained on, so it refuses the generation options.
 """
 
 
@@ -28,13 +32,15 @@ def add_parser(sub) -> None:
         "ask",
         cmd_ask,
         help="ask a question about an image (visual question answering)",
-        description="Answer a question about an image with a model that answers questions (Qwen2.5-VL).",
+        description="Answer a question about an image with a VQA run of mmfusion train vqa (a classifier, or a "
+        "captioner trained on questions with --preset caption-tiny) or a chat model such as "
+        "hf:Qwen/Qwen2.5-VL-3B-Instruct.",
         epilog=EXAMPLES_ASK,
     )
     a.add_argument("image", metavar="IMAGE", help="the image file")
     a.add_argument("question", metavar="QUESTION", help="the question")
     add_model_options(a)
-    a.add_argument("--system", help="a system prompt (instructions for how to answer)")
+    a.add_argument("--system", help="a system prompt (instructions for how to answer; chat models such as Qwen)")
     a.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 128)")
     a.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy, the default)")
     a.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this total probability")
@@ -55,6 +61,12 @@ def generation_options(args: argparse.Namespace) -> dict:
     if (args.temperature is not None and args.temperature > 0) or args.top_p is not None:
         opts["do_sample"] = True
     return opts
+
+
+ANSWERERS = (
+    "a run of mmfusion train vqa (a classifier, or a captioner trained on questions with --preset caption-tiny) "
+    "or a chat model such as hf:Qwen/Qwen2.5-VL-3B-Instruct"
+)
 
 
 def _kind(model) -> str:
@@ -84,8 +96,15 @@ def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
     if not isinstance(model, Answerer):
         raise ValueError(
             f"{args.model} is {_kind(model)}, not a model that answers questions about images; mmfusion ask needs "
-            "one such as hf:Qwen/Qwen2.5-VL-3B-Instruct"
+            f"one: {ANSWERERS}"
         )
+    if not getattr(model, "answers_questions", True):
+        raise ValueError(f"{args.model} is a captioner trained on captions only; mmfusion ask needs {ANSWERERS}")
+    vocabulary = getattr(model, "answer_vocabulary", None)
+    if vocabulary is not None and opts:
+        flags = ", ".join("--" + k.replace("_", "-") for k in opts if k != "do_sample")
+        raise ValueError(f"{args.model} is a VQA classifier: it picks one of its {len(vocabulary)} answers rather "
+                         f"than generating, so {flags} do not apply; leave them out")  # fmt: skip
     if args.max_pixels is not None:
         if not hasattr(model, "max_pixels"):
             raise ValueError(f"{args.model} does not take --max-pixels")

@@ -1,4 +1,4 @@
-"""``mmfusion caption``: describe images in words with a captioning model (BLIP)."""
+"""``mmfusion caption``: describe images in words with a captioner (a run of ``mmfusion train caption``, or BLIP)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from .common import Skipped, add_model_options, command
 
 EXAMPLES_CAPTION = """
 examples:
+  mmfusion caption photo.jpg --model runs/caption          # a captioner trained by mmfusion train caption
+  mmfusion caption *.png --model runs/caption --beams 3 --max-new-tokens 20 --json
   mmfusion caption photo.jpg --model hf:Salesforce/blip-image-captioning-base
   mmfusion caption *.jpg --model hf:Salesforce/blip-image-captioning-base --beams 3 --json
   mmfusion caption photo.jpg --model hf:Salesforce/blip-image-captioning-base --prompt "a photograph of"
@@ -18,7 +20,8 @@ examples:
 
 Prints one line per image: PATH<TAB>CAPTION. Files that cannot be read as images are skipped with a
 message on stderr (exit status 1); the others are still captioned. Greedy decoding (the default) and beam
-search are deterministic; sampling is repeatable with --seed.
+search are deterministic; sampling is repeatable with --seed. mmfusion's own captioners (a caption or generative
+VQA run) take every option but --prompt, which is BLIP's conditional captioning.
 """
 
 _DEFAULTS = GenerationOptions()
@@ -29,14 +32,17 @@ def add_parser(sub) -> None:
         sub,
         "caption",
         cmd_caption,
-        help="describe images in words (BLIP captioning)",
-        description="Write a caption for each IMAGE with a captioning model (a BLIP model such as "
-        "hf:Salesforce/blip-image-captioning-base). With --prompt every caption continues that text.",
+        help="describe images in words (your captioner run, or BLIP)",
+        description="Write a caption for each IMAGE with a captioner: a run of mmfusion train caption (or of "
+        "mmfusion train vqa --preset caption-tiny), or a BLIP model such as "
+        "hf:Salesforce/blip-image-captioning-base. With --prompt (BLIP only) every caption continues that text.",
         epilog=EXAMPLES_CAPTION,
     )
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_model_options(c)
-    c.add_argument("--prompt", metavar="TEXT", help="text every caption starts with (conditional captioning)")
+    c.add_argument(
+        "--prompt", metavar="TEXT", help="text every caption starts with (conditional captioning; BLIP models)"
+    )
     c.add_argument(
         "--max-new-tokens",
         type=int,
@@ -88,8 +94,9 @@ def _not_a_captioner(model) -> str:
     what = next((i.__name__ for i in (Embedder, Answerer, Transcriber) if isinstance(model, i)), None)
     article = "an" if what and what[0] in "AEIOU" else "a"
     role = f" ({article} {what})" if what else ""
-    return f"{name} is a {kind.upper()} model{role}; caption needs a BLIP captioning model " \
-           "(e.g. hf:Salesforce/blip-image-captioning-base)"  # fmt: skip
+    return (f"{name} is a {kind.upper()} model{role}; caption needs a BLIP model (e.g. "
+            "hf:Salesforce/blip-image-captioning-base) or a captioner trained by mmfusion train caption (e.g. "
+            "runs/caption)")  # fmt: skip
 
 
 def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:

@@ -10,8 +10,10 @@ EXAMPLES = """
 examples:
   mmfusion serve --db ~/.mmfusion/photos                        # search the index with its own model
   mmfusion serve --model hf:openai/clip-vit-base-patch32        # embeddings only
-  mmfusion serve --db photos/ --answerer hf:Qwen/Qwen2.5-VL-3B-Instruct \
-                 --captioner hf:Salesforce/blip-image-captioning-base     # questions and captions too
+  # captions and questions too: by runs of mmfusion train caption / vqa, or by Hugging Face models
+  mmfusion serve --db runs/demo/index --captioner runs/demo/caption --answerer runs/demo/vqa
+  mmfusion serve --db photos/ --captioner hf:Salesforce/blip-image-captioning-base
+  mmfusion serve --db photos/ --answerer hf:Qwen/Qwen2.5-VL-3B-Instruct --device cuda
   mmfusion serve --config serve.yaml --port 9000
   mmfusion serve --db photos/ --redis redis://localhost:6379/0 --no-worker   # an API replica: jobs go to
                                                         # mmfusion worker processes, cache and jobs shared in Redis
@@ -22,7 +24,9 @@ POST /search (text, image, id or weighted terms; k, threshold, path, after, befo
 GET /images/{id}, GET /thumbs/{id}, POST /classify, POST /v1/chat/completions (questions and captions; images as
 data URLs or mmfusion://images/<id>; stream: true for server-sent events), POST /jobs and GET /jobs/{id}
 (captions, answers or embeddings for many images, kept in SQLite or Redis; GET /jobs/{id}/events streams them),
-GET /healthz, GET /metrics (Prometheus), and the web page at /.
+GET /healthz, GET /metrics (Prometheus), and the web page at /. --captioner takes a run of mmfusion train caption
+or an hf: BLIP; --answerer a run of mmfusion train vqa (a classifier, or --preset caption-tiny: answers by
+generation) or an hf: Qwen2.5-VL.
 The OpenAPI page (every body documented) is at /docs. Settings: flags > MMFUSION_<NAME> environment
 variables > --config YAML > defaults. The service binds 127.0.0.1 unless --host says otherwise.
 """

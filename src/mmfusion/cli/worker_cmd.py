@@ -7,6 +7,7 @@ import dataclasses
 
 EXAMPLES = """
 examples:
+  mmfusion worker --redis redis://localhost:6379/0 --captioner runs/demo/caption --answerer runs/demo/vqa
   mmfusion worker --redis redis://localhost:6379/0 --captioner hf:Salesforce/blip-image-captioning-base
   mmfusion worker --redis redis://redis:6379/0 --answerer hf:Qwen/Qwen2.5-VL-3B-Instruct --device cuda
   mmfusion worker --redis redis://redis:6379/0 --db /data/photos   # embeddings and mmfusion://images/<id> inputs

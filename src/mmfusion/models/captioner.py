@@ -71,6 +71,12 @@ class CaptionModel(nn.Module):
     def transform(self) -> ImageTransform:
         return ImageTransform(self.cfg.vision.image_size, self.cfg.image_mean, self.cfg.image_std)
 
+    @property
+    def answers_questions(self) -> bool:
+        """Whether :meth:`answer` works (the model was trained on questions); the service and ``mmfusion ask`` read
+        it to refuse a caption-only run as an answerer."""
+        return bool(self.cfg.answers_questions)
+
     @classmethod
     def from_clip(cls, clip, cfg: CaptionerConfig | None = None, freeze: bool = False, name: str = "captioner"):
         """A captioner whose image encoder (and tokenizer) start as a trained CLIP's (load a checkpoint with
@@ -157,7 +163,8 @@ class CaptionModel(nn.Module):
     def caption(self, images, prompt: str | None = None, **options: Any) -> list[str]:
         """One caption per image (PIL images, paths, or a preprocessed tensor)."""
         if prompt is not None:
-            raise ValueError("this captioner does not take a prompt; leave it out")
+            raise ValueError(f"captioner {self.name!r} does not take a prompt (conditional captioning is for BLIP "
+                             "models); leave the prompt out")  # fmt: skip
         if self.tokenizer is None:
             raise RuntimeError(f"captioner {self.name!r} has no tokenizer; load a trained checkpoint")
         was_training = self.training
@@ -186,6 +193,7 @@ class CaptionModel(nn.Module):
             items = images if images.dim() == 4 else images[None]
         else:
             items = list(images) if isinstance(images, (list, tuple)) else [images]
+        no_system_prompt(self.name, options)
         qs = [questions] if isinstance(questions, str) else list(questions)
         if len(qs) == 1 and len(items) > 1:
             qs = qs * len(items)
@@ -214,6 +222,13 @@ class CaptionModel(nn.Module):
     def stream_answer(self, image, question: str, **options: Any):
         """The answer in one piece (answers are a few tokens)."""
         yield self.answer([image], question, **options)[0]
+
+
+def no_system_prompt(name: str, options: dict[str, Any]) -> None:
+    """mmfusion's own answerers read the question alone: a system prompt (a chat model's) is refused by name."""
+    if "system" in options:
+        raise ValueError(f"{name!r} answers the question alone and takes no system prompt; leave it out (system "
+                         "prompts are for chat models such as Qwen2.5-VL)")  # fmt: skip
 
 
 def caption_batches(model: CaptionModel, images: Sequence, batch_size: int = 64, **options: Any) -> list[str]:

@@ -24,6 +24,7 @@ from ..interfaces import GenerationOptions
 from ..modules.encoders import VisionConfig, VisionTransformer
 from ..modules.fusions import CrossModalAttentionBlock
 from ..modules.layers import Block
+from .captioner import no_system_prompt
 
 
 @dataclass
@@ -117,6 +118,11 @@ class VQAModel(nn.Module):
         pooled = (self.ln(x) * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
         return self.head(pooled)
 
+    @property
+    def answer_vocabulary(self) -> list[str]:
+        """The answers :meth:`answer` chooses from (it generates nothing, so generation options do not apply)."""
+        return list(self.cfg.answers)
+
     def answer_ids(self, answers: Sequence[str]) -> torch.Tensor:
         index = {a: i for i, a in enumerate(self.cfg.answers)}
         unknown = [a for a in answers if a not in index]
@@ -154,7 +160,9 @@ class VQAModel(nn.Module):
 
     def answer(self, images, questions: str | Sequence[str], **options: Any) -> list[str]:
         """The most likely answer for each (image, question) pair; one question may be asked of every image.
-        Generation options are accepted for the interface's sake (an answer is chosen, not generated)."""
+        Generation options are checked and ignored, for the interface's sake (an answer is chosen, not generated);
+        a system prompt is refused."""
+        no_system_prompt(self.name, options)
         GenerationOptions.parse(options)
         return [self.cfg.answers[i] for i in self.scores(images, questions).argmax(-1).tolist()]
 

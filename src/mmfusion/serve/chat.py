@@ -4,6 +4,11 @@ Images are ``image_url`` content parts holding a data URL (``data:image/png;base
 (``mmfusion://images/42``) or, only when the service allows URL fetching, a public http(s) URL. The request names
 the answerer or the captioner as its ``model``; without one, a question goes to the answerer and an image alone
 to the captioner. ``stream: true`` answers with server-sent events ending in ``data: [DONE]``.
+
+The models are Hugging Face ones (BLIP, Qwen2.5-VL) or mmfusion's own runs, alike. mmfusion's own answerers (a
+generative VQA run, a VQA classifier) read the last user text about its one image, without system messages or
+earlier turns; a VQA classifier picks an answer from its vocabulary, so the sampling fields and max_tokens do not
+change it (they are checked, then ignored, as clients send them by default) and it always finishes with ``stop``.
 """
 
 from __future__ import annotations
@@ -168,8 +173,9 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
     prompt = await build_prompt(svc, req.messages)
     names = {"captioner": svc.model_name(gen.captioner), "answerer": svc.model_name(gen.answerer),
              "embedder": svc.model_name(svc.embedder)}  # fmt: skip
-    model = gen.model_for(prompt, req.model, names)
-    if model is gen.captioner and prompt.messages is not None:
+    role = gen.role_for(prompt, req.model, names)
+    model = getattr(gen, role)
+    if role == "captioner" and prompt.messages is not None:
         prompt.messages = None  # a captioner describes the images; text parts are not used
     opts = options_from(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed,
                         svc.settings.max_new_tokens)  # fmt: skip
@@ -177,12 +183,12 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompt_tokens = count_tokens(model, prompt.question or "")
     if not req.stream:
-        text = await gen.generate(model, prompt, opts)
+        text = await gen.generate(role, prompt, opts)
         done = count_tokens(model, text)
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "length" if done >= opts.max_new_tokens else "stop"}],
+                         "finish_reason": _finish(model, done, opts)}],
             "usage": _usage(prompt_tokens, done),
         }  # fmt: skip
 
@@ -199,7 +205,7 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         yield chunk({"role": "assistant", "content": ""})
         pieces: list[str] = []
         try:
-            async for piece in gen.stream(model, prompt, opts):
+            async for piece in gen.stream(role, prompt, opts):
                 pieces.append(piece)
                 yield chunk({"content": piece})
         except HTTPException as e:  # headers are sent: the error travels in the stream, as OpenAI's does
@@ -209,7 +215,7 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
             yield _error_event("generation failed (the server's log says why)", "server_error")
         else:
             done = count_tokens(model, "".join(pieces))
-            yield chunk({}, "length" if done >= opts.max_new_tokens else "stop")
+            yield chunk({}, _finish(model, done, opts))
             if usage:
                 yield _event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                               "choices": [], "usage": _usage(prompt_tokens, done)})  # fmt: skip
@@ -217,6 +223,13 @@ async def complete(svc, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+def _finish(model, completion_tokens: int, opts) -> str:
+    """``length`` when the text used up max_tokens; a classifier's answer is chosen whole, so always ``stop``."""
+    if getattr(model, "answer_vocabulary", None) is not None:
+        return "stop"
+    return "length" if completion_tokens >= opts.max_new_tokens else "stop"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

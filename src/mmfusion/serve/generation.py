@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import HTTPException
 from PIL import Image
@@ -21,6 +21,7 @@ from PIL import Image
 from ..interfaces import GenerationOptionError, GenerationOptions
 
 _END = object()
+Role = Literal["captioner", "answerer"]
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +61,7 @@ class Generators:
     """The served Captioner and Answerer, their thread and their one-at-a-time lock."""
 
     def __init__(self, captioner=None, answerer=None):
+        check_roles(captioner, answerer)
         self.captioner, self.answerer = captioner, answerer
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmfusion-generate")
         self._lock: asyncio.Semaphore | None = None
@@ -72,18 +74,20 @@ class Generators:
             self._lock = asyncio.Semaphore(1)
         return self._lock
 
-    def model_for(self, prompt: Prompt, model: str | None, names: dict[str, str | None]):
-        """The model a chat request goes to: the one it names, else the answerer for questions and the
-        captioner for an image alone."""
+    def role_for(self, prompt: Prompt, model: str | None, names: dict[str, str | None]) -> Role:
+        """The role a chat request goes to: the model it names, else the answerer for questions and the
+        captioner for an image alone. (A role, not a model: one model may play both.)"""
         if model:
-            if model == names.get("answerer"):
-                if prompt.question is None and prompt.messages is None:
+            asked = prompt.question is not None or prompt.messages is not None
+            # one model may serve both roles (a generative VQA run): a question goes to it as the answerer
+            if model == names.get("answerer") and (asked or model != names.get("captioner")):
+                if not asked:
                     raise HTTPException(400, "ask a question: add a text part to the user message")
-                return self.answerer
+                return "answerer"
             if model == names.get("captioner"):
                 if len(prompt.images) < 1:
                     raise HTTPException(400, "captioning needs an image: add an image_url part")
-                return self.captioner
+                return "captioner"
             if model == names.get("embedder"):
                 raise HTTPException(400, f"{model!r} is an embedding model: use /v1/embeddings")
             served = ", ".join(repr(n) for n in (names.get("answerer"), names.get("captioner")) if n) or "none"
@@ -91,30 +95,31 @@ class Generators:
         if prompt.question is not None:
             if self.answerer is None:
                 raise HTTPException(400, "no answerer is loaded: start the service with --answerer to ask questions")
-            return self.answerer
+            return "answerer"
         if self.captioner is not None and prompt.images:
-            return self.captioner
+            return "captioner"
         if self.answerer is not None and prompt.images:
             raise HTTPException(400, "no captioner is loaded (--captioner); send a question for the answerer")
         raise HTTPException(400, "nothing to do: send an image to caption, or an image and a question")
 
-    def _run(self, model, prompt: Prompt, opts: GenerationOptions) -> str:
+    def _run(self, role: Role, prompt: Prompt, opts: GenerationOptions) -> str:
         kw = _option_kwargs(opts)
-        if model is self.captioner:
+        if role == "captioner":
             captions = self.captioner.caption(prompt.images, **kw)
             return captions[0] if len(captions) == 1 else "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
         if prompt.messages is not None and self.answerer_takes_messages:
             return self.answerer.answer(messages=prompt.messages, **kw)[0]
         return self.answerer.answer(_one_image(prompt), prompt.question, **kw)[0]
 
-    async def generate(self, model, prompt: Prompt, opts: GenerationOptions) -> str:
+    async def generate(self, role: Role, prompt: Prompt, opts: GenerationOptions) -> str:
+        """The caption (``role="captioner"``) or the answer (``"answerer"``), whole."""
         async with self.lock:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, _guard, self._run, model, prompt, opts)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, _guard, self._run, role, prompt, opts)
 
-    async def stream(self, model, prompt: Prompt, opts: GenerationOptions) -> AsyncIterator[str]:
+    async def stream(self, role: Role, prompt: Prompt, opts: GenerationOptions) -> AsyncIterator[str]:
         """Pieces of the caption or answer as they come (a captioner yields its caption whole)."""
-        if model is self.captioner or not self.streams:
-            yield await self.generate(model, prompt, opts)
+        if role == "captioner" or not self.streams:
+            yield await self.generate(role, prompt, opts)
             return
         loop = asyncio.get_running_loop()
         kw = _option_kwargs(opts)
@@ -136,10 +141,35 @@ class Generators:
         self.pool.shutdown(wait=True)
 
 
-def _one_image(prompt: Prompt) -> Image.Image | None:
-    if len(prompt.images) > 1:
-        raise HTTPException(400, "this answerer takes one image per question; send one image_url part")
-    return prompt.images[0] if prompt.images else None
+def _one_image(prompt: Prompt) -> Image.Image:
+    """The one image an answerer without a chat template (mmfusion's own VQA models) is asked about."""
+    if len(prompt.images) != 1:
+        raise HTTPException(400, f"this answerer takes one image per question and got {len(prompt.images)}; "
+                                 "send one image_url part with the question")  # fmt: skip
+    return prompt.images[0]
+
+
+def check_roles(captioner, answerer) -> None:
+    """Refuse, at start-up, a model that cannot play the role it was given, naming what can (an answerer needs
+    ``answer``; ``stream_answer`` is optional here: without it the answer streams whole)."""
+    if captioner is not None and not callable(getattr(captioner, "caption", None)):
+        raise ValueError(f"--captioner {_describe(captioner)} does not caption; give a captioner run (mmfusion "
+                         "train caption) or a BLIP such as hf:Salesforce/blip-image-captioning-base")  # fmt: skip
+    if answerer is None:
+        return
+    if not callable(getattr(answerer, "answer", None)) or not getattr(answerer, "answers_questions", True):
+        raise ValueError(f"--answerer {_describe(answerer)} does not answer questions; give a VQA run (mmfusion "
+                         "train vqa, or mmfusion train vqa --preset caption-tiny) or an hf: model such as "
+                         "hf:Qwen/Qwen2.5-VL-3B-Instruct")  # fmt: skip
+
+
+def _name(model) -> str:
+    return getattr(model, "name", None) or type(model).__name__
+
+
+def _describe(model) -> str:
+    kind = getattr(model, "family", None) or getattr(model, "model_type", None) or type(model).__name__
+    return f"({_name(model)!r}, a {kind} model)"
 
 
 def _guard(fn, *args):
@@ -165,6 +195,8 @@ def count_tokens(model, text: str) -> int:
     """Tokens of ``text`` by the model's tokenizer when it has one, else words."""
     tok = getattr(model, "tokenizer", None)
     try:
+        if callable(getattr(tok, "ids", None)):  # mmfusion's own tokenizer: encode() pads to the context length
+            return len(tok.ids(text))
         if tok is not None and hasattr(tok, "encode"):
             ids = tok.encode(text, add_special_tokens=False) if _takes(tok.encode, "add_special_tokens") else None
             if ids is None:

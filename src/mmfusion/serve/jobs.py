@@ -386,7 +386,8 @@ async def run_item(svc, task: str, req: JobRequest, i: int) -> dict[str, Any]:
             result["embedding"] = [float(x) for x in vec]
         else:
             opts = options_from(req.max_tokens, req.temperature, req.top_p, req.seed, svc.settings.max_new_tokens)
-            text = await svc.generators.generate(model_for(svc, task), Prompt(images=[img], question=question), opts)
+            role = "captioner" if task == "caption" else "answerer"
+            text = await svc.generators.generate(role, Prompt(images=[img], question=question), opts)
             result["caption" if task == "caption" else "answer"] = text
     except HTTPException as e:
         result["error"] = str(e.detail)

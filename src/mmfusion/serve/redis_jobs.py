@@ -154,6 +154,7 @@ class RedisJobStore:
             self.r.register_script(s) for s in (START, RECORD, CANCEL, BEAT)
         )
         self._groups: set[str] = set()
+        self._turn = 0  # the queue take() reads first (they take turns)
 
     # ---- the API side ---------------------------------------------------------------------------------------
 
@@ -248,15 +249,25 @@ class RedisJobStore:
                 if fields:  # an entry deleted meanwhile comes back empty
                     log.warning("took over image %s of job %s from a silent worker", fields["item"], fields["job"])
                     return task, entry_id, fields["job"], int(fields["item"])
+        # COUNT is per stream: a read of several queues can deliver one entry of each, and an entry delivered but
+        # not worked on waits the visibility timeout. So each queue is read alone first (in turn, for fairness),
+        # and only when all are empty does one read wait on all of them; what else it delivers is handed back.
+        first, self._turn = self._turn % len(tasks), self._turn + 1
         try:
-            got = self.r.xreadgroup(GROUP, worker, {_queue(t): ">" for t in tasks}, count=1, block=block_ms)
+            for task in tasks[first:] + tasks[:first]:
+                got = self.r.xreadgroup(GROUP, worker, {_queue(task): ">"}, count=1)
+                if got:
+                    break
+            else:
+                got = self.r.xreadgroup(GROUP, worker, {_queue(t): ">" for t in tasks}, count=1, block=block_ms)
         except redis.ResponseError as e:  # NOGROUP: Redis lost its data (no AOF?): make the groups again
             self._groups.clear()
             raise StoreUnavailable(f"the job queues are gone from Redis ({e}); making them again") from e
-        for stream, entries in got or ():
-            for entry_id, fields in entries:
-                return stream[len(PREFIX + "queue:") :], entry_id, fields["job"], int(fields["item"])
-        return None
+        taken = [(stream[len(PREFIX + "queue:") :], entry_id, fields["job"], int(fields["item"]))
+                 for stream, entries in got or () for entry_id, fields in entries]  # fmt: skip
+        for extra in taken[1:]:
+            self.hand_back(*extra, started=False)
+        return taken[0] if taken else None
 
     def start(self, job_id: str, item: int, worker: str) -> tuple[str, dict[str, Any] | None]:
         """('go', request) when the item should run now; ('skip' | 'gone' | 'failed', None) when not."""

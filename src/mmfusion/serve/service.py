@@ -13,7 +13,6 @@ import contextlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,8 +134,7 @@ class Service:
             self._threads_before = (self._threads_before[0], torch.get_num_threads())
             torch.set_num_threads(s.threads)
         self.embedder, self.generators = embedder, Generators(captioner, answerer)
-        self._ids = served_ids([(embedder, s.model, "embedder"), (captioner, s.captioner, "captioner"),
-                                (answerer, s.answerer, "answerer")])  # fmt: skip
+        self._ids = served_ids([(embedder, "embedder"), (captioner, "captioner"), (answerer, "answerer")])
         if embedder is not None:
             self.encoder = QueryEncoder(embedder)
             self.draft_size = self.encoder.size  # the smallest side indexing decodes JPEGs at for this model
@@ -282,20 +280,18 @@ class Service:
         return out
 
 
-def served_ids(models: list[tuple[Any, str | None, str]]) -> dict[int, str]:
-    """Names for the served models that tell them apart: each its own name, unless two different models share
-    one (a captioner and the same preset fine-tuned for VQA are both ``caption-tiny``): those get the folder they
-    were loaded from (``caption-tiny:vqa``), or their role, after it. One model in two roles keeps one name."""
-    names = {id(m): getattr(m, "name", None) or type(m).__name__ for m, _, _ in models if m is not None}
+def served_ids(models: list[tuple[Any, str]]) -> dict[int, str]:
+    """Names for the served models (``(model, role)`` pairs) that tell them apart: each its own name, unless two
+    different models share one (a captioner and the same preset fine-tuned for VQA are both ``caption-tiny``):
+    those get their role after it (``caption-tiny:captioner``, ``caption-tiny:answerer``), so /v1/models, /healthz
+    and a request's ``model`` tell them apart. One model in two roles keeps one name. The models are not changed."""
+    names = {id(m): getattr(m, "name", None) or type(m).__name__ for m, _ in models if m is not None}
     out = {}
-    for model, source, role in models:
+    for model, role in models:
         if model is None or id(model) in out:
             continue
         name = names[id(model)]
-        if sum(n == name for n in names.values()) > 1:
-            tag = Path(str(source).rstrip("/")).name if source and not str(source).startswith("hf:") else role
-            name = f"{name}:{tag}"
-        out[id(model)] = name
+        out[id(model)] = f"{name}:{role}" if sum(n == name for n in names.values()) > 1 else name
     return out
 
 

@@ -62,8 +62,12 @@ class ServeSettings:
         "'*.example.com' matches subdomains, '*' any",
     )
     thumb_size: int = field(256, "longest side of thumbnails in pixels")
-    captioner: str | None = field(None, "a Captioner (e.g. hf:Salesforce/blip-image-captioning-base): captions")
-    answerer: str | None = field(None, "an Answerer (e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct): questions about images")
+    captioner: str | None = field(
+        None, "a Captioner: a run of mmfusion train caption, or e.g. hf:Salesforce/blip-image-captioning-base"
+    )
+    answerer: str | None = field(
+        None, "an Answerer: a run of mmfusion train vqa, or e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct (questions)"
+    )
     reranker: str | None = field(
         None, "a re-ranker run (mmfusion train rerank): searches with rerank=true re-order their top rerank_k by it"
     )

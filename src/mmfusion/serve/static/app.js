@@ -172,16 +172,14 @@ function setupTools(h) {
   el.caption.hidden = !h.captioner;
   el.askForm.hidden = !h.answerer && !h.captioner;
   const missing = [];
-  if (!h.answerer) missing.push(["Questions need an answerer", "--answerer", "hf:Qwen/Qwen2.5-VL-3B-Instruct"]);
-  if (!h.captioner) {
-    missing.push(["Captions need a captioner", "--captioner", "hf:Salesforce/blip-image-captioning-base"]);
-  }
+  if (!h.answerer) missing.push(["Questions need an answerer", "--answerer", "mmfusion train vqa"]);
+  if (!h.captioner) missing.push(["Captions need a captioner", "--captioner", "mmfusion train caption"]);
   el.askHint.replaceChildren();
   el.askHint.hidden = missing.length === 0;
   const code = (text, cls) => Object.assign(document.createElement("code"), { textContent: text, className: cls });
-  missing.forEach(([what, flag, example], i) => {
-    el.askHint.append(`${i ? " " : ""}${what}: start the service with `, code(flag, "flag"), " (e.g. ",
-      code(example, ""), ").");
+  missing.forEach(([what, flag, train], i) => {
+    el.askHint.append(`${i ? " " : ""}${what}: start the service with `, code(flag, "flag"), " (a run of ",
+      code(train, ""), ", or an hf: model).");
   });
 }
 
