@@ -1,4 +1,4 @@
-"""``mmfusion index`` and ``mmfusion search``: keep an image collection indexed, and search it."""
+"""``mmfusion index`` and ``mmfusion search``: keep a collection of images and videos indexed, and search it."""
 
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ examples:
   mmfusion index rebuild --db photos --vectors milvus://milvus:19530/photos  # move the vectors (from SQLite)
   mmfusion index ~/Pictures --db photos --publish                       # then a snapshot: serve --snapshots
   mmfusion index publish --db photos                                    # publish what is committed now
+  mmfusion index ~/Videos --db photos --video-every 2s                  # videos: a frame every 2 s (+ scene cuts)
 
 Re-running costs one stat per unchanged file; renamed and copied files reuse their vectors (a renamed file
 keeps its id). A root that is missing or empty (an unmounted disk) removes nothing. Killing a run keeps
 every committed chunk; Ctrl-C or SIGTERM also records the run as interrupted and prints what it committed
 (exit 130 or 143): re-running resumes.
+Video files (.mp4 .m4v .mov .webm .mkv .avi; needs pip install 'mmfusion[video]') are indexed too: a frame
+every --video-every seconds and at scene cuts, pooled into segments that search returns with their time range.
 (To index a folder literally named 'info', 'check', 'publish' or 'rebuild', write ./info.)
 """
 
@@ -45,6 +48,10 @@ examples:
   mmfusion search "beach" + holiday.jpg - "people" --db ~/.mmfusion/photos
   mmfusion search "0.5*sunset" + id:42 --path '*/2024/*' --after 2024-06-01 --json --db ~/.mmfusion/photos
   mmfusion search "a red circle left of a blue square" --db shapes.index --rerank runs/rerank   # top 20 re-ranked
+
+A video is one result, at its best-matching segment, shown with its time range (00:04-00:06); its other
+segments that rank among the first k hits follow it as 'also at' lines (in --json: media, start, end, thumb
+and segments).
 
 A query term that names an image file is an image, id:N is an indexed image, anything else is text;
 '+' and '-' between terms add or subtract them, 'W*term' weights one.
@@ -90,6 +97,13 @@ def add_parser(sub) -> None:
         help="build the index from embedding shards written by 'mmfusion embed' (no model is run; PATH unused)",
     )
     ix.add_argument("--vectors", metavar="SPEC", help=_VECTORS_HELP + "; 'index rebuild --vectors SPEC' moves them")
+    ix.add_argument("--video-every", default="1s", metavar="DURATION",
+                    help="videos: sample a frame this often, plus one at each scene cut (default 1s; e.g. 0.5s, "
+                    "2s, 500ms); a file already indexed keeps its segments until it changes")  # fmt: skip
+    ix.add_argument("--video-similarity", type=float, default=0.9, metavar="COS",
+                    help="videos: a frame joins the current segment while its cosine to the segment's mean is at "
+                    "least this (default 0.9; a scene cut always starts a new segment)")  # fmt: skip
+    ix.add_argument("--no-video", action="store_true", help="leave video files out (and drop those indexed)")
     add_ray_options(ix)
     ix.add_argument(
         "--publish",
@@ -164,6 +178,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         print("index is consistent" if not report.problems else "index repaired" if report.ok else "index is damaged")
         return 0 if report.ok else 1
     ray = ray_options(args)
+    video = _video_options(args)
     with _sigterm_interrupts() as received:
         try:
             with Index.open(args.db, model=args.model, write=True, vectors=args.vectors) as ix:
@@ -176,6 +191,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                     draft=not args.full_decode,
                     progress=not args.quiet,
                     ray=ray,
+                    video=video,
                 )
                 _publish(ix, args)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: exit 128 + the signal's number, as shells do
@@ -188,6 +204,20 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             return 128 + received[-1]
     _print_report(report, args.json)
     return 0
+
+
+def _video_options(args: argparse.Namespace):
+    """The video options of ``mmfusion index`` (False with --no-video)."""
+    from ..index.video import VideoOptions, parse_every
+
+    if args.no_video:
+        return False
+    if not 0.0 < args.video_similarity <= 1.0:
+        raise ConfigError(f"--video-similarity {args.video_similarity}: give a cosine in (0, 1], e.g. 0.9")
+    try:
+        return VideoOptions(every_s=parse_every(args.video_every), similarity=args.video_similarity)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _index_embeddings(args: argparse.Namespace) -> int:
@@ -259,7 +289,8 @@ def _human(n: float) -> str:
 def _info_lines(info: dict) -> list[str]:
     lines = [
         f"index:    {info['db']}",
-        f"images:   {info['images']:,}",
+        f"images:   {info['images'] - info.get('videos', 0):,}",
+        *([f"videos:   {info['videos']:,} ({info['segments']:,} segments)"] if info.get("videos") else []),
         f"model:    {info['model']} ({info['dim']}-d, weights {info['fingerprint']})",
         f"search:   {info['index_type']}",
         f"vectors:  {info.get('vectors', 'faiss')}",
@@ -280,6 +311,7 @@ def _info_lines(info: dict) -> list[str]:
 def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     from ..index import Index
     from ..index.query import parse_date
+    from ..index.video import format_range
 
     if extra:  # "-people" arrives here as an unknown option; keep it as a subtracted term
         if any(not t.startswith("-") or t.startswith("--") for t in extra):
@@ -307,8 +339,13 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
         m = r.metadata
         size = f"{m['width']}x{m['height']}" if m.get("width") else "?"
         date = (m.get("taken") or m.get("modified") or "")[:10]
-        line = f"{rank:>3}  {r.score:6.3f}  {r.id:>7}  {size:>9}  {date:10}  {r.path}"
-        print(line if len(line) <= width else line[: width - 1] + "…")
+        when = f"  {format_range(m['start'], m['end'])}" if m.get("media") == "video" else ""
+        head = f"{rank:>3}  {r.score:6.3f}  {r.id:>7}  {size:>9}  {date:10}  "
+        room = max(8, width - len(head) - len(when))  # a long path gives way at its start: the name and range stay
+        print(head + (r.path if len(r.path) <= room else "…" + r.path[-(room - 1) :]) + when)
+        for seg in m.get("segments", [])[1:]:
+            pad = " " * 38  # under the path
+            print(f"{'':>3}  {seg['score']:6.3f}{pad}also at {format_range(seg['start'], seg['end'])}")
     return 0
 
 

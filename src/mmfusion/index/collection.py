@@ -38,6 +38,7 @@ from .query import SearchResult, Term, combine_terms
 from .search import VectorQuery, query_terms, search_many
 from .store import DB_FILE, LOCK_FILE, VECTORS_FILE, IndexMismatchError, Store, WriteLock
 from .vectors import VECTORS_META, VectorsSpec, VectorStore, choose_vectors, open_milvus, parse_vectors_spec
+from .video import VideoOptions
 from .writer import CheckReport, IndexReport
 
 _NEW_INDEX_NEEDS_A_MODEL = (
@@ -385,8 +386,9 @@ class Index:
         draft: bool = True,
         progress: bool = True,
         ray=None,
+        video: VideoOptions | bool = True,
     ) -> IndexReport:
-        """Bring the index up to date with the image files under ``roots``.
+        """Bring the index up to date with the image and video files under ``roots``.
 
         Args:
             roots: folders (or files) to index; several may be given.
@@ -402,6 +404,8 @@ class Index:
             progress: show a progress bar.
             ray: a :class:`~mmfusion.index.ray_embed.RayOptions` to decode and embed on a Ray cluster (this
                 process still scans, diffs and writes); None: in this process.
+            video: how videos are sampled and pooled into segments (:class:`~mmfusion.index.video.VideoOptions`);
+                True: the defaults; False: video files are not indexed (nor kept: a root's videos then go).
 
         Returns:
             What was added, updated, renamed, removed and skipped (also saved under ``reports/``).
@@ -415,7 +419,10 @@ class Index:
         encoder = self.query_encoder  # fails before scanning when the model cannot be loaded
         if self.vi is None:
             self.vi = self._new_vectors()
-        opts = UpdateOptions(batch_size, workers, chunk_size, commit_every_s, save_every_s, max_pixels, draft, progress)
+        video = (VideoOptions() if video else None) if isinstance(video, bool) else video
+        opts = UpdateOptions(
+            batch_size, workers, chunk_size, commit_every_s, save_every_s, max_pixels, draft, progress, video
+        )
         if ray is None:
             return update_index(self.store, self.vi, encoder, roots, opts, self.save_vectors, self.dir / "reports")
         from .ray_embed import RayEmbedPipeline, connected
@@ -501,7 +508,8 @@ class Index:
         last = self.store.last_run()
         return {
             "db": str(self.dir),
-            "images": self.store.count(),
+            "images": self.store.count(),  # every file, videos included
+            **self.store.video_counts(),
             "model": stored.get("ref"),
             "fingerprint": stored.get("fingerprint"),
             "dim": stored.get("dim"),

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from ..utils.io import atomic_write_json
 from .decode import Decoded, DecodeGate, decode_file
 from .encoder import QueryEncoder
-from .scan import FileEntry, is_under, scan
+from .scan import FileEntry, image_extensions, is_under, scan
 from .store import Store
 from .vectors import VectorStore
+from .video import VIDEO_EXTENSIONS, VideoIndexer, VideoOptions, is_video_path
 from .writer import ChunkWriter, IndexInterrupted, IndexReport
 
 NON_FINITE = "the model produced a non-finite vector"
@@ -42,6 +43,7 @@ class UpdateOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse images with more pixels than this (None: no limit)
     draft: bool = True  # decode JPEGs at reduced scale when the model needs few pixels
     progress: bool = True  # show a progress bar
+    video: VideoOptions | None = field(default_factory=VideoOptions)  # how videos are indexed; None: not at all
 
 
 def update_index(
@@ -68,7 +70,7 @@ def update_index(
     run_id = store.start_run()
     writer = ChunkWriter(store, vectors, report, opts.chunk_size, opts.commit_every_s, opts.save_every_s, save_vectors)
     try:
-        found = scan(list(roots))
+        found = scan(list(roots), image_extensions() + (VIDEO_EXTENSIONS if opts.video else ()))
         report.skipped.extend(found.skipped)
         report.missing_roots.extend(found.missing_roots)
         known_rows = store.stats_by_path()  # path -> (id, size, mtime_ns, hash)
@@ -86,7 +88,11 @@ def update_index(
             for path, row in known_rows.items()
             if path not in seen and any(is_under(path, r) for r in found.roots)
         }
-        (pipeline or EmbedPipeline)(store, encoder, writer, report, seen, opts, gone).run(todo)
+        images = [t for t in todo if not is_video_path(t[0].path)]
+        (pipeline or EmbedPipeline)(store, encoder, writer, report, seen, opts, gone).run(images)
+        if opts.video:  # then the videos, in this process, through the same writer
+            videos = [t for t in todo if is_video_path(t[0].path)]
+            VideoIndexer(store, encoder, writer, report, gone, opts.video, opts.batch_size, opts.progress).run(videos)
         writer.delete([row[0] for row in gone.values()], count_as_removed=True)  # those no rename took over
         writer.flush()
         if vectors.needs_rebuild():

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .scan import image_extensions
+from .store import is_video_format
 
 if TYPE_CHECKING:
     from .store import FileRow
@@ -145,6 +146,7 @@ class SearchResult:
             "size": row.size,
             "modified": _iso(row.mtime_ns / 1e9),
             "taken": _iso(row.taken) if row.taken is not None else None,
+            "media": "video" if is_video_format(row.format) else "image",  # a video's time range: see .video
         }
         return cls(row.id, row.display, score, meta)
 

@@ -14,8 +14,12 @@ import numpy as np
 from PIL import Image
 
 from .query import SearchResult, Term, parse_query
-from .store import Store
+from .store import SEGMENT_ID_BASE, Store
 from .vectors import VectorStore
+from .video import rank_hits
+
+VIDEO_FETCH = 4  # hits fetched per result wanted (and the growth when short) while the index holds videos
+MAX_FETCH = 16_384  # the most hits one search fetches (Milvus's limit)
 
 
 @dataclass
@@ -66,37 +70,53 @@ def search_many(store: Store, vectors: VectorStore | None, queries: Sequence[Vec
     query at 32 queries and 20,000 vectors); filtered ones each search their own allowed ids. The rows of
     every hit are read from SQLite in one query. A query gets what a search alone would give it (on an IVF
     layout, its candidates come from the largest ``k`` of the call, so it can only find as much or more).
+
+    When the index holds videos, a video's segments are hits of their own but it is one result
+    (:func:`.video.rank_hits`), so more hits are fetched than results wanted, and more again for a query that
+    fell short while hits remained.
     """
     out: list[list[SearchResult]] = [[] for _ in queries]
     if vectors is None or not queries:  # (no len() here: counting a Milvus collection is a round trip)
         return out
-    hits = _plain_hits(vectors, queries) | _filtered_hits(store, vectors, queries)
-    rows = store.get({int(j) for _, ids in hits.values() for j in ids if j >= 0})
-    for i, (scores, ids) in hits.items():
-        t = queries[i].threshold
-        out[i] = [SearchResult.from_row(rows[int(j)], float(s)) for s, j in zip(scores, ids)
-                  if j >= 0 and (t is None or s >= t) and int(j) in rows]  # fmt: skip
+    videos = store.has_segments()
+    fetch = {i: min(q.k * VIDEO_FETCH, MAX_FETCH) if videos else q.k for i, q in enumerate(queries)}
+    while fetch:
+        hits = _plain_hits(vectors, queries, fetch) | _filtered_hits(store, vectors, queries, fetch)
+        found = {int(j) for _, ids in hits.values() for j in ids if j >= 0}
+        segments = store.segments(ids=[j for j in found if j >= SEGMENT_ID_BASE]) if videos else {}
+        rows = store.get({j for j in found if j < SEGMENT_ID_BASE} | {s.file_id for s in segments.values()})
+        again = {}
+        for i, (scores, ids) in hits.items():
+            q = queries[i]
+            out[i] = rank_hits(scores, ids, rows, segments, q.k, q.threshold)
+            short = videos and len(out[i]) < q.k and int((ids >= 0).sum()) >= fetch[i]  # and hits remain
+            if short and fetch[i] < MAX_FETCH:
+                again[i] = min(fetch[i] * VIDEO_FETCH, MAX_FETCH)
+        fetch = again
     return out
 
 
-def _plain_hits(vectors: VectorStore, queries: Sequence[VectorQuery]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """(scores, ids) of the unfiltered queries, from one FAISS call for the largest ``k``."""
-    plain = [i for i, q in enumerate(queries) if not q.filtered]
+def _plain_hits(
+    vectors: VectorStore, queries: Sequence[VectorQuery], fetch: dict[int, int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """(scores, ids) of the unfiltered queries among ``fetch`` (query -> hits wanted), from one FAISS call."""
+    plain = [i for i in fetch if not queries[i].filtered]
     if not plain:
         return {}
-    scores, ids = vectors.search(np.stack([queries[i].vector for i in plain]), max(queries[i].k for i in plain))
-    return {i: (scores[row, : queries[i].k], ids[row, : queries[i].k]) for row, i in enumerate(plain)}
+    scores, ids = vectors.search(np.stack([queries[i].vector for i in plain]), max(fetch[i] for i in plain))
+    return {i: (scores[row, : fetch[i]], ids[row, : fetch[i]]) for row, i in enumerate(plain)}
 
 
 def _filtered_hits(
-    store: Store, vectors: VectorStore, queries: Sequence[VectorQuery]
+    store: Store, vectors: VectorStore, queries: Sequence[VectorQuery], fetch: dict[int, int]
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """(scores, ids) of the filtered queries, each among the ids its filters allow."""
+    """(scores, ids) of the filtered queries among ``fetch``, each among the ids its filters allow."""
     hits = {}
-    for i, q in enumerate(queries):
+    for i in fetch:
+        q = queries[i]
         if q.filtered:
             allowed = store.filter_ids(q.path, q.after, q.before)
             if len(allowed):
-                scores, ids = vectors.search(q.vector[None], q.k, allowed)
+                scores, ids = vectors.search(q.vector[None], fetch[i], allowed)
                 hits[i] = scores[0], ids[0]
     return hits

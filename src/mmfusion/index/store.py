@@ -6,6 +6,12 @@ per chunk of files, so a run that is killed keeps every chunk it committed and n
 
 An id names one vector for good: a file whose content changes gets a new id (its old row goes), so a stale
 FAISS entry can always be recognised by its id alone.
+
+A video is one row of ``files`` (its ``format`` a MIME type, ``video/...``; its vector the mean of its segments')
+and its time segments are rows of ``segments``, each with its own vector. The vector store holds what is searched:
+an image's vector under the file's id, and a video's segments under the segments' ids, which start at
+``SEGMENT_ID_BASE`` so that they never meet a file's. Schema 2 added the segments; opening an index of schema 1
+for writing migrates it (the table is added, nothing else changes); a reader of schema 1 sees no segments.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: files; 2: + segments (video)
+SEGMENT_ID_BASE = 2**52  # segments' ids start here (below 2**53, so they stay exact in JavaScript too)
+VIDEO_FORMAT = "video/%"  # a video's row has its MIME type as format (images: Pillow's format name)
 DB_FILE, VECTORS_FILE, LOCK_FILE = "index.sqlite", "vectors.faiss", "write.lock"
 
 _SCHEMA = """
@@ -45,6 +53,39 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, finished REAL, report TEXT
 );
 """
+_SEGMENT_COLUMNS = """
+    file_id INTEGER NOT NULL,              -- the video: a row of files
+    start_s REAL NOT NULL, end_s REAL NOT NULL,
+    thumb_s REAL NOT NULL,                 -- time of the segment's most representative frame (its thumbnail)
+    vector BLOB NOT NULL                   -- float32, L2-normalised: the mean of its frames' vectors
+"""
+_SEGMENTS = f"""
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- from SEGMENT_ID_BASE up, never reused
+    {_SEGMENT_COLUMNS});
+CREATE INDEX IF NOT EXISTS segments_file ON segments (file_id);
+"""
+_NOT_VIDEO = "(format IS NULL OR format NOT LIKE 'video/%')"
+
+
+def is_video_format(fmt: str | None) -> bool:
+    """Whether a row's ``format`` marks a video (its MIME type) rather than an image (Pillow's format name)."""
+    return bool(fmt) and fmt.startswith("video/")
+
+
+class IndexSchemaError(RuntimeError):
+    """The index was written by a newer mmfusion (a schema this version does not know)."""
+
+
+@dataclass
+class SegmentRow:
+    """A time range of a video with its own vector: ``start_s`` to ``end_s``, thumbnail at ``thumb_s``."""
+
+    id: int
+    file_id: int
+    start_s: float
+    end_s: float
+    thumb_s: float
 
 
 class IndexLockedError(RuntimeError):
@@ -96,6 +137,7 @@ class Store:
                 raise FileNotFoundError(f"no {DB_FILE} in the snapshot {self.dir}")
             uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._check_schema(write=False)
             return
         if readonly:
             if not path.is_file():
@@ -112,6 +154,39 @@ class Store:
             self.db.executescript(_SCHEMA)
             if self.meta("schema") is None:
                 self.set_meta({"schema": SCHEMA_VERSION, "created": time.time()})
+        self._check_schema(write=not readonly)
+
+    def _check_schema(self, write: bool) -> None:
+        """Refuse a newer schema; migrate an older one (a writer), or let a reader of one see no segments."""
+        version = self.meta("schema", SCHEMA_VERSION) if self._has_table("meta") else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise IndexSchemaError(
+                f"{self.dir} was written by a newer mmfusion (index schema {version}; this one reads up to "
+                f"{SCHEMA_VERSION}): upgrade mmfusion (pip install -U mmfusion), or index into another --db"
+            )
+        if write:  # 1 -> 2 adds the segments table (files keep their rows and ids); a no-op when it is there
+            with self.transaction():
+                for statement in _SEGMENTS.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+            self._seed_segment_ids()
+            if version < SCHEMA_VERSION:
+                self.set_meta({"schema": SCHEMA_VERSION})
+        elif not self._has_table("segments"):  # a reader of schema 1 (or of a snapshot of one): no segments
+            self.db.execute(f"CREATE TEMP TABLE segments (id INTEGER PRIMARY KEY, {_SEGMENT_COLUMNS})")
+
+    def _has_table(self, name: str) -> bool:
+        q = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self.db.execute(q, (name,)).fetchone() is not None
+
+    def _seed_segment_ids(self) -> None:
+        """Start the segments' AUTOINCREMENT at SEGMENT_ID_BASE (once), so no segment id is ever a file's."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'segments', ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'segments')",
+                (SEGMENT_ID_BASE - 1,),
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -140,7 +215,9 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 
     def ids(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM files ORDER BY id")), dtype=np.int64)
+        """The ids the vector store should hold, in order: images' file ids, then video segments' ids."""
+        sql = f"SELECT id FROM files WHERE {_NOT_VIDEO} UNION ALL SELECT id FROM segments ORDER BY 1"
+        return np.fromiter((r[0] for r in self.db.execute(sql)), dtype=np.int64)
 
     def stats_by_path(self, root: str | None = None) -> dict[str, tuple[int, int, int, bytes]]:
         """path -> (id, size, mtime_ns, hash), for the files under ``root`` (or all)."""
@@ -164,6 +241,14 @@ class Store:
         ).fetchone()
         return (r[0] or 0, r[1] or 0, r[2] or "", r[3]) if r else (0, 0, "", None)
 
+    def video_for_hash(self, digest: bytes) -> tuple[int, np.ndarray, int, int, str] | None:
+        """(id, vector, width, height, format) of a video with this content, if any is indexed."""
+        r = self.db.execute(
+            f"SELECT id, vector, width, height, format FROM files WHERE hash = ? AND NOT {_NOT_VIDEO} LIMIT 1",
+            (digest,),
+        ).fetchone()
+        return (r[0], np.frombuffer(r[1], dtype=np.float32).copy(), r[2] or 0, r[3] or 0, r[4]) if r else None
+
     def get(self, ids: Iterable[int]) -> dict[int, FileRow]:
         out: dict[int, FileRow] = {}
         ids = [int(i) for i in ids]
@@ -174,32 +259,35 @@ class Store:
         return out
 
     def vectors(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids found, (N, D) vectors) for ``ids``."""
+        """(ids found, (N, D) vectors) for ``ids``: files' (a video's: the mean of its segments) or segments'."""
         found, vecs = [], []
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
-            q = f"SELECT id, vector FROM files WHERE id IN ({','.join('?' * len(chunk))})"
-            for i, v in self.db.execute(q, chunk):
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT id, vector FROM files WHERE id IN ({marks}) UNION ALL SELECT id, vector FROM segments " \
+                f"WHERE id IN ({marks})"  # fmt: skip
+            for i, v in self.db.execute(q, chunk + chunk):
                 found.append(i)
                 vecs.append(np.frombuffer(v, dtype=np.float32))
         dim = len(vecs[0]) if vecs else 0
         return np.asarray(found, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, dim), np.float32))
 
     def iter_vectors(self, batch: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, vectors) in id order, a batch at a time."""
-        last = -1
-        while True:
-            rows = self.db.execute(
-                "SELECT id, vector FROM files WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield (
-                np.asarray([r[0] for r in rows], dtype=np.int64),
-                np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
-            )
+        """All (ids, vectors) the vector store holds (images', then video segments'), in id order, a batch at a time."""
+        for table, where in (("files", f"AND {_NOT_VIDEO}"), ("segments", "")):
+            last = -1
+            while True:
+                rows = self.db.execute(
+                    f"SELECT id, vector FROM {table} WHERE id > ? {where} ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
+                if not rows:
+                    break
+                last = rows[-1][0]
+                yield (
+                    np.asarray([r[0] for r in rows], dtype=np.int64),
+                    np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+                )
 
     def insert(self, rows: list[dict]) -> list[int]:
         """Insert file rows (inside a transaction); returns their new ids."""
@@ -226,6 +314,46 @@ class Store:
             ids.append(int(cur.lastrowid))
         return ids
 
+    def insert_segments(self, file_id: int, segments: list[dict]) -> list[int]:
+        """Insert a video's segments (inside a transaction): dicts of start_s, end_s, thumb_s, vector; their new ids."""
+        ids = []
+        for seg in segments:
+            cur = self.db.execute(
+                "INSERT INTO segments (file_id, start_s, end_s, thumb_s, vector) VALUES (?, ?, ?, ?, ?)",
+                (int(file_id), float(seg["start_s"]), float(seg["end_s"]), float(seg["thumb_s"]),
+                 np.ascontiguousarray(seg["vector"], dtype=np.float32).tobytes()),
+            )  # fmt: skip
+            ids.append(int(cur.lastrowid))
+        return ids
+
+    def segments(
+        self, ids: Iterable[int] | None = None, file_ids: Iterable[int] | None = None
+    ) -> dict[int, SegmentRow]:
+        """Segment rows by id: those of ``ids``, or all segments of the videos ``file_ids``."""
+        key, values = ("id", ids) if ids is not None else ("file_id", file_ids)
+        values = [int(i) for i in values or ()]
+        out: dict[int, SegmentRow] = {}
+        for start in range(0, len(values), 900):
+            chunk = values[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT id, file_id, start_s, end_s, thumb_s FROM segments WHERE {key} IN ({marks})"
+            out.update((r[0], SegmentRow(*r)) for r in self.db.execute(q, chunk))
+        return out
+
+    def segment_vectors(self, file_id: int) -> list[dict]:
+        """A video's segments with their vectors, in time order (a copy of the video reuses them)."""
+        q = "SELECT start_s, end_s, thumb_s, vector FROM segments WHERE file_id = ? ORDER BY start_s"
+        return [{"start_s": a, "end_s": b, "thumb_s": t, "vector": np.frombuffer(v, dtype=np.float32).copy()}
+                for a, b, t, v in self.db.execute(q, (int(file_id),))]  # fmt: skip
+
+    def video_counts(self) -> dict[str, int]:
+        """{"videos": video files, "segments": their segments}."""
+        videos = self.db.execute(f"SELECT COUNT(*) FROM files WHERE NOT {_NOT_VIDEO}").fetchone()[0]
+        return {"videos": int(videos), "segments": int(self.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0])}
+
+    def has_segments(self) -> bool:
+        return self.db.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None
+
     def touch(self, file_id: int, size: int, mtime_ns: int) -> None:
         self.db.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
 
@@ -237,14 +365,22 @@ class Store:
              int(file_id)),
         )  # fmt: skip
 
-    def delete(self, ids: Iterable[int]) -> None:
+    def delete(self, ids: Iterable[int]) -> list[int]:
+        """Delete file rows (inside a transaction) and the segments of those that are videos; returns the segments'
+        ids, which the vector store must drop too."""
         ids = [int(i) for i in ids]
+        gone: list[int] = []
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
-            self.db.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            marks = ",".join("?" * len(chunk))
+            gone += [r[0] for r in self.db.execute(f"SELECT id FROM segments WHERE file_id IN ({marks})", chunk)]
+            self.db.execute(f"DELETE FROM segments WHERE file_id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
+        return gone
 
     def filter_ids(self, path_glob: str | None = None, after: float | None = None, before: float | None = None):
-        """Ids whose printable path matches ``path_glob`` and whose date (EXIF, else mtime) is in range."""
+        """Vector ids (images', and the segments' of videos) whose file's printable path matches ``path_glob`` and
+        whose date (EXIF, else mtime) is in range."""
         where, args = [], []
         if path_glob:
             where.append("display GLOB ?")
@@ -256,8 +392,10 @@ class Store:
         if before is not None:
             where.append(f"{date} < ?")
             args.append(before)
-        sql = "SELECT id FROM files" + (" WHERE " + " AND ".join(where) if where else "")
-        return np.fromiter((r[0] for r in self.db.execute(sql, args)), dtype=np.int64)
+        cond = " AND ".join(where) or "1"
+        sql = f"SELECT id FROM files WHERE {cond} AND {_NOT_VIDEO} UNION ALL SELECT s.id FROM segments s " \
+              f"JOIN files ON files.id = s.file_id WHERE {cond}"  # fmt: skip
+        return np.fromiter((r[0] for r in self.db.execute(sql, args + args)), dtype=np.int64)
 
     def roots(self) -> list[tuple[str, int]]:
         return [(r, n) for r, n in self.db.execute("SELECT root, COUNT(*) FROM files GROUP BY root ORDER BY root")]

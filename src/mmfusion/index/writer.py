@@ -156,8 +156,9 @@ class ChunkWriter:
         self.pending_vectors: dict[bytes, tuple[np.ndarray, str, tuple]] = {}
         self.last_commit = self.last_save = time.monotonic()
 
-    def add(self, f, d: Decoded, vector: np.ndarray, replaces=None, kind: str = "added") -> None:
-        """A new row for file ``f``; ``replaces``: the row (its id first) of the file's older content."""
+    def add(self, f, d: Decoded, vector: np.ndarray, replaces=None, kind: str = "added", segments=None) -> None:
+        """A new row for file ``f``; ``replaces``: the row (its id first) of the file's older content; ``segments``:
+        a video's time segments (dicts of start_s, end_s, thumb_s, vector), searched instead of ``vector``."""
         row = _path_fields(f) | {
             "hash": d.digest,
             "width": d.width or None,
@@ -168,6 +169,7 @@ class ChunkWriter:
             "vector": vector,
             "replaces": replaces[0] if replaces is not None else None,
             "kind": kind,
+            "segments": segments,
         }
         self.rows.append(row)
         self.pending_vectors[d.digest] = (vector, f.path, (d.width, d.height, d.format, d.taken))
@@ -217,16 +219,21 @@ class ChunkWriter:
         replaced = [r["replaces"] for r in rows if r["replaces"] is not None]
         deletes = [i for ids, _ in self.deletes for i in ids] + replaced
         with store.transaction():
-            store.delete(deletes)
+            segments_gone = store.delete(deletes)
             for t in self.touches:
                 store.touch(*t)
             for file_id, fields in self.moves:
                 store.move(file_id, fields)
             new_ids = store.insert(rows)
+            searched = [(i, r["vector"]) for i, r in zip(new_ids, rows) if r["segments"] is None]  # images
+            for i, r in zip(new_ids, rows):
+                if r["segments"] is not None:  # a video: its segments are what is searched
+                    seg_ids = store.insert_segments(i, r["segments"])
+                    searched += [(j, seg["vector"]) for j, seg in zip(seg_ids, r["segments"])]
         # SQLite has it now; FAISS follows (and is repaired from SQLite if a crash comes first)
-        vi.remove(deletes)
-        if rows:
-            vi.add(new_ids, np.stack([r["vector"] for r in rows]))
+        vi.remove(deletes + segments_gone)
+        if searched:
+            vi.add([i for i, _ in searched], np.stack([v for _, v in searched]))
         report = self.report
         for r in rows:
             setattr(report, r["kind"], getattr(report, r["kind"]) + 1)

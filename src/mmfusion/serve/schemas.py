@@ -106,9 +106,16 @@ class SearchHit(BaseModel):
         description="cosine similarity to the query (with rerank=true, the re-ranker's score), rounded to 6 digits"
     )
     name: str = Field(description="the file's name (never its path)")
-    metadata: dict[str, Any] = Field(description="width, height, format, size, modified, taken")
-    image_url: str
-    thumbnail_url: str
+    metadata: dict[str, Any] = Field(
+        description="width, height, format, size, modified, taken, media; a video's also start, end, thumb (seconds) "
+        "and segments (its matching segments, best first: start, end, thumb, score)"
+    )
+    image_url: str = Field(description="the image; for a video, its matched frame")
+    thumbnail_url: str = Field(description="a JPEG thumbnail; for a video, of its matched frame")
+    media: Literal["image", "video"] = Field("image", description="what the indexed file is")
+    start: float | None = Field(None, description="a video: the matching segment's start, in seconds")
+    end: float | None = Field(None, description="a video: the matching segment's end, in seconds")
+    video_url: str | None = Field(None, description="a video: the file (HTTP Range requests work, so players seek)")
 
 
 class SearchResponse(BaseModel):

@@ -1,5 +1,6 @@
-"""Image search: ``POST /search`` (text, image, id or weighted terms), ``POST /search/upload`` (by an uploaded
-file), and the indexed files by id only: ``GET /images/{id}`` and ``GET /thumbs/{id}``."""
+"""Image and video search: ``POST /search`` (text, image, id or weighted terms), ``POST /search/upload`` (by an
+uploaded file), and the indexed files by id only: ``GET /images/{id}``, ``GET /thumbs/{id}``, and for a video
+``GET /videos/{id}`` (the file, with HTTP Range so a player seeks) and ``GET /videos/{id}/frame?t=S`` (a frame)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, Response
 from PIL import Image
@@ -72,6 +73,38 @@ async def thumbnail(image_id: PathId, svc: ServiceDep, key: ApiKey) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
+@router.get("/videos/{video_id}")
+async def video_file(video_id: PathId, svc: ServiceDep, key: ApiKey) -> FileResponse:
+    """The indexed video with this id (by id only), with HTTP Range support so that a player can seek."""
+    row = await _video_row(svc, video_id)
+    return FileResponse(row.path, media_type=row.format, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/videos/{video_id}/frame")
+async def video_frame(
+    video_id: PathId,
+    svc: ServiceDep,
+    key: ApiKey,
+    t: float = Query(0.0, ge=0.0, le=1e7, allow_inf_nan=False, description="seconds into the video"),
+    thumb: bool = Query(False, description="a thumbnail (longest side thumb_size) instead of the whole frame"),
+) -> Response:
+    """A JPEG of the frame the indexed video with this id shows at ``t`` seconds (search results name their
+    matched frame)."""
+    from ...index.video import VideoFileError, frame_at
+
+    row = await _video_row(svc, video_id)
+    cached = (video_id, row.hash, round(t, 3), thumb)
+    data = svc.thumbs.get(cached)
+    if data is None:
+        try:
+            img = await asyncio.get_running_loop().run_in_executor(None, frame_at, row.path, t)
+        except VideoFileError as e:
+            raise HTTPException(422, f"cannot read the video: {e}") from e
+        data = _jpeg(img, svc.settings.thumb_size if thumb else None)
+        svc.thumbs.put(cached, data)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
 async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None = None) -> dict[str, Any]:
     """The response to ``req``; ``image``, already decoded (an upload), joins its terms after the text."""
     need_index(svc)
@@ -91,9 +124,19 @@ async def run_search(svc: Service, req: SearchRequest, image: Image.Image | None
         raise HTTPException(400, str(e)) from e
     if rerank:
         results = await _reranked(svc, rerank, results, req.k)
-    return {"results": [{"id": r.id, "score": round(r.score, 6), "name": r.path.rsplit("/", 1)[-1],
-                         "metadata": r.metadata, "image_url": f"/images/{r.id}",
-                         "thumbnail_url": f"/thumbs/{r.id}"} for r in results]}  # fmt: skip
+    return {"results": [_hit(r) for r in results]}
+
+
+def _hit(r) -> dict[str, Any]:
+    """One search result as the service returns it (a video's URLs name its matched frame and its file)."""
+    hit = {"id": r.id, "score": round(r.score, 6), "name": r.path.rsplit("/", 1)[-1], "metadata": r.metadata,
+           "image_url": f"/images/{r.id}", "thumbnail_url": f"/thumbs/{r.id}", "media": "image"}  # fmt: skip
+    if r.metadata.get("media") == "video":
+        m = r.metadata
+        frame = f"/videos/{r.id}/frame?t={m['thumb']}"
+        hit |= {"media": "video", "start": m["start"], "end": m["end"], "video_url": f"/videos/{r.id}",
+                "image_url": frame, "thumbnail_url": frame + "&thumb=true"}  # fmt: skip
+    return hit
 
 
 def _rerank_text(svc: Service, req: SearchRequest) -> str:
@@ -146,6 +189,17 @@ async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = N
     return terms
 
 
+async def _video_row(svc: Service, video_id: int):
+    from ...index.store import is_video_format
+
+    row = await _row(svc, video_id)
+    if not is_video_format(row.format):
+        raise HTTPException(404, f"{video_id} is an image, not a video: see /images/{video_id}")
+    if not os.path.isfile(row.path):
+        raise HTTPException(410, f"video {video_id} is indexed but its file is gone; re-run mmfusion index")
+    return row
+
+
 async def _row(svc: Service, image_id: int):
     ix = need_index(svc)
     rows = await svc.in_index_thread(ix.store.get, [image_id])
@@ -161,8 +215,13 @@ def _make_thumb(path: str, settings: ServeSettings) -> bytes:
         img = decode_file(path, None, settings.max_pixels).pixels  # EXIF orientation applied, any mode to RGB
     except ImageDecodeError as e:
         raise HTTPException(422, f"cannot read the image: {e}") from e
-    img = img.copy()
-    img.thumbnail((settings.thumb_size, settings.thumb_size), Image.BICUBIC)
+    return _jpeg(img.copy(), settings.thumb_size)
+
+
+def _jpeg(img: Image.Image, side: int | None) -> bytes:
+    """``img`` as JPEG bytes, shrunk to ``side`` on its longest side when given."""
+    if side:
+        img.thumbnail((side, side), Image.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return buf.getvalue()

@@ -2,6 +2,8 @@
 // Plain ES module, no build step and nothing fetched from elsewhere. URLs are relative, so the page also
 // works behind a reverse proxy under a path prefix.
 
+import { markVideoCard, showVideo as playVideo } from "./video.js";
+
 const K = 24; // results per search
 const KEY_STORE = "mmfusion-api-key";
 
@@ -357,6 +359,7 @@ function card(r, i, query) {
   fill.style.width = `${Math.max(0, Math.min(1, r.score)) * 100}%`;
   bar.append(fill);
   open.append(thumb, meta, bar);
+  if (r.media === "video") markVideoCard(li, thumb, open, r);
   open.addEventListener("click", () => openPanel(r, open));
 
   const more = document.createElement("button");
@@ -476,6 +479,7 @@ function openPanel(r, opener) {
   el.panelOpen.href = relative(r.image_url);
   el.panelOpen.hidden = Boolean(state.health?.auth); // a plain link cannot carry the key
   loadImage(el.panelImg, r.image_url);
+  showVideo(r);
   el.answer.hidden = true;
   el.answerText.textContent = "";
   say(el.askError, "");
@@ -499,6 +503,7 @@ function returnFocus() {
 }
 
 el.panel.addEventListener("close", () => {
+  $("panel-video")?.pause();
   state.tool?.abort();
   state.tool = null;
   returnFocus(); // closed some other way (a form's method="dialog", the browser): only if focus was lost
@@ -644,5 +649,14 @@ el.keyForm.addEventListener("submit", (e) => {
   else localStorage.removeItem(KEY_STORE);
   say(el.message, state.key ? "Key saved in this browser." : "Key removed from this browser.");
 });
+
+function showVideo(r) {
+  // a video result plays in the panel from its segment's start (video.js); an image hides the player
+  playVideo(r, {
+    video: $("panel-video"), img: el.panelImg, title: el.panelTitle, meta: el.panelMeta, link: el.panelOpen,
+    auth: Boolean(state.health?.auth), fetchBlob: async (url) => (await api(relative(url))).blob(),
+    keep: (blobUrl) => state.blobs.push(blobUrl), isCurrent: () => state.current === r,
+  });
+}
 
 loadHealth();
