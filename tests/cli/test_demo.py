@@ -39,7 +39,8 @@ TINY_GENERATORS = [
     "--vqa.train.batch_size=8",
     "--vqa.train.threads=1",
 ]
-DEMO = ["-q", "demo", "--time", "6s", "--gallery", str(GALLERY), *TINY, *TINY_GENERATORS]
+VIDEOS = 2
+DEMO = ["-q", "demo", "--time", "6s", "--gallery", str(GALLERY), "--videos", str(VIDEOS), *TINY, *TINY_GENERATORS]
 RUNS = ("clip", "caption", "vqa")
 
 
@@ -71,7 +72,8 @@ def test_demo_runs_every_step_and_indexes_the_gallery(built):
     assert "budget 6s: clip 1s, caption 2s, vqa 2s" in stdout
     assert "training the CLIP" in stdout and "training the captioner" in stdout and "training the VQA" in stdout
     assert f"starting from {out / 'clip'}" in stdout and f"starting from {out / 'caption'}" in stdout
-    assert f"{GALLERY} added" in stdout and f"({GALLERY} images embedded)" in stdout
+    assert f"{GALLERY + VIDEOS} added" in stdout and f"writing {VIDEOS} ShapesWorld videos" in stdout
+    assert len(list((out / "video-gallery" / "videos").glob("*.mp4"))) == VIDEOS
     configs = {run: json.loads((out / run / "model" / "config.json").read_text()) for run in RUNS}
     assert configs["clip"]["family"] == "clip" and configs["caption"]["family"] == "captioner"
     assert configs["vqa"]["config"]["answers_questions"] is True  # the captioner fine-tuned on questions
@@ -80,7 +82,7 @@ def test_demo_runs_every_step_and_indexes_the_gallery(built):
     vqa = json.loads((out / "vqa" / "eval" / "vqa.json").read_text())
     assert vqa["demo_n"] == 4 * GALLERY and 0 < vqa["n"] <= 4 * GALLERY
     assert "attribute accuracy" in stdout and "accuracy" in stdout
-    assert _images(out / "index") == GALLERY
+    assert _images(out / "index") == GALLERY + VIDEOS  # the gallery's images and the video gallery's videos
     serve = f"mmfusion serve --db {out / 'index'} --captioner {out / 'caption'} --answerer {out / 'vqa'}"
     assert "not serving (--no-serve)" in stdout and serve in stdout
 
@@ -90,14 +92,14 @@ def test_second_run_reuses_data_model_reports_and_index(built):
     weights = [out / run / "model" / "model.safetensors" for run in RUNS]
     before = [w.stat().st_mtime_ns for w in weights]
     stdout = _run_demo(out)
-    assert "reusing ShapesWorld" in stdout
+    assert "reusing ShapesWorld" in stdout and f"reusing the video gallery in {out / 'video-gallery'}" in stdout
     for what in ("CLIP", "captioner", "VQA model"):
         assert f"reusing the trained {what}" in stdout, stdout
     assert "training the" not in stdout and "evaluating" not in stdout
     assert "R@1" in stdout and "attribute accuracy" in stdout  # the stored reports, shown again
-    assert f"{GALLERY} unchanged" in stdout and "(0 images embedded)" in stdout
+    assert f"{GALLERY + VIDEOS} unchanged" in stdout and "(0 images embedded)" in stdout
     assert [w.stat().st_mtime_ns for w in weights] == before
-    assert _images(out / "index") == GALLERY
+    assert _images(out / "index") == GALLERY + VIDEOS
 
 
 def test_training_cut_short_resumes_from_its_checkpoint(built, tmp_path):
@@ -116,7 +118,7 @@ def test_training_cut_short_resumes_from_its_checkpoint(built, tmp_path):
         open(run / "clip" / "model" / "model.safetensors", "rb") as b,
     ):
         assert a.read() == b.read()
-    assert _images(run / "index") == GALLERY
+    assert _images(run / "index") == GALLERY + VIDEOS
 
 
 def test_busy_port_fails_before_any_work(tmp_path, capsys):
@@ -146,7 +148,7 @@ def test_demo_serves_the_page_and_stops_on_ctrl_c(built):
         assert url is not None, "".join(seen)
         with urllib.request.urlopen(url + "healthz", timeout=10) as r:
             health = json.load(r)
-        assert health["images"] == GALLERY and "red circle" in health["labels"] and len(health["labels"]) == 48
+        assert health["images"] == GALLERY + VIDEOS and "red circle" in health["labels"] and len(health["labels"]) == 48
         assert health["captioner"] and health["answerer"]  # the demo's own, trained above
         with urllib.request.urlopen(url + "models", timeout=10) as r:
             cards = {c["role"]: c for c in json.load(r)["models"]}

@@ -25,6 +25,7 @@ from .demo_steps import (
     index_gallery,
     prepare_data,
     prepare_model,
+    prepare_videos,
     run_config,
     split_options,
     trained,
@@ -72,6 +73,13 @@ def add_parser(sub) -> None:
         "--captioner and --answerer are both given); the VQA model is the captioner fine-tuned, so vqa needs caption",
     )
     p.add_argument("--gallery", type=int, default=1000, help="test scenes exported and indexed (default 1000)")
+    p.add_argument(
+        "--videos",
+        type=int,
+        default=12,
+        help="ShapesWorld videos in the video gallery, indexed beside the images: search finds the moment "
+        "(default 12; 0: none; needs PyAV, the [video] extra)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (default 8000; 0: any free one)")
     p.add_argument("--no-serve", action="store_true", help="stop after indexing")
     p.add_argument(
@@ -106,6 +114,8 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     """Generate, train (or reuse), evaluate, index, serve; each step says what it did and where."""
     if args.gallery < 1:
         raise ValueError(f"--gallery must be at least 1, got {args.gallery}")
+    if args.videos < 0:
+        raise ValueError(f"--videos must be 0 or more, got {args.videos}")
     where = DemoLayout(Path(args.out))
     stages = chosen_stages(args.train, args.captioner, args.answerer)
     if not args.no_serve:
@@ -120,6 +130,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     share = ", ".join(f"{s.name} {configs[s.name].train.time}" for s in stages)
     print(f"        budget {args.time}: {share}")
     prepare_data(where, args.gallery, progress)
+    videos = prepare_videos(where, args.videos, progress)
     fresh = set()
     for step, s in zip((2, 3, 4), stages, strict=False):
         if s.start_from and not trained(where, s.start_from):
@@ -130,7 +141,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         if name not in configs:
             print(f"[{step}/{STEPS}] not training the {name} model (--train {','.join(configs)})")
     evaluate(where, args.gallery, fresh, [s.name for s in stages])
-    index_gallery(where, progress)
+    index_gallery(where, progress, videos)
     captioner = args.captioner or (str(where.run_of("caption")) if "caption" in configs else None)
     answerer = args.answerer or (str(where.run_of("vqa")) if "vqa" in configs else None)
     if args.no_serve:

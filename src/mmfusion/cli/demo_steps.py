@@ -87,6 +87,14 @@ class DemoLayout:
     def gallery(self) -> Path:
         return self.data / "test" / "images"
 
+    @property
+    def video_gallery(self) -> Path:  # videos/*.mp4 and gallery.json (each scene's time range and objects)
+        return self.out / "video-gallery"
+
+    @property
+    def videos(self) -> Path:
+        return self.video_gallery / "videos"
+
 
 # ---- the world ------------------------------------------------------------------------------------------
 
@@ -113,6 +121,28 @@ def prepare_data(where: DemoLayout, gallery: int, progress: bool) -> None:
     print(f"[1/{STEPS}] generating ShapesWorld in {where.data}: {gallery} gallery (test) scenes, "
           f"{counts['heldout']} held-out, {per_class} zero-shot images per class", flush=True)  # fmt: skip
     export_shapes(world, where.data, counts, per_class, progress=progress)
+
+
+def prepare_videos(where: DemoLayout, n_videos: int, progress: bool) -> bool:
+    """Write the video gallery (ShapesWorld clips played back to back, several scenes a video) unless the same one
+    is there; False when there is none to index (``--videos 0``, or no PyAV)."""
+    if n_videos < 1:
+        return False
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        print("        no video gallery: PyAV is missing (pip install 'mmfusion[video]')")
+        return False
+    from ..data.video_gallery import export_video_gallery, read_gallery
+
+    if (where.video_gallery / "gallery.json").is_file():
+        kept = read_gallery(where.video_gallery)["config"]
+        if kept.get("n_videos") == n_videos:
+            print(f"        reusing the video gallery in {where.video_gallery} ({n_videos} videos)")
+            return True
+    print(f"        writing {n_videos} ShapesWorld videos (several scenes each) to {where.videos}", flush=True)
+    export_video_gallery(where.video_gallery, n_videos=n_videos, progress=progress)
+    return True
 
 
 # ---- the models -----------------------------------------------------------------------------------------
@@ -259,11 +289,13 @@ def evaluate(where: DemoLayout, gallery: int, fresh: set[str], stages: list[str]
 # ---- the index ----------------------------------------------------------------------------------------------
 
 
-def index_gallery(where: DemoLayout, progress: bool) -> None:
-    """Bring the index up to date with the gallery; unchanged images cost a ``stat``, no model call."""
+def index_gallery(where: DemoLayout, progress: bool, videos: bool = False) -> None:
+    """Bring the index up to date with the gallery (and the video gallery); unchanged files cost a ``stat``, no
+    model call."""
     from ..index import Index, IndexMismatchError
 
-    print(f"[6/{STEPS}] indexing {where.gallery} into {where.index}", flush=True)
+    folders = [where.gallery, *([where.videos] if videos else [])]
+    print(f"[6/{STEPS}] indexing {' and '.join(map(str, folders))} into {where.index}", flush=True)
     try:
         ix = Index.open(where.index, model=str(where.run), write=True)
     except IndexMismatchError:  # the model was trained again since: this index is the demo's own, rebuild it
@@ -271,8 +303,8 @@ def index_gallery(where: DemoLayout, progress: bool) -> None:
         shutil.rmtree(where.index)
         ix = Index.open(where.index, model=str(where.run), write=True)
     with ix:
-        report = ix.update([where.gallery], progress=progress)
-        images = ix.store.count()
+        report = ix.update(folders, progress=progress)
+        items = ix.store.count()
     for line in report.summary():
         print(f"        {line}")
-    print(f"        {images} images in the index")
+    print(f"        {items} {'images and videos' if videos else 'images'} in the index")
