@@ -20,7 +20,7 @@ from mmfusion.index import Index  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
 from tests.serve.conftest import LOCAL  # noqa: E402
-from tests.serve.test_browser import ColourEmbedder, dominant_colour  # noqa: E402
+from tests.serve.test_browser import ColourCaptioner, ColourEmbedder, dominant_colour  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,29 @@ def test_video_routes_name_videos_by_id_only(client, video_world):
     assert client.get(f"/videos/{video}/frame", params={"t": "nan"}).status_code == 422
     late = client.get(f"/videos/{video}/frame", params={"t": 3600})  # past the end: the last frame
     assert late.status_code == 200 and late.headers["content-type"] == "image/jpeg"
+
+
+def test_a_video_frame_is_captioned_by_its_id_and_time(video_world):
+    """The page's Caption and Ask on a video result send mmfusion://videos/<id>?t=<its matched frame>."""
+    _, truth, _, photo = video_world
+    app = create_app(ServeSettings(db=str(video_world[0])), embedder=ColourEmbedder(), captioner=ColourCaptioner())
+    with TestClient(app, base_url=LOCAL) as c:
+        present = {o["colour"] for v in truth["videos"] for s in v["scenes"] for o in s["objects"]}
+        for colour in sorted(present)[:3]:
+            top = c.post("/search", json={"text": colour, "k": 1}).json()["results"][0]
+            assert top["media"] == "video"
+            ref = f"mmfusion://videos/{top['id']}?t={top['metadata']['thumb']}"
+            caption = c.post("/v1/chat/completions", json=_chat(ref)).json()["choices"][0]["message"]["content"]
+            assert colour in caption.split(), caption  # the frame the result matched, not the video's first
+        video = c.post("/search", json={"text": "red", "k": 1}).json()["results"][0]["id"]
+        for ref, status, words in (
+            (f"mmfusion://images/{video}", 400, f"mmfusion://videos/{video}?t=SECONDS"),
+            (f"mmfusion://videos/{photo}?t=1", 400, "is an image, not a video"),
+            ("mmfusion://videos/99999?t=1", 404, "no indexed image or video"),
+        ):
+            res = c.post("/v1/chat/completions", json=_chat(ref))
+            assert res.status_code == status and words in res.json()["error"]["message"], res.text
+
+
+def _chat(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}

@@ -28,7 +28,15 @@ from pydantic import BaseModel, Field
 
 from .budgets import check_chars
 from .generation import Prompt, count_tokens, options_from
-from .images import check_image_ref, decode_data_url, decode_image_bytes, fetch_url, image_url_of, indexed_id
+from .images import (
+    check_image_ref,
+    decode_data_url,
+    decode_image_bytes,
+    fetch_url,
+    image_url_of,
+    indexed_frame,
+    indexed_id,
+)
 from .schemas import Body
 
 MAX_IMAGES = 16
@@ -41,7 +49,7 @@ class ChatMessage(Body):
     content: str | list[dict[str, Any]] | None = Field(
         None,
         description="a text, or parts: {'type': 'text', 'text': ...} and {'type': 'image_url', 'image_url': "
-        "{'url': 'data:image/png;base64,...' | 'mmfusion://images/<id>'}}",
+        "{'url': 'data:image/png;base64,...' | 'mmfusion://images/<id>' | 'mmfusion://videos/<id>?t=<seconds>'}}",
     )
 
 
@@ -73,19 +81,39 @@ async def resolve_image(svc, url: str) -> Image.Image:
     """An ``image_url`` to a PIL image: a data URL, an indexed id, or (when enabled) a public URL."""
     s = svc.settings
     loop = asyncio.get_running_loop()
-    image_id = indexed_id(url)
+    frame = indexed_frame(url)
+    image_id = frame[0] if frame else indexed_id(url)
     if image_id is not None:
+        from ..index.store import is_video_format
+
         if svc.index is None:
-            raise HTTPException(404, "no index is served, so mmfusion://images/<id> names nothing; send a data URL")
+            raise HTTPException(404, "no index is served, so mmfusion:// ids name nothing; send a data URL")
         rows = await svc.in_index_thread(svc.index.store.get, [image_id])
         if image_id not in rows:
-            raise HTTPException(404, f"no indexed image has id {image_id}")
-        return await loop.run_in_executor(None, _decode_indexed, rows[image_id].path, s.max_pixels)
+            raise HTTPException(404, f"no indexed image or video has id {image_id}")
+        row = rows[image_id]
+        if is_video_format(row.format):
+            if frame is None:
+                raise HTTPException(400, f"{image_id} is a video: name one of its frames as "
+                                         f"mmfusion://videos/{image_id}?t=SECONDS")  # fmt: skip
+            return await loop.run_in_executor(None, _decode_frame, row.path, frame[1])
+        if frame is not None:
+            raise HTTPException(400, f"{image_id} is an image, not a video: name it as mmfusion://images/{image_id}")
+        return await loop.run_in_executor(None, _decode_indexed, row.path, s.max_pixels)
     check_image_ref(url, s.allow_url_fetch, "chat")
     if url.startswith(("http://", "https://")):
         data = await loop.run_in_executor(None, fetch_url, url, s.max_body_bytes)
         return await loop.run_in_executor(None, decode_image_bytes, data, s.max_pixels)
     return await loop.run_in_executor(None, decode_data_url, url, s.max_pixels)
+
+
+def _decode_frame(path: str, t: float) -> Image.Image:
+    from ..index.video import VideoFileError, frame_at
+
+    try:
+        return frame_at(path, t)
+    except VideoFileError as e:
+        raise HTTPException(410, f"the indexed video cannot be read any more ({e}); re-run mmfusion index") from e
 
 
 def _decode_indexed(path: str, max_pixels: int) -> Image.Image:

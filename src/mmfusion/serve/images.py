@@ -24,6 +24,7 @@ from ..data.images import ImageDecodeError
 from .schemas import MAX_ID
 
 INDEXED = re.compile(r"^mmfusion://images/([0-9]+)$")
+INDEXED_FRAME = re.compile(r"^mmfusion://videos/([0-9]+)\?t=([0-9]{1,8}(?:\.[0-9]{1,6})?)$")  # a video's frame
 MAX_REDIRECTS = 3
 
 
@@ -98,6 +99,19 @@ def indexed_id(url: str) -> int | None:
     if len(digits) > len(str(MAX_ID)) or int(digits) > MAX_ID:
         raise HTTPException(422, f"image ids are 0 to {MAX_ID}; {url.strip()[:60]} names none")
     return int(digits)
+
+
+def indexed_frame(url: str) -> tuple[int, float] | None:
+    """(id, seconds) in ``mmfusion://videos/<id>?t=<seconds>`` (the frame an indexed video shows then), or None.
+
+    Raises:
+        HTTPException: 422 for an id outside the range of ids.
+    """
+    m = INDEXED_FRAME.match(url.strip())
+    if m is None:
+        return None
+    image_id = indexed_id(f"mmfusion://images/{m.group(1)}")
+    return image_id, float(m.group(2))
 
 
 def is_public(address: str) -> bool:

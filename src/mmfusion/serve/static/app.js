@@ -2,6 +2,7 @@
 // Plain ES module, no build step and nothing fetched from elsewhere. URLs are relative, so the page also
 // works behind a reverse proxy under a path prefix.
 
+import { loadCards } from "./cards.js";
 import { markVideoCard, showVideo as playVideo } from "./video.js";
 
 const K = 24; // results per search
@@ -156,7 +157,7 @@ async function loadHealth() {
     el.summary.textContent = "The index holds no images yet: add some with mmfusion index.";
   }
   setupTools(h);
-  loadCards();
+  loadCards({ api, loadImage, list: $("model-cards"), section: $("models") });
   const q = new URLSearchParams(location.search).get("q");
   if (q) {
     el.q.value = q;
@@ -183,89 +184,6 @@ function setupTools(h) {
     el.askHint.append(`${i ? " " : ""}${what}: start the service with `, code(flag, "flag"), " (a run of ",
       code(train, ""), ", or an hf: model).");
   });
-}
-
-// ---- model cards -----------------------------------------------------------------------------------------
-
-const METRIC_NAMES = {
-  "i2t_R@1": "image→text R@1", "i2t_R@10": "image→text R@10", "t2i_R@1": "text→image R@1",
-  "t2i_R@10": "text→image R@10", "semantic_P@1": "semantic P@1", top1_seen: "top-1, classes seen in training",
-  top5_seen: "top-5, classes seen in training", top1_heldout: "top-1, classes held out of training",
-  top5_heldout: "top-5, classes held out of training",
-  attribute_accuracy: "attribute accuracy", CIDEr: "CIDEr", "BLEU-4": "BLEU-4", accuracy: "VQA accuracy",
-};
-
-function metricRows(m) {
-  // one row per figure of a report: ["image→text R@10", "0.912"]
-  const rows = [];
-  for (const [k, v] of Object.entries(m)) {
-    if (k === "task" || k === "n" || typeof v !== "number") continue;
-    const name = METRIC_NAMES[k] || k.replace(/^accuracy_/, "VQA accuracy, ");
-    rows.push([name, Number.isInteger(v) && Math.abs(v) >= 1 ? String(v) : v.toFixed(3)]);
-  }
-  return rows;
-}
-
-function modelCard(c) {
-  const li = document.createElement("li");
-  li.className = "model-card";
-  li.dataset.role = c.role;
-  const h = document.createElement("h3");
-  h.textContent = `${c.role}: ${c.id || c.name}`;
-  const what = Object.assign(document.createElement("p"), { className: "what", textContent: c.what || "" });
-  li.append(h, what);
-  const facts = [];
-  if (c.parameters) facts.push(`${(c.parameters / 1e6).toFixed(2)} M parameters`);
-  if (c.trained_on) facts.push(`trained on ${c.trained_on}`);
-  const t = c.training;
-  if (t && t.step) facts.push(`${t.step.toLocaleString()} steps in ${Math.round(t.elapsed_s || 0)} s`);
-  if (c.quantize) facts.push(c.quantize);
-  if (facts.length) li.append(Object.assign(document.createElement("p"), { className: "facts", textContent: facts.join(" · ") }));
-  const reports = (c.metrics || []).filter((m) => metricRows(m).length);
-  if (reports.length) {
-    const table = document.createElement("table");
-    table.className = "metrics";
-    table.createCaption().textContent = "Measured on held-out data";
-    for (const m of reports) {
-      const body = table.createTBody();
-      const th = document.createElement("th");
-      th.colSpan = 2;
-      th.scope = "rowgroup";
-      th.textContent = m.n ? `${m.task} (n=${m.n})` : m.task;
-      body.insertRow().append(th);
-      for (const [name, value] of metricRows(m)) {
-        const tr = body.insertRow();
-        tr.insertCell().textContent = name;
-        const td = tr.insertCell();
-        td.textContent = value;
-        td.className = "num";
-      }
-    }
-    li.append(table);
-  } else if (c.family !== "pretrained") {
-    li.append(Object.assign(document.createElement("p"), { className: "hint", textContent: "Not evaluated yet (mmfusion eval)." }));
-  }
-  if (c.curve) {
-    const img = document.createElement("img");
-    img.className = "curve";
-    img.alt = `Training curve of the ${c.role}`;
-    img.loading = "lazy";
-    loadImage(img, `/models/${c.role}/curve.png`);
-    li.append(img);
-  }
-  return li;
-}
-
-async function loadCards() {
-  let cards;
-  try {
-    cards = (await (await api("models")).json()).models || [];
-  } catch {
-    return; // an older service without cards: the page works without them
-  }
-  const list = $("model-cards");
-  list.replaceChildren(...cards.map(modelCard));
-  $("models").hidden = cards.length === 0;
 }
 
 // ---- search ----------------------------------------------------------------------------------------------
@@ -531,7 +449,9 @@ el.panelMore.addEventListener("click", () => {
 });
 
 function imagePart(r) {
-  return { type: "image_url", image_url: { url: `mmfusion://images/${r.id}` } };
+  // an indexed image by id; a video by the frame its result matched (what the card and the panel show)
+  const url = r.media === "video" ? `mmfusion://videos/${r.id}?t=${r.metadata.thumb ?? r.start}` : `mmfusion://images/${r.id}`;
+  return { type: "image_url", image_url: { url } };
 }
 
 async function generate(label, model, content) {
