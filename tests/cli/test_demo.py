@@ -148,7 +148,12 @@ def test_demo_serves_the_page_and_stops_on_ctrl_c(built):
         assert url is not None, "".join(seen)
         with urllib.request.urlopen(url + "healthz", timeout=10) as r:
             health = json.load(r)
-        assert health["images"] == GALLERY + VIDEOS and "red circle" in health["labels"] and len(health["labels"]) == 48
+        assert (
+            health["images"] == GALLERY
+            and health["videos"] == VIDEOS
+            and "red circle" in health["labels"]
+            and len(health["labels"]) == 48
+        )
         assert health["captioner"] and health["answerer"]  # the demo's own, trained above
         with urllib.request.urlopen(url + "models", timeout=10) as r:
             cards = {c["role"]: c for c in json.load(r)["models"]}

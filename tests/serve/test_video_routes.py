@@ -75,6 +75,11 @@ def test_the_matched_frame_shows_the_colour_asked_for(client, video_world):
             assert dominant_colour(Image.open(io.BytesIO(res.content))) == colour, (colour, url)
 
 
+def test_health_counts_images_and_videos_apart(client):
+    h = client.get("/healthz").json()
+    assert (h["images"], h["videos"]) == (1, 4)
+
+
 def test_the_video_is_served_by_id_with_range_requests(client, video_world):
     _, truth, gallery, photo = video_world
     top = client.post("/search", json={"text": "red", "k": 1}).json()["results"][0]

@@ -153,6 +153,7 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str | None = Field(description="the embedder's id; null when none is loaded")
     images: int | None = Field(description="images in the index; null when no index is served")
+    videos: int | None = Field(None, description="videos in the index (searched by segment); null without an index")
     index_version: int | None = Field(None, description="the published snapshot served (--snapshots); else null")
     captioner: str | None
     answerer: str | None

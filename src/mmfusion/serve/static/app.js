@@ -139,7 +139,8 @@ async function loadHealth() {
   }
   state.health = h;
   el.service.replaceChildren();
-  const images = h.images === null ? "no index" : `${h.images.toLocaleString()} image${h.images === 1 ? "" : "s"}`;
+  const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
+  const images = h.images === null ? "no index" : plural(h.images, "image") + (h.videos ? `, ${plural(h.videos, "video")}` : "");
   el.service.append(feature("model", h.model || "", "--model"),
     feature("index", h.images === null ? "" : images, "--db"),
     feature("captions", h.captioner || "", "--captioner"), feature("questions", h.answerer || "", "--answerer"));
@@ -153,7 +154,7 @@ async function loadHealth() {
     el.summary.textContent = h.model
       ? "No image index is served: start the service with --db DIR (made by mmfusion index)."
       : "No model is loaded: start the service with --db DIR or --model NAME.";
-  } else if (h.images === 0) {
+  } else if (h.images === 0 && !h.videos) {
     el.summary.textContent = "The index holds no images yet: add some with mmfusion index.";
   }
   setupTools(h);
