@@ -22,6 +22,16 @@ def test_distill_trains_a_student_from_a_teacher(tmp_path, capsys):
     assert mmfusion.load(out).meta["distilled_from"] == str(teacher)
 
 
+def test_distill_inherits_the_teachers_weights(tmp_path, capsys):
+    teacher = tiny_clip(tmp_path / "teacher")
+    out = tmp_path / "student"
+    argv = ["distill", "--teacher", str(teacher), "--student-preset", "clip-tiny", "--steps", "1", "--out", str(out)]
+    tiny = [f"--{o}" for o in TINY_OVERRIDES]
+    assert main([*argv, "--inherit", *tiny, *QUICK, "--distill.inherit_by=leading"]) == 0
+    inherited = mmfusion.load(out).meta["inherited_from"]
+    assert inherited["by"] == "leading" and inherited["image"]["blocks"] == [0]
+
+
 def test_prune_writes_a_smaller_run_with_its_report(tmp_path, capsys):
     src = tiny_clip(tmp_path / "clip")
     out = tmp_path / "pruned"

@@ -12,10 +12,14 @@ examples:
   mmfusion distill --teacher runs/clip --student-preset clip-nano --out runs/nano --time 3m
   mmfusion distill --teacher hf:openai/clip-vit-base-patch32 --student-preset clip-tiny --data photos/ --epochs 5
   mmfusion distill --teacher runs/clip --student-preset clip-nano --embed-weight 1 --steps 2000 --out runs/nano
+  mmfusion distill --teacher runs/clip --student-preset clip-nano --inherit --time 3m --out runs/nano-inherit
 
 The student trains on the pairs as `mmfusion train clip` does, and besides learns the teacher's image-text
 similarity distributions over each batch (affinity mimicking, as TinyCLIP); --embed-weight also regresses the
-teacher's embeddings when the widths match. Any option of `mmfusion train clip` works too (--train.lr=...).
+teacher's embeddings (through a learned projection when the widths differ; it is not saved with the student).
+--inherit starts the student from the teacher's weights (TinyCLIP's weight inheritance: evenly spaced blocks,
+the most important heads and MLP channels, the leading channels of each width) when it is a native CLIP with the
+same inputs. Any option of `mmfusion train clip` works too (--train.lr=..., --distill.inherit_by=leading).
 """
 
 EXAMPLES_PRUNE = """
@@ -42,6 +46,8 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     weights = {"affinity_weight": args.affinity_weight, "embed_weight": args.embed_weight,
                "contrastive_weight": args.contrastive_weight}  # fmt: skip
     given = [f"--distill.{k}={v}" for k, v in weights.items() if v is not None]
+    if args.inherit:
+        given.append("--distill.inherit=true")
     return cmd_train(train_args, [f"--distill.teacher={args.teacher}", *given, *extra])
 
 
@@ -102,8 +108,11 @@ def add_parser(sub) -> None:
     d.add_argument("--time", help="wall-clock budget: 90s, 3m, 1h")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.add_argument("--affinity-weight", type=float, help="weight of affinity mimicking (default 1)")
-    d.add_argument("--embed-weight", type=float, help="weight of embedding regression (default 0; equal widths)")
+    d.add_argument("--embed-weight", type=float, help="weight of embedding regression (default 0; a learned "
+                   "projection bridges different widths)")  # fmt: skip
     d.add_argument("--contrastive-weight", type=float, help="weight of the contrastive loss on the pairs (default 1)")
+    d.add_argument("--inherit", action="store_true", help="initialise the student from a subset of the teacher's "
+                   "blocks, heads and channels (a native CLIP with the same inputs; distill.inherit)")  # fmt: skip
 
     p = command(
         sub,

@@ -3,6 +3,8 @@
 - :func:`clip_loss`: symmetric InfoNCE of CLIP (Radford et al., 2021).
 - :func:`siglip_loss`: the pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
 - :func:`triplet_loss`: hinge loss with the hardest in-batch negatives of VSE++ (Faghri et al., 2018).
+- :func:`affinity_mimicking` and :func:`embedding_regression`: a student learning from a teacher's similarities
+  and embeddings (distillation); :class:`EmbeddingProjection` owns the learned map between their widths.
 
 All take L2-normalised image embeddings ``(B, D)`` and text embeddings ``(T, D)``. Without a mask, B
 equals T and row ``i`` of each side is a matching pair. A ``positives`` mask ``(B, T)`` says which
@@ -139,6 +141,37 @@ def affinity_mimicking(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     i2t = F.kl_div(student.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="batchmean")
     t2i = F.kl_div(student.t().log_softmax(1), teacher.t().log_softmax(1), log_target=True, reduction="batchmean")
     return (i2t + t2i) / 2
+
+
+def embedding_regression(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - the mean cosine of each row of ``student`` (N, D) with the same row of ``teacher`` (N, D): 0 when every
+    embedding points the teacher's way (neither needs to be normalised)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {tuple(student.shape)} and teacher's {tuple(teacher.shape)} differ")
+    return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
+
+
+class EmbeddingProjection(nn.Module):
+    """Learned linear maps from a student's embedding width to a teacher's, one per modality, for embedding
+    regression between spaces of different widths (as the distillation of TinyCLIP and CLIP-KD do with a fitted
+    projection). Each starts as the identity on the leading coordinates (``eye(teacher_dim, student_dim)``): no
+    random draw, and the leading coordinates are those that weight inheritance copies from the teacher.
+
+    Args:
+        student_dim, teacher_dim: the two widths.
+        modalities: one map per name (``image``, ``text``).
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, modalities: tuple[str, ...] = ("image", "text")):
+        super().__init__()
+        self.maps = nn.ModuleDict({m: nn.Linear(student_dim, teacher_dim, bias=False) for m in modalities})
+        with torch.no_grad():
+            for lin in self.maps.values():
+                lin.weight.copy_(torch.eye(teacher_dim, student_dim))  # (D_teacher, D_student)
+
+    def forward(self, modality: str, z: torch.Tensor) -> torch.Tensor:
+        """(N, D_student) -> (N, D_teacher)."""
+        return self.maps[modality](z)
 
 
 def focal_loss(

@@ -3,6 +3,8 @@
 ``OUT/checkpoints/step-000500/`` is a complete model checkpoint (loadable by ``mmfusion.load``) plus:
 
 - ``optimizer.safetensors``: every optimiser state tensor and the torch RNG state;
+- ``train_modules.safetensors``: when the task trains modules beside the model (a distillation loss's
+  projection), their weights as ``<name>.<parameter>``; the model files never hold them;
 - ``trainer_state.json``: step, schedule length, elapsed time, optimiser param groups and scalars,
   and the run config.
 
@@ -26,7 +28,7 @@ from torch import nn
 from ..models.checkpoint import write_model_files
 from ..utils.io import atomic_replace_dir, atomic_write_json
 
-STATE_FILE, OPTIM_FILE = "trainer_state.json", "optimizer.safetensors"
+STATE_FILE, OPTIM_FILE, EXTRA_FILE = "trainer_state.json", "optimizer.safetensors", "train_modules.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,9 +59,15 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[st
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2
+    directory: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+    extra: dict[str, nn.Module] | None = None,
 ) -> Path:
-    """Write ``directory/step-NNNNNN`` and keep only the newest ``keep`` of them."""
+    """Write ``directory/step-NNNNNN`` and keep only the newest ``keep`` of them; ``extra`` modules (trained beside
+    the model, no part of it) go to their own file."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
@@ -71,6 +79,10 @@ def save_checkpoint(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
         save_file(tensors, str(tmp / OPTIM_FILE))
+        if extra:
+            weights = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in extra.items()
+                       for k, v in m.state_dict().items()}  # fmt: skip
+            save_file(weights, str(tmp / EXTRA_FILE))
         atomic_write_json(tmp / STATE_FILE, {**state, "optimizer": meta})
         atomic_replace_dir(tmp, final)
     except BaseException:
@@ -112,12 +124,16 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def restore_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load weights, optimiser state and RNG state from a checkpoint; returns the trainer state."""
+def restore_checkpoint(
+    ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, nn.Module] | None = None
+) -> dict[str, Any]:
+    """Load weights (the model's and the ``extra`` modules'), optimiser state and RNG state from a checkpoint;
+    returns the trainer state."""
     from safetensors.torch import load_file as load_weights
 
     state = read_state(ckpt)
     model.load_state_dict(load_weights(str(ckpt / "model.safetensors")), strict=True)
+    _restore_extra(ckpt, extra or {})
     tensors = load_file(str(ckpt / OPTIM_FILE))
     opt.load_state_dict(optimizer_state_from_tensors(tensors, state.pop("optimizer")))
     torch.set_rng_state(tensors["rng.torch"])
@@ -125,3 +141,19 @@ def restore_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer)
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return state
+
+
+def _restore_extra(ckpt: Path, extra: dict[str, nn.Module]) -> None:
+    """The weights of the modules trained beside the model, which must be the ones the checkpoint was saved with."""
+    path = ckpt / EXTRA_FILE
+    saved = load_file(str(path)) if path.is_file() else {}
+    names = sorted({k.split(".", 1)[0] for k in saved})
+    if names != sorted(extra):
+        raise ValueError(
+            f"{ckpt} was saved with training modules {names or 'none'} beside the model, and this run builds "
+            f"{sorted(extra) or 'none'}: resume with the settings the run started with (its run.yaml; for "
+            "distillation, the same distill.embed_weight and teacher)"
+        )
+    for name, module in extra.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}, strict=True)

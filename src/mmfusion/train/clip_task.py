@@ -37,6 +37,7 @@ from .text import run_tokenizer
 from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
+INHERIT_BATCHES = 4  # training batches (of at most 64 pairs) the teacher's heads and channels are ranked on
 
 
 @dataclass
@@ -117,6 +118,21 @@ def contrastive_loss(
     return CONTRASTIVE_LOSSES[kind](image, text, model, positives, margin)
 
 
+def _teacher(cfg: RunConfig, device: torch.device):
+    """The run's :class:`~mmfusion.train.distill.Teacher`, after the checks that a set-up can use one."""
+    if cfg.train.accum_steps > 1:
+        raise ValueError("a teacher works on whole batches: set train.accum_steps=1 with distill.teacher")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # prepare() gives a slice no teacher inputs there
+        raise ValueError("distillation runs in one process: drop --nproc (or torchrun) with distill.teacher")
+    if cfg.distill.inherit and cfg.init.from_clip:
+        raise ValueError("distill.inherit initialises the student from the teacher, init.from_clip from another "
+                         "model: drop one of them")  # fmt: skip
+    from .distill import Teacher
+
+    with torch.random.fork_rng(devices=[]):  # building the teacher draws random weights: the student's init keeps its
+        return Teacher(cfg.distill, device, cache_images=False)  # draws; whether images are cached: use_teacher
+
+
 def start_from(path: str, device: torch.device) -> CLIP:
     """A trained CLIP to continue training: its weights, architecture and tokenizer (``init.from_clip``)."""
     from ..models import load
@@ -144,9 +160,13 @@ class ClipTask(TaskDefaults):
     def __init__(self, cfg: RunConfig, model: CLIP, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
         self.teacher = None  # a distill.Teacher when the run has one
+        self.distill_loss = None  # then a distill.DistillLoss: its terms, and the projection they may learn
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> ClipTask:
+        if cfg.distill.inherit and not cfg.distill.teacher:
+            raise ValueError("distill.inherit initialises the student from its teacher: name one with distill.teacher")
+        teacher = _teacher(cfg, device) if cfg.distill.teacher else None
         if cfg.init.from_clip:  # the whole model, its architecture and tokenizer: fine-tuning, pruning's recovery
             model = start_from(cfg.init.from_clip, device)
             mcfg = model.cfg
@@ -160,6 +180,10 @@ class ClipTask(TaskDefaults):
                 mcfg.init_logit_scale, mcfg.init_logit_bias = 2.302585092994046, -10.0
             source = build_pair_source(cfg, mcfg.vision.image_size)
             corpus = source.caption_corpus
+            if cfg.distill.inherit and tokenizer is None:  # inherited token embeddings read the teacher's tokens
+                from .inherit import teacher_tokenizer
+
+                tokenizer = teacher_tokenizer(teacher.model)
             tokenizer = run_tokenizer(tokenizer, lambda: corpus(cfg.data.tokenizer_captions), mcfg.text, "model.text")
             model = build_model("clip", mcfg, tokenizer, name=cfg.preset).to(device)
             model.meta = {"trained_on": trained_on(cfg)}
@@ -178,20 +202,43 @@ class ClipTask(TaskDefaults):
             first_caption=cfg.data.caption_pick == "first",
         )
         task = cls(cfg, model, sampler, device)
-        if cfg.distill.teacher:
-            if cfg.train.accum_steps > 1:
-                raise ValueError("a teacher works on whole batches: set train.accum_steps=1 with distill.teacher")
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # prepare() gives a slice no teacher inputs there
-                raise ValueError("distillation runs in one process: drop --nproc (or torchrun) with distill.teacher")
-            from .distill import Teacher
-
-            finite = len(source) > 0 and not cfg.data.augment.enabled
-            task.teacher = Teacher(cfg.distill, device, cache_images=finite)
-            model.meta["distilled_from"] = str(cfg.distill.teacher)
-            log.info("teacher: %s (%d-d embeddings)", task.teacher.name, task.teacher.embed_dim)
+        if teacher is not None:
+            task.use_teacher(teacher, finite=len(source) > 0 and not cfg.data.augment.enabled)
         if cfg.init.whiten_patches and mcfg.vision.stem == "patch" and not cfg.init.from_clip:
-            task.whiten_patches(cfg.init.whiten_patches)
+            if cfg.distill.inherit:
+                log.info("init.whiten_patches skipped: the patch embedding is inherited from the teacher")
+            else:
+                task.whiten_patches(cfg.init.whiten_patches)
         return task
+
+    def use_teacher(self, teacher, finite: bool) -> None:
+        """Learn from ``teacher`` (a :class:`~mmfusion.train.distill.Teacher`): its loss terms, with the projection
+        they may learn, and with ``distill.inherit`` the student's initial weights. ``finite``: the data may cache
+        the teacher's image embeddings."""
+        from .distill import DistillLoss
+
+        d = self.cfg.distill
+        teacher.cache_images = d.cache and finite
+        self.teacher, self.model.meta["distilled_from"] = teacher, str(d.teacher)
+        self.distill_loss = DistillLoss(d, self.model.embed_dim, teacher.embed_dim).to(self.device)
+        if self.distill_loss.project is not None:
+            log.info("embedding regression through a learned %d -> %d projection", self.model.embed_dim,
+                     teacher.embed_dim)  # fmt: skip
+        if d.inherit:
+            from .inherit import inherit
+            from .prune import batches_of
+
+            batches = None
+            if d.inherit_by == "importance":
+                batches = batches_of(teacher.model, self.sampler, INHERIT_BATCHES, min(64, self.cfg.train.batch_size))
+            summary = inherit(self.model, teacher.model, batches)
+            self.model.meta["inherited_from"] = {"teacher": str(d.teacher), **summary}
+        log.info("teacher: %s (%d-d embeddings)", teacher.name, teacher.embed_dim)
+
+    def train_modules(self) -> dict[str, torch.nn.Module]:
+        """The distillation loss's projection, when it has one (trained and checkpointed beside the model)."""
+        has = self.distill_loss is not None and any(True for _ in self.distill_loss.parameters())
+        return {"distill": self.distill_loss} if has else {}
 
     def whiten_patches(self, n: int) -> None:
         """Initialise the image tower's patch embedding from the first ``n`` training images (as they will be
@@ -272,11 +319,11 @@ class ClipTask(TaskDefaults):
 
     def _with_teacher(self, batch: PairBatch, image: torch.Tensor, text: torch.Tensor, contrastive: torch.Tensor):
         """The student's total loss with the teacher's terms, and those terms for the log."""
-        from .distill import combine, distill_terms
+        from .distill import combine
 
         t_image = self.teacher.embed_images(batch.raw, batch.keys)
         t_text = self.teacher.embed_texts(batch.texts)
-        terms = distill_terms(self.cfg.distill, image, text, self.model.logit(), t_image, t_text)
+        terms = self.distill_loss(image, text, self.model.logit(), t_image, t_text)
         return combine(self.cfg.distill, contrastive, terms), {k: v.item() for k, v in terms.items()}
 
     def _grad_cache_step(

@@ -195,8 +195,11 @@ class DistillConfig:
         "the batch to the student's"
     )  # fmt: skip
     embed_weight: float = field(
-        0.0, "embedding regression: 1 - cosine of the student's and the teacher's embeddings (equal widths only)"
-    )
+        0.0, "embedding regression: 1 - cosine of the student's and the teacher's embeddings; of different widths "
+        "through a learned linear projection per modality (student width -> teacher width, starting as the identity "
+        "on the leading coordinates), trained with the student and kept in the resumable checkpoints, never in the "
+        "student's model; equal widths regress directly, with no projection"
+    )  # fmt: skip
     contrastive_weight: float = field(1.0, "the usual contrastive loss on the pairs, beside the teacher's")
     temperature: float | None = field(
         None, "temperature of both distributions (null: the student's own learned temperature)"
@@ -204,6 +207,16 @@ class DistillConfig:
     cache: bool = field(
         True, "compute the teacher's text embeddings once per text, and its image embeddings once per image of a "
         "finite dataset without augmentation"
+    )  # fmt: skip
+    inherit: bool = field(
+        False, "weight inheritance (TinyCLIP): initialise the student from a native CLIP teacher with the same inputs "
+        "(image and patch size, stem, pooling, activations, vocabulary and context; the teacher's tokenizer) and at "
+        "most its sizes: evenly spaced blocks (first and last kept), heads and MLP channels by inherit_by, the "
+        "leading channels of every width; a student with the teacher's config starts as the teacher"
+    )  # fmt: skip
+    inherit_by: Literal["importance", "leading"] = field(
+        "importance", "which heads and MLP channels an inherited block keeps: the most important (the first-order "
+        "estimate pruning uses, on a few training batches) or the leading ones"
     )  # fmt: skip
 
 

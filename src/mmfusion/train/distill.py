@@ -4,8 +4,12 @@ The student learns the teacher's *relations* (affinity mimicking, TinyCLIP: Wu e
 Distillation via Affinity Mimicking and Weight Inheritance", 2023): per image, the teacher's distribution over the
 batch's texts, and per text its distribution over the images, which carries what the teacher knows about near
 misses (the hard negatives included) that one-hot pair labels do not. Optionally the embeddings themselves
-(regression on the cosine, equal widths). Any Embedder teaches: a native run, a pretrained CLIP/SigLIP, an ONNX
-export; it sees the batch as images and strings, through its own preprocessing.
+(regression on the cosine): directly when the widths are equal, else through a learned linear projection from the
+student's width to the teacher's, one per modality (:class:`DistillLoss` owns it; it trains with the student and is
+kept in the resumable checkpoints, never in the student's model, which stays an ordinary CLIP). Any Embedder
+teaches: a native run, a pretrained CLIP/SigLIP, an ONNX export; it sees the batch as images and strings, through
+its own preprocessing. A native CLIP teacher can also initialise the student (weight inheritance,
+:mod:`mmfusion.train.inherit`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from ..modules.losses import affinity_mimicking
+from ..modules.losses import EmbeddingProjection, affinity_mimicking, embedding_regression
 from .config import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -88,24 +93,54 @@ class Teacher:
 
 
 def distill_terms(cfg: DistillConfig, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                  t_image: torch.Tensor, t_text: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+                  t_image: torch.Tensor, t_text: torch.Tensor,
+                  project: EmbeddingProjection | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The teacher's loss terms for a batch: ``affinity`` and (when weighted) ``embed``, unweighted.
 
     Args:
         image, text: the student's normalised embeddings (B, D) and (T, D).
         scale: the student's logit scale (used for both distributions unless ``cfg.temperature`` is set).
-        t_image, t_text: the teacher's normalised embeddings of the same images and texts.
+        t_image, t_text: the teacher's normalised embeddings of the same images and texts (B, D') and (T, D').
+        project: the learned maps from D to D', needed for embedding regression when D != D'.
     """
     s = (1.0 / cfg.temperature) if cfg.temperature else scale.detach()
     terms = {"affinity": affinity_mimicking(s * image @ text.t(), s * t_image @ t_text.t())}
     if cfg.embed_weight:
-        if image.shape[-1] != t_image.shape[-1]:
+        if project is not None:
+            image, text = project("image", image), project("text", text)  # (B, D'), (T, D')
+        elif image.shape[-1] != t_image.shape[-1]:
             raise ValueError(
-                f"distill.embed_weight regresses embeddings of equal width; the student's are {image.shape[-1]}, "
-                f"the teacher's {t_image.shape[-1]}: set distill.embed_weight=0 (affinity mimicking needs no match)"
+                f"distill.embed_weight: the student's embeddings are {image.shape[-1]}-d, the teacher's "
+                f"{t_image.shape[-1]}-d, and no projection was given: build the loss with DistillLoss, which learns "
+                "one, or set distill.embed_weight=0 (affinity mimicking needs no match)"
             )
-        terms["embed"] = (2 - (image * t_image).sum(-1).mean() - (text * t_text).sum(-1).mean()) / 2
+        terms["embed"] = (embedding_regression(image, t_image) + embedding_regression(text, t_text)) / 2
     return terms
+
+
+class DistillLoss(nn.Module):
+    """The teacher's terms and the weighted total, owning what they learn: the projection from the student's
+    embedding width to the teacher's when embedding regression is on and the widths differ (equal widths regress
+    directly, with no projection, so a student that copies its teacher starts at zero).
+
+    It is not part of the student: the trainer optimises its parameters beside the model's and keeps them in the
+    resumable checkpoints (``train_modules``), and the student's saved model holds none of them.
+
+    Args:
+        cfg: the run's ``distill`` section.
+        student_dim, teacher_dim: the two embedding widths.
+    """
+
+    def __init__(self, cfg: DistillConfig, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        need = bool(cfg.embed_weight) and student_dim != teacher_dim
+        self.project = EmbeddingProjection(student_dim, teacher_dim) if need else None
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, t_image: torch.Tensor,
+                t_text: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The unweighted terms (see :func:`distill_terms`)."""
+        return distill_terms(self.cfg, image, text, scale, t_image, t_text, self.project)
 
 
 def combine(cfg: DistillConfig, contrastive: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:

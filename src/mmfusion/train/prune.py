@@ -89,7 +89,7 @@ def measure_importance(model: CLIP, batches, towers: Sequence[str] = TOWERS) -> 
     """Taylor importance of every head and MLP channel of ``towers`` over ``batches`` of (images, tokens,
     positives). The model is left unchanged (its gradients are cleared)."""
     masks: dict[tuple[str, int, str], torch.Tensor] = {}
-    hooks = []
+    hooks, device = [], model.device
 
     def gate(key: tuple[str, int, str], repeat: int):
         def hook(_module, args):
@@ -100,8 +100,8 @@ def measure_importance(model: CLIP, batches, towers: Sequence[str] = TOWERS) -> 
     for name in towers:
         for i, block in enumerate(_blocks(model, name)):
             a = block.attn
-            masks[(name, i, "heads")] = torch.ones(a.heads, requires_grad=True)
-            masks[(name, i, "mlp")] = torch.ones(block.mlp.fc1.out_features, requires_grad=True)
+            masks[(name, i, "heads")] = torch.ones(a.heads, device=device, requires_grad=True)
+            masks[(name, i, "mlp")] = torch.ones(block.mlp.fc1.out_features, device=device, requires_grad=True)
             hooks.append(a.out.register_forward_pre_hook(gate((name, i, "heads"), a.head_dim)))
             hooks.append(block.mlp.fc2.register_forward_pre_hook(gate((name, i, "mlp"), 1)))
     sums = {k: torch.zeros_like(m) for k, m in masks.items()}
@@ -110,6 +110,7 @@ def measure_importance(model: CLIP, batches, towers: Sequence[str] = TOWERS) -> 
     try:
         for images, tokens, positives in batches:
             out = model(images, tokens)
+            positives = positives.to(device) if positives is not None else None
             loss = clip_loss(out.image_embeds, out.text_embeds, model.logit(), positives).loss
             grads = torch.autograd.grad(loss, list(masks.values()))
             for k, g in zip(masks, grads, strict=True):
@@ -121,8 +122,8 @@ def measure_importance(model: CLIP, batches, towers: Sequence[str] = TOWERS) -> 
         model.train(was_training)
     if n == 0:
         raise ValueError("no batches to measure importance on")
-    heads = {t: [(sums[(t, i, "heads")] / n).numpy() for i in range(len(_blocks(model, t)))] for t in towers}
-    mlp = {t: [(sums[(t, i, "mlp")] / n).numpy() for i in range(len(_blocks(model, t)))] for t in towers}
+    heads = {t: [(sums[(t, i, "heads")] / n).cpu().numpy() for i in range(len(_blocks(model, t)))] for t in towers}
+    mlp = {t: [(sums[(t, i, "mlp")] / n).cpu().numpy() for i in range(len(_blocks(model, t)))] for t in towers}
     return Importance(heads, mlp, n)
 
 

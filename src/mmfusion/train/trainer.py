@@ -62,6 +62,8 @@ class Task(Protocol):
 
     def save_model(self, path: Path) -> Path: ...
 
+    def train_modules(self) -> dict[str, torch.nn.Module]: ...
+
 
 class TaskDefaults:
     """What most task adapters share: nothing to do after an optimiser step, no status beyond the loss, the
@@ -95,6 +97,11 @@ class TaskDefaults:
         from ..models.checkpoint import save_model
 
         return save_model(self.model, path)
+
+    def train_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules trained beside the model that are no part of it (a distillation loss's projection), by name:
+        the optimiser steps their parameters and the resumable checkpoints keep them; the saved model does not."""
+        return {}
 
 
 def batch_indices(seed: int, step: int, batch: int, size: int):
@@ -130,12 +137,14 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: gains, biases and the temperature are left alone (as in CLIP)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, *more: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: gains, biases and the temperature are left alone (as in CLIP). The
+    parameters of ``more`` modules (trained beside the model) follow the model's in each group."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    for module in (model, *more):
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -171,8 +180,9 @@ class Trainer:
             raise ValueError(f"batch_size {t.batch_size} must be divisible by accum_steps {t.accum_steps} times "
                              f"the {self.dist.world_size} process(es)")  # fmt: skip
         self.budget_s = parse_duration(t.time) if t.time is not None else None
+        self.extra = task.train_modules() if hasattr(task, "train_modules") else {}
         self.opt = torch.optim.AdamW(
-            param_groups(task.model, t.weight_decay),
+            param_groups(task.model, t.weight_decay, *self.extra.values()),
             lr=t.lr,
             betas=tuple(t.betas),
             eps=t.eps,
@@ -209,7 +219,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
-        state = restore_checkpoint(ckpt, self.task.model, self.opt)
+        state = restore_checkpoint(ckpt, self.task.model, self.opt, self.extra)
         self.step, self.elapsed_before = state["step"], state["elapsed_s"]
         if self.total is None or self.budget_s is not None:
             self.total = state.get("total_steps") or self.total
@@ -232,8 +242,9 @@ class Trainer:
         if not self.dist.is_main:  # every process holds the same weights and optimiser state: one writes them
             return None
         return save_checkpoint(
-            self.out / "checkpoints", self.task.model, self.opt, self._state(), self.cfg.train.keep_checkpoints
-        )
+            self.out / "checkpoints", self.task.model, self.opt, self._state(), self.cfg.train.keep_checkpoints,
+            self.extra,
+        )  # fmt: skip
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines past the checkpoint (and a line cut short by a kill) before continuing."""
@@ -269,7 +280,8 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "run.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=False))
-        broadcast_state(self.task.model)  # every process starts from rank 0's weights
+        for module in (self.task.model, *self.extra.values()):  # every process starts from rank 0's weights
+            broadcast_state(module)
         self._t0 = time.perf_counter()
         metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         bar = tqdm(
