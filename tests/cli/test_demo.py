@@ -121,6 +121,22 @@ def test_training_cut_short_resumes_from_its_checkpoint(built, tmp_path):
     assert _images(run / "index") == GALLERY + VIDEOS
 
 
+def test_an_index_the_demo_did_not_build_is_never_removed(built, tmp_path):
+    """A model mismatch rebuilds the demo's own index (its CLIP trained again), never one made with another model."""
+    from tests.utils import tiny_clip
+
+    out, _ = built
+    run = tmp_path / "demo"
+    for part in ("shapesworld", "clip", "caption", "vqa", "video-gallery"):
+        shutil.copytree(out / part, run / part)
+    with Index.open(run / "index", model=str(tiny_clip(tmp_path / "other", seed=3)), write=True) as ix:
+        ix.update([out / "shapesworld" / "test" / "images"], progress=False)
+    cmd = [sys.executable, "-m", "mmfusion.cli.main", *DEMO, "--out", str(run), "--no-serve"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "was not built by this demo: choose another --out" in done.stderr, done.stderr
+    assert _images(run / "index") == GALLERY  # untouched
+
+
 def test_busy_port_fails_before_any_work(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,3 +230,6 @@ def test_options_go_to_the_model_they_name():
     got = split_options(["--train.lr=1", "--caption.train.lr=2", "--vqa.vqa.caption_share=1", "--clip.model.x=3"])
     assert got == {"clip": ["--train.lr=1", "--model.x=3"], "caption": ["--train.lr=2"],
                    "vqa": ["--vqa.caption_share=1"]}  # fmt: skip
+    # a value as the next word stays with its flag's model
+    got = split_options(["--caption.train.lr", "1e-3", "--train.steps", "5", "--vqa.train.lr", "2"])
+    assert got == {"clip": ["--train.steps", "5"], "caption": ["--train.lr", "1e-3"], "vqa": ["--train.lr", "2"]}

@@ -149,16 +149,17 @@ def prepare_videos(where: DemoLayout, n_videos: int, progress: bool) -> bool:
 
 
 def split_options(extra: list[str]) -> dict[str, list[str]]:
-    """``mmfusion train`` options per stage: ``--caption.train.lr=1e-3`` goes to the captioner, ``--vqa.X`` to
-    the VQA model, anything else to the CLIP."""
+    """``mmfusion train`` options per stage: ``--caption.train.lr=1e-3`` (or ``--caption.train.lr 1e-3``) goes to
+    the captioner, ``--vqa.X`` to the VQA model, anything else to the CLIP."""
     out: dict[str, list[str]] = {s.name: [] for s in STAGES}
+    stage = "clip"  # where a value given as the next word goes: the stage of the flag before it
     for arg in extra:
-        body = arg[2:] if arg.startswith("--") else arg
-        head, _, rest = body.partition(".")
-        if head in out and head != "clip" and rest:
-            out[head].append("--" + rest)
-        else:
-            out["clip"].append("--" + body[len("clip.") :] if body.startswith("clip.") else arg)
+        if not arg.startswith("--"):
+            out[stage].append(arg)
+            continue
+        head, _, rest = arg[2:].partition(".")
+        stage = head if head in out and rest else "clip"
+        out[stage].append("--" + rest if stage != "clip" or head == "clip" else arg)
     return out
 
 
@@ -298,7 +299,9 @@ def index_gallery(where: DemoLayout, progress: bool, videos: bool = False) -> No
     print(f"[6/{STEPS}] indexing {' and '.join(map(str, folders))} into {where.index}", flush=True)
     try:
         ix = Index.open(where.index, model=str(where.run), write=True)
-    except IndexMismatchError:  # the model was trained again since: this index is the demo's own, rebuild it
+    except IndexMismatchError as e:  # the CLIP was trained again since: rebuild the index if it is the demo's own
+        if not _built_by(where.index, where.run):
+            raise IndexMismatchError(f"{e}; {where.index} was not built by this demo: choose another --out") from None
         print(f"        the model changed since {where.index} was built: building it again")
         shutil.rmtree(where.index)
         ix = Index.open(where.index, model=str(where.run), write=True)
@@ -308,3 +311,13 @@ def index_gallery(where: DemoLayout, progress: bool, videos: bool = False) -> No
     for line in report.summary():
         print(f"        {line}")
     print(f"        {items} {'images and videos' if videos else 'images'} in the index")
+
+
+def _built_by(db: Path, run: Path) -> bool:
+    """Whether the index at ``db`` records ``run`` as its model (the demo's own index, safe to rebuild)."""
+    from ..index import Index
+    from ..index.collection import model_ref
+
+    with Index.open(db) as ix:
+        stored = ix.store.meta("model") or {}
+    return stored.get("ref") == model_ref(run)
