@@ -163,13 +163,14 @@ def check_roles(captioner, answerer) -> None:
                          "hf:Qwen/Qwen2.5-VL-3B-Instruct")  # fmt: skip
 
 
-def _name(model) -> str:
+def model_label(model) -> str:
+    """A model's name as the service shows it: its ``name``, else its class."""
     return getattr(model, "name", None) or type(model).__name__
 
 
 def _describe(model) -> str:
     kind = getattr(model, "family", None) or getattr(model, "model_type", None) or type(model).__name__
-    return f"({_name(model)!r}, a {kind} model)"
+    return f"({model_label(model)!r}, a {kind} model)"
 
 
 def _guard(fn, *args):

@@ -160,3 +160,24 @@ class Health(BaseModel):
     labels: list[str] = Field(description="zero-shot labels the web page offers")
     auth: bool = Field(description="whether requests need an API key")
     uptime_s: float
+
+
+class RunCard(BaseModel):
+    """What a served model is, how it was trained and what it measured (read from its run directory)."""
+
+    role: Literal["embedder", "captioner", "answerer"]
+    id: str | None = Field(None, description="the model's id in /v1/models")
+    source: str = Field(description="the folder (or hub id) it was loaded from, by name")
+    family: str = Field(description="clip, captioner, vqa, ...; pretrained for hf: models")
+    name: str
+    what: str = Field(description="what the model does, in a line")
+    trained_on: str | None = None
+    quantize: str | None = None
+    parameters: int | None = Field(None, description="parameters in its weights")
+    training: dict[str, float] | None = Field(None, description="last logged step: step, samples, elapsed_s, loss")
+    metrics: list[dict[str, Any]] = Field(default_factory=list, description="headline figures of each report")
+    curve: bool = Field(False, description="whether /models/{role}/curve.png has its training curve")
+
+
+class ModelCards(BaseModel):
+    models: list[RunCard]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .batching import MicroBatcher
 from .cache import LRU, EmbeddingCache, LocalCache
-from .generation import Generators
+from .generation import Generators, model_label
 from .images import decode_data_url, decode_image_bytes
 from .jobs import JobRunner, Jobs, JobStore
 from .settings import ServeSettings
@@ -212,7 +212,7 @@ class Service:
         """A served model's id in /v1/models, /healthz and the chat route's ``model`` field."""
         if model is None:
             return None
-        return self._ids.get(id(model)) or getattr(model, "name", None) or type(model).__name__
+        return self._ids.get(id(model)) or model_label(model)
 
     async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
         """(D,) embeddings of texts, through the LRU cache and the text batcher."""
@@ -285,7 +285,7 @@ def served_ids(models: list[tuple[Any, str]]) -> dict[int, str]:
     different models share one (a captioner and the same preset fine-tuned for VQA are both ``caption-tiny``):
     those get their role after it (``caption-tiny:captioner``, ``caption-tiny:answerer``), so /v1/models, /healthz
     and a request's ``model`` tell them apart. One model in two roles keeps one name. The models are not changed."""
-    names = {id(m): getattr(m, "name", None) or type(m).__name__ for m, _ in models if m is not None}
+    names = {id(m): model_label(m) for m, _ in models if m is not None}
     out = {}
     for model, role in models:
         if model is None or id(model) in out:

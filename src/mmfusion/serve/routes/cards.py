@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 
 from ...eval.card import card_curve, model_card
 from ..deps import ApiKey, ServiceDep
+from ..schemas import ModelCards
 
 router = APIRouter(tags=["models"])
 ROLES = ("embedder", "captioner", "answerer")
@@ -27,7 +28,7 @@ async def _sources(svc) -> dict[str, str | None]:
     return {"embedder": embedder, "captioner": s.captioner, "answerer": s.answerer}
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelCards)
 async def cards(svc: ServiceDep, key: ApiKey) -> dict[str, Any]:
     """A card for each served model: family, size, training (steps, time, final loss) and the headline figures
     of its evaluation reports (R@K, zero-shot top-1, attribute accuracy and CIDEr, VQA accuracy)."""
