@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
-# data, model, reports and index are reused from the last run (minutes the first time, seconds after); serves until Ctrl-C
+# data, the three models (CLIP, captioner, VQA), reports and index are reused from the last run (about 12 minutes
+# the first time on 2 cores, seconds after); serves until Ctrl-C
 demo: $(STAMP)
 	$(VENV)/bin/mmfusion demo --out $(DEMO) --port $(PORT)
 
