@@ -1,7 +1,8 @@
 """Distillation and pruning against their bars, on ShapesWorld, median of seeds, the arms side by side.
 
-* ``distill``: a clip-nano student distilled from a trained clip-tiny teacher (``mmfusion distill``) against the
-  same student trained alone (``mmfusion train clip --preset clip-nano``), the same wall-clock each, the arms
+* ``distill``: a clip-nano student distilled from a trained clip-tiny teacher (``mmfusion distill``; with
+  ``--arms inherited`` also one started from the teacher's weights, ``--inherit``) against the same student trained
+  alone (``mmfusion train clip --preset clip-nano``), the same wall-clock each, the arms
   alternating per seed so the machine's load falls on both; R@10 both ways and semantic P@1 on 1,000 test
   scenes, and the image-encoding cost of student and teacher (images/s, one thread).
 * ``prune``: the teacher with 30% of heads and MLP channels removed and ``--recover`` of fine-tuning with the
@@ -45,20 +46,20 @@ def median(rows: list[dict], key: str) -> float:
 
 def distill_part(args) -> dict:
     teacher = mmfusion.load(args.teacher)
-    out: dict = {"teacher": quality(teacher, args.n), "arms": {"distilled": [], "alone": []}}
+    out: dict = {"teacher": quality(teacher, args.n), "arms": {arm: [] for arm in args.arms}}
     for seed in args.seeds:
-        for arm in ("distilled", "alone"):
+        for arm in args.arms:
             run = ROOT / f"nano-{arm}-s{seed}"
             cfg = RunConfig(preset="clip-nano", train=TrainConfig(time=args.student_time, seed=seed, progress=False),
                             out=str(run))  # fmt: skip
-            if arm == "distilled":
-                cfg.distill = DistillConfig(teacher=str(args.teacher))
+            if arm != "alone":  # inherited: distilled, starting from the teacher's blocks, heads and channels
+                cfg.distill = DistillConfig(teacher=str(args.teacher), inherit=arm == "inherited")
             result = train(cfg)
             student = mmfusion.load(run)
             row = {"seed": seed, "steps": result.steps, **quality(student, args.n)}
             out["arms"][arm].append(row)
             print(f"distill seed {seed} {arm}: {row}", flush=True)
-    student = mmfusion.load(ROOT / f"nano-distilled-s{args.seeds[0]}")
+    student = mmfusion.load(ROOT / f"nano-{args.arms[0]}-s{args.seeds[0]}")
     out["images_per_s"] = image_rate({"teacher": teacher, "student": student})
     out["median"] = {arm: {k: median(rows, k) for k in (*KEYS, "steps")} for arm, rows in out["arms"].items()}
     return out
@@ -104,6 +105,9 @@ def main() -> None:
     ap.add_argument("--speed-repeats", type=int, default=40, help="timed batches per model in the speed part")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--student-time", default="3m", help="each student's wall-clock (distilled or alone)")
+    ap.add_argument("--arms", nargs="+", default=["distilled", "alone"], choices=["distilled", "inherited", "alone"],
+                    help="distill's arms: distilled from a random start, inherited (distilled from the teacher's "
+                    "weights, --inherit), alone (no teacher)")  # fmt: skip
     ap.add_argument("--recover", default="2m", help="pruning's recovery")
     ap.add_argument("--sweep-recover", default="1m", help="the recovery of each point of the sweep")
     ap.add_argument("--n", type=int, default=1000, help="ShapesWorld test scenes ranked")
