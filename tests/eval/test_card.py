@@ -42,10 +42,47 @@ def test_card_of_a_run_has_its_family_size_training_and_figures(run):
     assert card_curve(str(path / "model")) == path / "plots" / "training.png"  # the checkpoint finds its run
 
 
-def test_pretrained_and_missing_models():
+def test_pretrained_and_missing_models(tmp_path):
     assert model_card(None, "captioner") is None
     card = model_card("hf:Salesforce/blip-image-captioning-base", "captioner")
     assert card["family"] == "pretrained" and "metrics" not in card and card_curve("hf:x/y") is None
+    gone = model_card(str(tmp_path / "runs" / "clip"), "embedder")  # a run moved or deleted: not a pretrained model
+    assert gone["family"] == "missing" and "does not exist" in gone["what"] and "Hugging Face" not in gone["what"]
+    assert card_curve(str(tmp_path / "runs" / "clip")) is None
+
+
+MALFORMED = [
+    [1, 2],
+    {"task": "retrieval", "metrics": [0.5]},
+    {"task": "retrieval", "metrics": {"i2t_R@1": "high", "t2i_R@1": None, "i2t_R@10": True}},
+    {"task": "zeroshot", "groups": ["seen"]},
+    {"task": "zeroshot", "groups": {"seen": 0.5, "heldout": {"top1": "x", "n": "many"}}},
+    {"task": "vqa", "metrics": {"accuracy": "0.8", "per_type": [0.9]}},
+    {"task": ["vqa"], "metrics": {"accuracy": 0.8, "per_type": "colour"}},
+    {"task": "composition", "mean": "0.5"},
+    {"metrics": {"CIDEr": float("nan")}},
+]
+
+
+@pytest.mark.parametrize("report", MALFORMED)
+def test_a_report_of_an_unexpected_shape_has_no_headline(report):
+    head = headline_metrics(report)
+    assert all(isinstance(v, float) for k, v in head.items() if k not in ("task", "n"))  # never a raise, nor a string
+    assert head in ({}, {"task": "vqa", "n": None, "accuracy": 0.8})
+
+
+def test_a_card_passes_over_malformed_reports_and_files(run):
+    path, _ = run
+    for i, report in enumerate(MALFORMED):
+        (path / "eval" / f"bad{i}.json").write_text(json.dumps(report))
+    (path / "model" / "config.json").write_text(
+        json.dumps({**json.loads((path / "model" / "config.json").read_text()), "trained_on": "shapes", "config": 3})
+    )
+    (path / "metrics.jsonl").write_text('{"step": "ten", "loss": 1.5}\n')
+    card = model_card(str(path), "embedder")  # what GET /models answers: no 500 for a folder's odd files
+    assert card["family"] == "clip" and "trained_on" not in card and card["training"] == {"loss": 1.5}
+    retrieval = {"task": "retrieval", "n": 24, "i2t_R@1": 0.5, "i2t_R@10": 0.9, "t2i_R@10": 0.8}
+    assert retrieval in card["metrics"] and all(m.get("task") in ("retrieval", "vqa") for m in card["metrics"])
 
 
 def test_headline_metrics_of_each_report_kind():
@@ -57,4 +94,9 @@ def test_headline_metrics_of_each_report_kind():
     zs = {"task": "zeroshot", "groups": {"seen": {"top1": 0.5, "top5": 0.9, "n": 40}, "heldout": {"top1": 0.1, "n": 8}}}
     assert headline_metrics(zs) == {"task": "zeroshot", "n": 48, "top1_seen": 0.5, "top5_seen": 0.9,
                                     "top1_heldout": 0.1}  # fmt: skip
-    assert headline_metrics({"task": "fusion", "metrics": {"f1": 1.0}}) == {}
+    composition = {"task": "composition", "mean": {"i2t": 0.75, "t2i": 0.625}, "types": {}}
+    assert headline_metrics(composition) == {"task": "composition", "n": None, "composition_i2t": 0.75,
+                                             "composition_t2i": 0.625}  # fmt: skip
+    fusion = {"task": "fusion", "n": 10, "metrics": {"accuracy": 0.5, "macro_f1": 0.25, "balanced_accuracy": 0.5}}
+    assert headline_metrics(fusion) == {"task": "fusion", "n": 10, "accuracy": 0.5, "macro_f1": 0.25}
+    assert headline_metrics({"task": "other", "metrics": {"f1": 1.0}}) == {}

@@ -64,6 +64,8 @@ def test_a_good_recipe_reads_in_order_with_its_references(tmp_path):
         ("steps:\n  - {kind: serve, port: 1}\n  - {kind: data}\n", ["serve runs until Ctrl-C", "last step"]),
         ("steps:\n  - {kind: data, kind: train}\n", ["r.yaml:2", "'kind' is written twice"]),
         ("steps: nothing\n", ["'steps' must be a list"]),
+        ("steps:\n  - {name: reports, kind: data}\n", ["r.yaml:2", "'reports' is the recipe's own", "another 'name'"]),
+        ("steps:\n  - {name: Summary, kind: data}\n", ["summary.json is the run's summary", "another 'name'"]),
     ],
 )  # fmt: skip
 def test_mistakes_name_the_line_and_the_fix(tmp_path, text, expected):
@@ -112,3 +114,13 @@ def test_the_example_recipes_are_valid(tmp_path):
         assert kinds[0] == "data" and kinds[-1] == "serve" and "train" in kinds and "index" in kinds
     photos = load_recipe(REPO / "recipes" / "photos.yaml")
     assert {"export", "quantize", "eval"} <= {s.kind.name for s in photos.steps}
+
+
+def test_out_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "r.yaml"
+    path.write_text("out: ~/runs/x\nsteps:\n  - {name: world, kind: data}\n")
+    recipe = load_recipe(path)
+    assert recipe.out == tmp_path / "home" / "runs" / "x"
+    assert recipe.output(recipe.step("world")) == tmp_path / "home" / "runs" / "x" / "world"
+    assert load_recipe(path, out="~/y").out == tmp_path / "home" / "y"

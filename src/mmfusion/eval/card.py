@@ -4,18 +4,22 @@ A training run (``mmfusion train``, ``mmfusion demo``) leaves ``model/config.jso
 trained on), ``metrics.jsonl`` (one line per logged step), ``plots/training.png`` and the evaluation reports under
 ``eval/`` (``retrieval.json``, ``zeroshot.json``, ``caption.json``, ``vqa.json``, ...). :func:`model_card` gathers
 the headline figures of all of them into one small dict the web page shows beside each model; nothing is
-recomputed, so a card costs a few small file reads. A pretrained model (``hf:...``) gets a card with its name only.
+recomputed, so a card costs a few small file reads. A pretrained model (``hf:...``) gets a card with its name only,
+a path that does not exist one of family ``missing`` that says so. A report of an unexpected shape is passed over,
+never raised: the service's ``GET /models`` answers whatever a run folder holds. :data:`HEADLINES` is the one table of
+which figures of a report are its headline; a recipe's summary (:mod:`mmfusion.recipe.metrics`) reads the same.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ..utils.checkpoint_files import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 
-__all__ = ["model_card", "card_curve", "headline_metrics"]
+__all__ = ["HEADLINES", "card_curve", "headline_metrics", "last_line", "model_card", "read_json"]
 
 # what each family is, in a line a newcomer understands
 KINDS = {
@@ -28,7 +32,8 @@ KINDS = {
 }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object read from ``path``; None when it is missing, not JSON or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -36,8 +41,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _last_line(path: Path) -> dict[str, Any] | None:
-    """The last complete JSON line of ``metrics.jsonl`` (a line cut short by a crash is passed over)."""
+def last_line(path: Path) -> dict[str, Any] | None:
+    """The last complete JSON object line of ``metrics.jsonl`` (a line cut short by a crash is passed over)."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -52,33 +57,70 @@ def _last_line(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _round(x: Any) -> Any:
-    return round(float(x), 4) if isinstance(x, (int, float)) else x
+def _round(x: Any) -> float | None:
+    """A finite number rounded for showing; None for anything else (a string, a bool, NaN, a list)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return round(float(x), 4)
 
 
-def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The few figures of an evaluation report a card shows, by the report's kind."""
-    m = report.get("metrics") or {}
+def _mapping(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+# report kind -> the figures of its "metrics" a card (and a recipe's summary) shows; zeroshot and composition are
+# read from their own sections (per group of classes, per direction)
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "semantic_P@1"),
+    "caption": ("attribute_accuracy", "CIDEr", "BLEU-4"),
+    "vqa": ("accuracy",),
+    "fusion": ("accuracy", "macro_f1"),
+    "video": ("top1", "direction_accuracy"),
+}
+
+
+def report_kind(report: dict[str, Any]) -> str | None:
+    """The kind of an evaluation report (a key of HEADLINES, zeroshot or composition), by its task or its
+    metrics; None for a report of another kind."""
     task = report.get("task")
-    keys: tuple[str, ...]
-    if task == "zeroshot":  # per group of classes: seen in training, held out of it
-        groups = report.get("groups") or {}
-        out = {f"{k}_{g}": _round(v[k]) for g, v in groups.items() for k in ("top1", "top5") if k in v}
-        n = sum(int(v.get("n", 0)) for v in groups.values())
-        return {"task": task, "n": n, **out} if out else {}
-    if task == "retrieval":
-        keys = ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "semantic_P@1")
-    elif "attribute_accuracy" in m or "CIDEr" in m:
-        task, keys = "caption", ("attribute_accuracy", "CIDEr", "BLEU-4")
-    elif "per_type" in m and "accuracy" in m:
-        task, keys = "vqa", ("accuracy",)
-    else:
+    m = _mapping(report.get("metrics"))
+    if isinstance(task, str) and (task in HEADLINES or task in ("zeroshot", "composition")):
+        return task
+    if "attribute_accuracy" in m or "CIDEr" in m:  # captioning reports of older versions
+        return "caption"
+    if "per_type" in m and "accuracy" in m:
+        return "vqa"
+    return None
+
+
+def headline_metrics(report: Any) -> dict[str, Any]:
+    """The few figures of an evaluation report a card shows, by the report's kind: ``{"task", "n", figure: value}``,
+    or {} for a report of another kind or of an unexpected shape (what is malformed is left out, never raised)."""
+    if not isinstance(report, dict):
         return {}
-    out = {k: _round(m[k]) for k in keys if k in m}
+    task = report_kind(report)
+    m = _mapping(report.get("metrics"))
+    out: dict[str, Any] = {}
+    if task == "zeroshot":  # per group of classes: seen in training, held out of it
+        groups = {g: v for g, v in _mapping(report.get("groups")).items() if isinstance(v, dict)}
+        for g, v in groups.items():
+            out.update({f"{k}_{g}": x for k in ("top1", "top5") if (x := _round(v.get(k))) is not None})
+        n = sum(v["n"] for v in groups.values() if _count(v.get("n")))
+        return {"task": task, "n": n, **out} if out else {}
+    if task == "composition":  # the mean over negative types, per direction (i2t, t2i)
+        out = {f"composition_{d}": x for d, v in _mapping(report.get("mean")).items() if (x := _round(v)) is not None}
+    elif task is not None:
+        out = {k: x for k in HEADLINES[task] if (x := _round(m.get(k))) is not None}
     if task == "vqa":
-        out.update({f"accuracy_{t}": _round(v) for t, v in (m.get("per_type") or {}).items()})
-    n = report.get("n_images") or report.get("n")
+        per_type = _mapping(m.get("per_type")).items()
+        out.update({f"accuracy_{t}": x for t, v in per_type if (x := _round(v)) is not None})
+    n = next((x for x in (report.get("n_images"), report.get("n")) if _count(x)), None)
     return {"task": task, "n": n, **out} if out else {}
+
+
+def _count(x: Any) -> bool:
+    """Whether ``x`` is a positive whole number (a count of images or items)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 def _run_dir(ckpt: Path) -> Path:
@@ -97,11 +139,14 @@ def _parameters(ckpt: Path) -> int | None:
     except (OSError, ValueError):
         return None
     total = 0
-    for name, entry in header.items():
+    for name, entry in header.items() if isinstance(header, dict) else ():
         if name != "__metadata__" and isinstance(entry, dict):
             n = 1
-            for d in entry.get("shape", []):
-                n *= int(d)
+            try:
+                for d in entry.get("shape", []):
+                    n *= int(d)
+            except (TypeError, ValueError):
+                return None
             total += n
     return total
 
@@ -112,33 +157,38 @@ def model_card(source: str | None, role: str) -> dict[str, Any] | None:
     if not source:
         return None
     card: dict[str, Any] = {"role": role, "source": Path(str(source)).name or str(source)}
-    if str(source).startswith("hf:") or not Path(source).exists():
+    if str(source).startswith("hf:"):
         card.update(family="pretrained", name=str(source), what="a pretrained model (Hugging Face)")
         return card
-    ckpt = find_checkpoint(source)
+    if not Path(source).expanduser().exists():
+        gone = f"{source} does not exist (moved or deleted?): point the service at the model's folder again"
+        card.update(family="missing", name=str(source), what=gone)
+        return card
+    ckpt = find_checkpoint(Path(source).expanduser())
     if ckpt is None:  # an export or a save_pretrained folder: named, not described
         card.update(family="other", name=Path(source).name, what="a model exported or saved elsewhere")
         return card
-    meta = _read_json(ckpt / CONFIG_FILE) or {}
-    family = meta.get("family", "unknown")
+    meta = read_json(ckpt / CONFIG_FILE) or {}
+    family = meta.get("family")
+    family = family if isinstance(family, str) else "unknown"
     what = KINDS.get(family, family)
-    if family == "captioner" and (meta.get("config") or {}).get("answers_questions"):
+    if family == "captioner" and _mapping(meta.get("config")).get("answers_questions"):
         what = "captioner fine-tuned on questions (VQA by generation): it captions and answers"
-    card.update(family=family, name=meta.get("name") or ckpt.name, what=what)
-    trained = meta.get("trained_on") or {}
-    if trained.get("source"):
+    card.update(family=family, name=str(meta.get("name") or ckpt.name), what=what)
+    trained = _mapping(meta.get("trained_on"))
+    if isinstance(trained.get("source"), str):
         card["trained_on"] = trained["source"]
-    if meta.get("quantize"):
+    if meta.get("quantize") and isinstance(meta["quantize"], str):
         card["quantize"] = meta["quantize"]
     card["parameters"] = _parameters(ckpt)
     run = _run_dir(ckpt)
-    last = _last_line(run / "metrics.jsonl")
-    if last:
-        card["training"] = {k: _round(last[k]) for k in ("step", "samples", "elapsed_s", "loss") if k in last}
+    last = last_line(run / "metrics.jsonl") or {}
+    training = {k: x for k in ("step", "samples", "elapsed_s", "loss") if (x := _round(last.get(k))) is not None}
+    if training:
+        card["training"] = training
     metrics = []
-    for path in sorted((run / "eval").glob("*.json")):
-        report = _read_json(path)
-        head = headline_metrics(report) if report else {}
+    for path in sorted((run / "eval").glob("*.json")):  # a report of another kind, or malformed, is passed over
+        head = headline_metrics(read_json(path))
         if head:
             metrics.append(head)
     card["metrics"] = metrics
@@ -150,7 +200,7 @@ def card_curve(source: str | None) -> Path | None:
     """The training curve (``plots/training.png``) of the run behind ``source``, if it has one."""
     if not source or str(source).startswith("hf:"):
         return None
-    ckpt = find_checkpoint(source)
+    ckpt = find_checkpoint(Path(source).expanduser())
     if ckpt is None:
         return None
     curve = _run_dir(ckpt) / "plots" / "training.png"

@@ -3,6 +3,9 @@ mmfusion command in this process, then stamped; a summary table at the end (and 
 
 A training cut short resumes from its checkpoint when its settings are the same; an index is updated in place when
 only your folder changed (a new model rebuilds it); every other step's old output is removed before it runs again.
+Only what this recipe wrote is removed (the step's stamp or start marker says so): a folder of yours at OUT/STEP stops
+the run before any step runs. A command stopped by Ctrl-C or SIGTERM (exit 130 or 143) stops the recipe as Ctrl-C
+does: a stop to run again, not a failure to fix.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from . import commands
 from .metrics import format_metrics, step_metrics
 from .spec import Recipe, RecipeError, Step, is_shapes, referenced_step
 from .state import Fingerprint, StepState, path_stamp, why_stale
+
+INTERRUPTED = (130, 143)  # a command's exit status after Ctrl-C or SIGTERM (128 + the signal), as shells give it
+# what a step of each policy does when the recipe runs again after it was stopped
+RESUMES = {
+    "resume": " (the training resumes from its last checkpoint)",
+    "incremental": " (the index keeps what it committed and goes on from there)",
+}
 
 
 @dataclass
@@ -104,16 +114,14 @@ class Runner:
                 self.waits_for = name
                 return None
             inputs["@" + name] = str(self.run_ids[name])
-        for key in (*step.kind.refs, "config", "source"):
-            values = step.options.get(key)
+        for key, values in step.options.items():  # files and folders of yours (see state.py for which)
+            walk = key in (*step.kind.refs, "config", "source")
             for v in values if isinstance(values, list) else [values]:
-                if (
-                    isinstance(v, str)
-                    and v != "shapes"
-                    and not referenced_step(v, self.recipe.names())
-                    and Path(v).expanduser().exists()
-                ):
-                    inputs[v] = path_stamp(v)  # a file or folder of yours: its stat
+                if not isinstance(v, str) or v == "shapes" or referenced_step(v, self.recipe.names()):
+                    continue
+                path = Path(v).expanduser()
+                if path.is_file() or (walk and path.exists()):
+                    inputs[v] = path_stamp(v)  # its stat
         return Fingerprint(sym, inputs)
 
     # ---- running --------------------------------------------------------------------------------------------
@@ -126,6 +134,7 @@ class Runner:
                 commands.check(self.recipe, step, argv)
             if step.kind.name == "data" and not is_shapes(step):
                 _check_folder(self.recipe, step)
+            self._check_ours(step, StepState(self.reports, step.name))
         serve = next((s for s in steps if s.kind.name == "serve"), None)
         if serve is not None and not self.opts.dry_run:
             self._check_port(serve)
@@ -171,19 +180,23 @@ class Runner:
         self._execute(step, real, fp, state, why)
 
     def _execute(self, step: Step, real: list[list[str]], fp: Fingerprint, state: StepState, why: str) -> None:
-        real = self._prepare(step, real, fp, state)
+        real, clear = self._prepare(step, real, fp, state)  # read what the last run left before it changes
         print(f"[{step.name}] running ({why})", flush=True)
-        state.begin(fp)
+        state.begin(fp)  # the stamp goes first: a kill while the old output is removed leaves a step cut short
+        if clear:
+            shutil.rmtree(self.recipe.output(step))
         t0 = time.perf_counter()
         try:
             for argv in real:
                 print(f"  $ {commands.shell(argv)}", flush=True)
                 rc = commands.run(argv, self.opts.quiet, self.opts.verbose)
+                if rc in INTERRUPTED:  # the command caught Ctrl-C or SIGTERM itself (mmfusion index)
+                    raise KeyboardInterrupt
                 if rc:
                     raise RuntimeError(self._failed(step, rc))
         except KeyboardInterrupt:
             self._stopped(step, "stopped", t0)
-            resume = " (the training resumes from its last checkpoint)" if step.kind.name == "train" else ""
+            resume = RESUMES.get(step.kind.policy, "")
             raise KeyboardInterrupt(f"step {step.name!r} stopped; run the recipe again to continue{resume}") from None
         except Exception:
             self._stopped(step, "failed", t0)
@@ -202,11 +215,15 @@ class Runner:
         self.outcomes.append(Outcome(step.name, step.kind.name, "ran", why, seconds, metrics))
         print(f"[{step.name}] done in {seconds:.1f}s{': ' + format_metrics(metrics) if metrics else ''}", flush=True)
 
-    def _prepare(self, step: Step, real: list[list[str]], fp: Fingerprint, state: StepState) -> list[list[str]]:
-        """Clear what a re-run must not build on, or resume: the command lines to run."""
+    def _prepare(
+        self, step: Step, real: list[list[str]], fp: Fingerprint, state: StepState
+    ) -> tuple[list[list[str]], bool]:
+        """What a re-run builds on, read before the run begins: the command lines to run (resuming a training), and
+        whether the old output must be removed first (the caller does it after ``state.begin``)."""
         out = self.recipe.output(step)
         if step.kind.name == "data" and not is_shapes(step):
-            return real  # your folder: read, never written
+            return real, False  # your folder: read, never written
+        self._check_ours(step, state)
         previous = state.started() or state.stamp() or {}
         if step.kind.policy == "resume":
             from ..train.checkpoint import latest_checkpoint
@@ -215,17 +232,32 @@ class Runner:
             if same and latest_checkpoint(out / "checkpoints") is not None:
                 print(f"[{step.name}] resuming the training cut short in {out}")
                 return [[*argv, "--resume"] + (["--train.progress=false"] if self.opts.quiet else [])
-                        for argv in real]  # fmt: skip
+                        for argv in real], False  # fmt: skip
         elif step.kind.policy == "incremental":  # an index: kept when its model and settings are the same
-            model = referenced_step(step.options.get("model"), self.recipe.names())
-            key = f"@{model[0]}" if model else None
-            same_model = key is None or (previous.get("inputs") or {}).get(key) == fp.inputs.get(key)
-            if same_model and (state.stamp() or {}).get("commands", fp.commands) == fp.commands and out.exists():
-                return real  # only the files changed: the index updates in place (unchanged files cost a stat)
-        if out.exists() and out.resolve().is_relative_to(self.recipe.out.resolve()):
-            shutil.rmtree(out)
+            model = step.options.get("model")
+            hit = referenced_step(model, self.recipe.names())
+            key = f"@{hit[0]}" if hit else str(model)  # a step's run id, or the stat of a model of yours
+            inputs = previous.get("inputs")
+            same_model = isinstance(inputs, dict) and inputs.get(key) == fp.inputs.get(key)
+            if same_model and previous.get("commands") == fp.commands and out.exists():
+                return real, False  # only the files changed: the index updates in place (unchanged files cost a stat)
         quiet = ["--train.progress=false"] if self.opts.quiet and step.kind.name == "train" else []
-        return [[*argv, *quiet] for argv in real]
+        return [[*argv, *quiet] for argv in real], out.exists()
+
+    def _check_ours(self, step: Step, state: StepState) -> None:
+        """A step's output that exists must be this recipe's (its stamp or start marker says the runner wrote it):
+        the runner removes it before running the step again, so a folder of yours there is an error, never lost."""
+        out = self.recipe.output(step)
+        if step.kind.output_flag is None or (step.kind.name == "data" and not is_shapes(step)):
+            return
+        if not (out.exists() or out.is_symlink()):
+            return
+        if not state.ours():
+            raise RecipeError(f"{step.where(self.recipe.path)}: {out} exists and was not written by this recipe (no "
+                              f"stamp or start marker in {self.reports}); remove it or choose another out")  # fmt: skip
+        if out.is_symlink() or not out.resolve().is_relative_to(self.recipe.out.resolve()):
+            raise RecipeError(f"{step.where(self.recipe.path)}: {out} leads to {out.resolve()} (a link); remove the "
+                              "link: the step writes a folder of its own there")  # fmt: skip
 
     def _stopped(self, step: Step, status: str, t0: float) -> None:
         """A step that did not finish: its row, then the table of the run so far (its stamp stays absent)."""
@@ -249,7 +281,7 @@ class Runner:
         print(f"[{step.name}] serving on http://{step.options.get('host')}:{step.options.get('port', 8000)}/ "
               "(Ctrl-C stops it)", flush=True)  # fmt: skip
         rc = commands.run(real[0], self.opts.quiet, self.opts.verbose)
-        if rc:
+        if rc and rc not in INTERRUPTED:
             raise RuntimeError(self._failed(step, rc))
         print(f"[{step.name}] stopped; run the recipe again to serve in seconds (the steps up to date are skipped)")
 

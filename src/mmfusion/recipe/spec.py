@@ -57,6 +57,11 @@ KINDS: dict[str, Kind] = {
 }  # fmt: skip
 TOP_KEYS = ("out", "steps", "description")
 STEP_KEYS = ("name", "kind")
+# step names the runner's own files take: OUT/reports holds the stamps, OUT/reports/summary.json the last summary
+RESERVED_NAMES = {
+    "reports": "OUT/reports holds the steps' stamps",
+    "summary": "OUT/reports/summary.json is the run's summary",
+}
 
 
 @dataclass
@@ -165,7 +170,8 @@ def load_recipe(path: str | Path, out: str | Path | None = None) -> Recipe:
                           f"({', '.join(KINDS)}) and a 'name'")  # fmt: skip
     steps_node = next(v for k, v in node.value if getattr(k, "value", None) == "steps")
     steps = [_step(path, item, n, i) for i, (item, n) in enumerate(zip(items, steps_node.value))]
-    recipe = Recipe(path, Path(out or data.get("out") or f"runs/{path.stem}"), steps, str(data.get("description", "")))
+    root = Path(str(out or data.get("out") or f"runs/{path.stem}")).expanduser()  # `out: ~/runs/x` as a shell reads it
+    recipe = Recipe(path, root, steps, str(data.get("description", "")))
     _check_names(recipe)
     _check_refs(recipe)
     return recipe
@@ -183,6 +189,9 @@ def _step(path: Path, item: Any, node: yaml.Node, i: int) -> Step:
     name = str(item.get("name") or kind)
     if not name.replace("-", "").replace("_", "").isalnum():
         raise RecipeError(f"{path}:{line}: step name {name!r}: use letters, digits, - and _ (it names OUT/{name})")
+    if name.lower() in RESERVED_NAMES:
+        raise RecipeError(f"{path}:{line}: step name {name!r} is the recipe's own ({RESERVED_NAMES[name.lower()]}); "
+                          f"give the step another 'name'")  # fmt: skip
     options = {k: v for k, v in item.items() if k not in STEP_KEYS}
     lines = _lines(node)
     if KINDS[kind].dotted:  # `init: {from_clip: clip}` is `init.from_clip: clip`

@@ -6,7 +6,9 @@ fingerprint, a run id, its command lines and its key metrics. A step whose stamp
 its folder holds; a step is re-run when its fingerprint differs from the stamp's. The fingerprint is a hash of the
 step's command lines (other steps' outputs written as ``@STEP``, so moving OUT changes nothing), the run ids of the
 steps it reads (a step that ran again makes its readers run again) and a stat of each file or folder of yours that it
-reads (size and modification time of every file: cheap, and any edit shows).
+reads (size and modification time of every file: cheap, and any edit shows). What it reads: the values of its
+reference keys, ``config`` and ``source`` that are existing files or folders, and the value of any other key that is
+an existing file (a ``templates`` file of an eval step, say); a folder named by another key is not walked.
 """
 
 from __future__ import annotations
@@ -70,18 +72,26 @@ class StepState:
             data = json.loads(self.stamp_path.read_text())
         except (OSError, ValueError):
             return None
-        return data if data.get("format") == STAMP_FORMAT else None
+        return data if isinstance(data, dict) and data.get("format") == STAMP_FORMAT else None
 
     def started(self) -> dict[str, Any] | None:
+        """The start marker of a run of the step that did not finish (or whose stamp is being written)."""
         try:
-            return json.loads(self.started_path.read_text())
+            data = json.loads(self.started_path.read_text())
         except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
+
+    def ours(self) -> bool:
+        """Whether this recipe has run the step here (a stamp or a start marker), so its output is the runner's."""
+        return self.stamp() is not None or self.started() is not None
 
     def begin(self, fp: Fingerprint) -> None:
-        """Before the step writes anything: its stamp goes, so an output cut short is never taken for a whole one."""
+        """Before the step writes or removes anything: its stamp goes, so an output cut short is never taken for a
+        whole one, and a marker records the settings it runs with (an index cut short is built on only by a run with
+        the same command lines)."""
         self.stamp_path.unlink(missing_ok=True)
-        atomic_write_json(self.started_path, {"fingerprint": fp.digest, "inputs": fp.inputs})
+        atomic_write_json(self.started_path, {"fingerprint": fp.digest, "inputs": fp.inputs, "commands": fp.commands})
 
     def finish(self, stamp: dict[str, Any]) -> None:
         atomic_write_json(self.stamp_path, {"format": STAMP_FORMAT, **stamp})
