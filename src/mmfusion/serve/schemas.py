@@ -168,7 +168,9 @@ class RunCard(BaseModel):
     role: Literal["embedder", "captioner", "answerer"]
     id: str | None = Field(None, description="the model's id in /v1/models")
     source: str = Field(description="the folder (or hub id) it was loaded from, by name")
-    family: str = Field(description="clip, captioner, vqa, ...; pretrained for hf: models")
+    family: str = Field(
+        description="clip, captioner, vqa, ...; pretrained for hf: models, other for exports, missing when gone"
+    )
     name: str
     what: str = Field(description="what the model does, in a line")
     trained_on: str | None = None

@@ -56,7 +56,7 @@ function modelCard(c, loadImage) {
       }
     }
     li.append(table);
-  } else if (c.family !== "pretrained") {
+  } else if (!["pretrained", "missing", "other"].includes(c.family)) {
     li.append(Object.assign(document.createElement("p"), { className: "hint", textContent: "Not evaluated yet (mmfusion eval)." }));
   }
   if (c.curve) {
