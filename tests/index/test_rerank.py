@@ -128,3 +128,21 @@ def test_search_rerank_on_the_command_line(indexed, tmp_path, capsys):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     assert main(["search", "--like", str(results[0]["id"]), "--db", str(db), "--rerank", str(tmp_path / "rr")]) == 2
     assert "give a text" in capsys.readouterr().err
+
+
+def test_videos_keep_their_place_and_are_never_decoded_as_images():
+    from mmfusion.index.query import SearchResult
+    from mmfusion.index.store import FileRow
+
+    def row(i: int, fmt: str) -> FileRow:
+        ext = "mp4" if fmt.startswith("video/") else "png"
+        return FileRow(i, f"/x/f{i:02d}.{ext}", f"f{i:02d}.{ext}", "/x", 1, 1, b"h", 8, 8, fmt, None, 0.0)
+
+    formats = {1: "PNG", 2: "video/mp4", 3: "PNG", 4: "PNG", 5: "video/mp4", 6: "PNG"}
+    rows = {i: row(i, f) for i, f in formats.items()}
+    first = [SearchResult.from_row(rows[i], 1.0 - i / 10) for i in formats]
+    stub = PrefersNames()  # prefers higher numbers: 6, 4, 3, 1 among the images
+    got = rerank_results(stub, rows, "a red circle", first)
+    assert stub.seen == [("a red circle", [1, 3, 4, 6])]  # the videos were not sent to the re-ranker
+    assert [r.id for r in got] == [6, 2, 4, 3, 5, 1]  # videos at their places 2 and 5, images re-ordered around them
+    assert got[1] == first[1] and got[4] == first[4]  # a video keeps its first-stage score and metadata

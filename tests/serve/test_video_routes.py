@@ -125,6 +125,7 @@ def test_a_video_frame_is_captioned_by_its_id_and_time(video_world):
             (f"mmfusion://images/{video}", 400, f"mmfusion://videos/{video}?t=SECONDS"),
             (f"mmfusion://videos/{photo}?t=1", 400, "is an image, not a video"),
             ("mmfusion://videos/99999?t=1", 404, "no indexed image or video"),
+            (f"mmfusion://videos/{video}", 422, "write mmfusion://videos/<id>?t=SECONDS"),  # no time: named, not base64
         ):
             res = c.post("/v1/chat/completions", json=_chat(ref))
             assert res.status_code == status and words in res.json()["error"]["message"], res.text
@@ -132,3 +133,44 @@ def test_a_video_frame_is_captioned_by_its_id_and_time(video_world):
 
 def _chat(url: str) -> dict:
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_only_frame_thumbnails_are_cached(client):
+    video = client.post("/search", json={"text": "red", "k": 1}).json()["results"][0]["id"]
+    thumbs = client.app.state.service.thumbs.data
+    before = len(thumbs)
+    for t in (0.25, 0.5, 0.75):
+        assert client.get(f"/videos/{video}/frame", params={"t": t}).status_code == 200
+    assert len(thumbs) == before  # whole frames are not kept: their bytes would be unbounded
+    assert client.get(f"/videos/{video}/frame", params={"t": 0.25, "thumb": "true"}).status_code == 200
+    assert len(thumbs) == before + 1
+
+
+def test_a_frame_over_max_pixels_is_refused_before_decoding(video_world):
+    app = create_app(ServeSettings(db=str(video_world[0]), max_pixels=100), embedder=ColourEmbedder(),
+                     captioner=ColourCaptioner())  # fmt: skip
+    with TestClient(app, base_url=LOCAL) as c:
+        video = c.post("/search", json={"text": "red", "k": 1}).json()["results"][0]["id"]
+        for res in (c.get(f"/videos/{video}/frame", params={"t": 1}),
+                    c.post("/v1/chat/completions", json=_chat(f"mmfusion://videos/{video}?t=1"))):  # fmt: skip
+            assert res.status_code == 413, res.text
+            assert "over this service's limit of 100" in res.json()["error"]["message"]
+
+
+def test_video_errors_name_their_fix(client, monkeypatch):
+    import mmfusion.index.video as video_mod
+
+    video = client.post("/search", json={"text": "red", "k": 1}).json()["results"][0]["id"]
+    missing = client.get("/videos/987654")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "no indexed video has id 987654"
+    for route in (f"/images/{video}", f"/thumbs/{video}"):  # a video is not served as an image
+        res = client.get(route)
+        assert res.status_code == 404 and f"/videos/{video}/frame" in res.json()["error"]["message"], route
+        assert f"see /videos/{video} " in res.json()["error"]["message"]
+
+    def no_pyav():
+        raise video_mod.NoPyAVError(video_mod.NO_PYAV)
+
+    monkeypatch.setattr(video_mod, "_pyav", no_pyav)
+    res = client.get(f"/videos/{video}/frame", params={"t": 3.25})
+    assert res.status_code == 503 and "pip install 'mmfusion[video]'" in res.json()["error"]["message"]

@@ -23,6 +23,7 @@ import numpy as np
 from ..data.images import ImageDecodeError
 from .decode import decode_file
 from .query import SearchResult, Term
+from .store import is_video_format
 
 
 class PairScorer(Protocol):
@@ -126,23 +127,30 @@ def rerank_results(
     """``results`` re-ordered by ``scorer``'s score for ``text``, each with that score (its first-stage score kept
     as ``similarity`` in the metadata); files that can no longer be read keep their order, after the others.
 
+    A video is left out: the re-ranker reads one image, not a video's frames, so a video keeps its place (and its
+    first-stage score) and the images re-ranked fill the other places. (Scoring its matched frame instead would
+    cost a seek and a decode per video and query, for a score on one frame of a time range.)
+
     Args:
-        rows: the index rows of the results by id (``store.get(ids)``: their files' paths and hashes).
+        rows: the index rows of the results by id (``store.get(ids)``: their files' paths, hashes and formats).
     """
     if not results:
         return []
-    present = [r for r in results if r.id in rows]
-    scores = scorer.score_files(text, [rows[r.id] for r in present])
+    images = [r for r in results if r.id not in rows or not is_video_format(rows[r.id].format)]
+    present = [r for r in images if r.id in rows]
+    scores = scorer.score_files(text, [rows[r.id] for r in present]) if present else np.zeros(0)
     scored = [(float(s), r) for s, r in zip(scores, present) if np.isfinite(s)]
     scored.sort(key=lambda x: -x[0])  # stable: equal scores keep the first stage's order
-    out = [replace(r, score=s, metadata={**r.metadata, "similarity": round(r.score, 6)}) for s, r in scored]
-    done = {r.id for r in out}
-    return out + [r for r in results if r.id not in done]
+    done = {r.id for _, r in scored}
+    ordered = iter([replace(r, score=s, metadata={**r.metadata, "similarity": round(r.score, 6)}) for s, r in scored]
+                   + [r for r in images if r.id not in done])  # fmt: skip
+    is_image = {id(r) for r in images}
+    return [next(ordered) if id(r) in is_image else r for r in results]
 
 
 def search_reranked(index, scorer: PairScorer, query, k: int = 10, rerank_k: int = 20, **options) -> list[SearchResult]:
     """:meth:`Index.search` for ``max(k, rerank_k)`` results, the first ``rerank_k`` re-ranked by ``scorer`` on the
-    query's text, then the first ``k``.
+    query's text (videos keep their places: :func:`rerank_results`), then the first ``k``.
 
     Args:
         index: an open :class:`~mmfusion.index.Index`.

@@ -73,13 +73,14 @@ def search_many(store: Store, vectors: VectorStore | None, queries: Sequence[Vec
 
     When the index holds videos, a video's segments are hits of their own but it is one result
     (:func:`.video.rank_hits`), so more hits are fetched than results wanted, and more again for a query that
-    fell short while hits remained.
+    fell short while hits remained (:func:`_next_fetch`: never once the last hit scores under the threshold).
     """
     out: list[list[SearchResult]] = [[] for _ in queries]
     if vectors is None or not queries:  # (no len() here: counting a Milvus collection is a round trip)
         return out
     videos = store.has_segments()
     fetch = {i: min(q.k * VIDEO_FETCH, MAX_FETCH) if videos else q.k for i, q in enumerate(queries)}
+    seen: dict[int, set[int]] = {i: set() for i in fetch}  # per query: the files its hits so far belong to
     while fetch:
         hits = _plain_hits(vectors, queries, fetch) | _filtered_hits(store, vectors, queries, fetch)
         found = {int(j) for _, ids in hits.values() for j in ids if j >= 0}
@@ -89,11 +90,32 @@ def search_many(store: Store, vectors: VectorStore | None, queries: Sequence[Vec
         for i, (scores, ids) in hits.items():
             q = queries[i]
             out[i] = rank_hits(scores, ids, rows, segments, q.k, q.threshold)
-            short = videos and len(out[i]) < q.k and int((ids >= 0).sum()) >= fetch[i]  # and hits remain
-            if short and fetch[i] < MAX_FETCH:
-                again[i] = min(fetch[i] * VIDEO_FETCH, MAX_FETCH)
+            if videos and len(out[i]) < q.k and int((ids >= 0).sum()) >= fetch[i]:  # short, and hits remain
+                files = {segments[j].file_id if j in segments else j for j in map(int, ids) if j >= 0}
+                more = _next_fetch(store, q, fetch[i], scores, files, seen[i], len(out[i]))
+                seen[i] = files
+                if more:
+                    again[i] = more
         fetch = again
     return out
+
+
+def _next_fetch(
+    store: Store, q: VectorQuery, fetched: int, scores: np.ndarray, files: set[int], before: set[int], found: int
+) -> int:
+    """How many hits the next round fetches for a query that fell short (0: stop).
+
+    It stops at ``MAX_FETCH``, and once the last hit fetched scores under the threshold (every later one does too).
+    A round that added no new file (the hits are segments of videos already seen) jumps to the count of those
+    files' vectors plus the results still missing, past which a new file must appear, rather than growing blindly;
+    it stops when that is no more than it has.
+    """
+    if fetched >= MAX_FETCH or (q.threshold is not None and len(scores) and float(scores[-1]) < q.threshold):
+        return 0
+    if files - before:
+        return min(fetched * VIDEO_FETCH, MAX_FETCH)
+    bound = store.vector_count(files) + q.k - found
+    return min(bound, MAX_FETCH) if bound > fetched else 0
 
 
 def _plain_hits(

@@ -11,7 +11,8 @@ A video is one row of ``files`` (its ``format`` a MIME type, ``video/...``; its 
 and its time segments are rows of ``segments``, each with its own vector. The vector store holds what is searched:
 an image's vector under the file's id, and a video's segments under the segments' ids, which start at
 ``SEGMENT_ID_BASE`` so that they never meet a file's. Schema 2 added the segments; opening an index of schema 1
-for writing migrates it (the table is added, nothing else changes); a reader of schema 1 sees no segments.
+for writing migrates it (the table is added, nothing else changes); a reader of schema 1 sees no segments. The
+schema version is read before anything is written, so an index of a newer schema is refused untouched.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class Store:
                 raise FileNotFoundError(f"no {DB_FILE} in the snapshot {self.dir}")
             uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._refuse_newer()
             self._check_schema(write=False)
             return
         if readonly:
@@ -148,6 +150,7 @@ class Store:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)  # explicit transactions
         self.db.execute("PRAGMA busy_timeout = 30000")
+        self._refuse_newer()  # before any write: an index of a newer schema is left exactly as it is
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
@@ -156,27 +159,43 @@ class Store:
                 self.set_meta({"schema": SCHEMA_VERSION, "created": time.time()})
         self._check_schema(write=not readonly)
 
-    def _check_schema(self, write: bool) -> None:
-        """Refuse a newer schema; migrate an older one (a writer), or let a reader of one see no segments."""
+    def _refuse_newer(self) -> None:
+        """Raise (closing the connection) when the index was written by a newer mmfusion; reads only."""
         version = self.meta("schema", SCHEMA_VERSION) if self._has_table("meta") else SCHEMA_VERSION
         if version > SCHEMA_VERSION:
+            self.db.close()
             raise IndexSchemaError(
                 f"{self.dir} was written by a newer mmfusion (index schema {version}; this one reads up to "
                 f"{SCHEMA_VERSION}): upgrade mmfusion (pip install -U mmfusion), or index into another --db"
             )
+
+    def _check_schema(self, write: bool) -> None:
+        """Migrate an older schema (a writer), or let a reader of schema 1 see no segments."""
+        version = self.meta("schema", SCHEMA_VERSION) if self._has_table("meta") else SCHEMA_VERSION
+        self._has_segments = False
         if write:  # 1 -> 2 adds the segments table (files keep their rows and ids); a no-op when it is there
             with self.transaction():
                 for statement in _SEGMENTS.split(";"):
                     if statement.strip():
                         self.db.execute(statement)
+                # an older mmfusion writing a schema-2 index deletes files without their segments: drop those
+                self.db.execute("DELETE FROM main.segments WHERE file_id NOT IN (SELECT id FROM main.files)")
             self._seed_segment_ids()
             if version < SCHEMA_VERSION:
                 self.set_meta({"schema": SCHEMA_VERSION})
-        elif not self._has_table("segments"):  # a reader of schema 1 (or of a snapshot of one): no segments
-            self.db.execute(f"CREATE TEMP TABLE segments (id INTEGER PRIMARY KEY, {_SEGMENT_COLUMNS})")
+        # a reader of schema 1 reads an empty TEMP table under another name, so that it never shadows the real one a
+        # writer may add later (then :attr:`seg` finds that one)
+        self.db.execute(f"CREATE TEMP TABLE IF NOT EXISTS no_segments (id INTEGER PRIMARY KEY, {_SEGMENT_COLUMNS})")
+
+    @property
+    def seg(self) -> str:
+        """The segments table to read: ``main.segments``, or an empty one while the index is of schema 1."""
+        if not self._has_segments:
+            self._has_segments = self._has_table("segments")
+        return "main.segments" if self._has_segments else "temp.no_segments"
 
     def _has_table(self, name: str) -> bool:
-        q = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        q = "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = ?"
         return self.db.execute(q, (name,)).fetchone() is not None
 
     def _seed_segment_ids(self) -> None:
@@ -216,7 +235,7 @@ class Store:
 
     def ids(self) -> np.ndarray:
         """The ids the vector store should hold, in order: images' file ids, then video segments' ids."""
-        sql = f"SELECT id FROM files WHERE {_NOT_VIDEO} UNION ALL SELECT id FROM segments ORDER BY 1"
+        sql = f"SELECT id FROM files WHERE {_NOT_VIDEO} UNION ALL SELECT id FROM {self.seg} ORDER BY 1"
         return np.fromiter((r[0] for r in self.db.execute(sql)), dtype=np.int64)
 
     def stats_by_path(self, root: str | None = None) -> dict[str, tuple[int, int, int, bytes]]:
@@ -265,7 +284,7 @@ class Store:
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            q = f"SELECT id, vector FROM files WHERE id IN ({marks}) UNION ALL SELECT id, vector FROM segments " \
+            q = f"SELECT id, vector FROM files WHERE id IN ({marks}) UNION ALL SELECT id, vector FROM {self.seg} " \
                 f"WHERE id IN ({marks})"  # fmt: skip
             for i, v in self.db.execute(q, chunk + chunk):
                 found.append(i)
@@ -275,7 +294,7 @@ class Store:
 
     def iter_vectors(self, batch: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, vectors) the vector store holds (images', then video segments'), in id order, a batch at a time."""
-        for table, where in (("files", f"AND {_NOT_VIDEO}"), ("segments", "")):
+        for table, where in (("files", f"AND {_NOT_VIDEO}"), (self.seg, "")):
             last = -1
             while True:
                 rows = self.db.execute(
@@ -319,7 +338,7 @@ class Store:
         ids = []
         for seg in segments:
             cur = self.db.execute(
-                "INSERT INTO segments (file_id, start_s, end_s, thumb_s, vector) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO main.segments (file_id, start_s, end_s, thumb_s, vector) VALUES (?, ?, ?, ?, ?)",
                 (int(file_id), float(seg["start_s"]), float(seg["end_s"]), float(seg["thumb_s"]),
                  np.ascontiguousarray(seg["vector"], dtype=np.float32).tobytes()),
             )  # fmt: skip
@@ -336,23 +355,37 @@ class Store:
         for start in range(0, len(values), 900):
             chunk = values[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            q = f"SELECT id, file_id, start_s, end_s, thumb_s FROM segments WHERE {key} IN ({marks})"
+            q = f"SELECT id, file_id, start_s, end_s, thumb_s FROM {self.seg} WHERE {key} IN ({marks})"
             out.update((r[0], SegmentRow(*r)) for r in self.db.execute(q, chunk))
         return out
 
     def segment_vectors(self, file_id: int) -> list[dict]:
         """A video's segments with their vectors, in time order (a copy of the video reuses them)."""
-        q = "SELECT start_s, end_s, thumb_s, vector FROM segments WHERE file_id = ? ORDER BY start_s"
+        q = f"SELECT start_s, end_s, thumb_s, vector FROM {self.seg} WHERE file_id = ? ORDER BY start_s"
         return [{"start_s": a, "end_s": b, "thumb_s": t, "vector": np.frombuffer(v, dtype=np.float32).copy()}
                 for a, b, t, v in self.db.execute(q, (int(file_id),))]  # fmt: skip
 
     def video_counts(self) -> dict[str, int]:
         """{"videos": video files, "segments": their segments}."""
         videos = self.db.execute(f"SELECT COUNT(*) FROM files WHERE NOT {_NOT_VIDEO}").fetchone()[0]
-        return {"videos": int(videos), "segments": int(self.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0])}
+        return {
+            "videos": int(videos),
+            "segments": int(self.db.execute(f"SELECT COUNT(*) FROM {self.seg}").fetchone()[0]),
+        }
+
+    def vector_count(self, file_ids: Iterable[int]) -> int:
+        """How many vectors the vector store holds for these files (an image's one, a video's segments)."""
+        ids, n = [int(i) for i in file_ids], 0
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT (SELECT COUNT(*) FROM files WHERE id IN ({marks}) AND {_NOT_VIDEO}) + " \
+                f"(SELECT COUNT(*) FROM {self.seg} WHERE file_id IN ({marks}))"  # fmt: skip
+            n += int(self.db.execute(q, chunk + chunk).fetchone()[0])
+        return n
 
     def has_segments(self) -> bool:
-        return self.db.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None
+        return self.db.execute(f"SELECT 1 FROM {self.seg} LIMIT 1").fetchone() is not None
 
     def touch(self, file_id: int, size: int, mtime_ns: int) -> None:
         self.db.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
@@ -373,8 +406,8 @@ class Store:
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            gone += [r[0] for r in self.db.execute(f"SELECT id FROM segments WHERE file_id IN ({marks})", chunk)]
-            self.db.execute(f"DELETE FROM segments WHERE file_id IN ({marks})", chunk)
+            gone += [r[0] for r in self.db.execute(f"SELECT id FROM {self.seg} WHERE file_id IN ({marks})", chunk)]
+            self.db.execute(f"DELETE FROM main.segments WHERE file_id IN ({marks})", chunk)
             self.db.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
         return gone
 
@@ -393,7 +426,7 @@ class Store:
             where.append(f"{date} < ?")
             args.append(before)
         cond = " AND ".join(where) or "1"
-        sql = f"SELECT id FROM files WHERE {cond} AND {_NOT_VIDEO} UNION ALL SELECT s.id FROM segments s " \
+        sql = f"SELECT id FROM files WHERE {cond} AND {_NOT_VIDEO} UNION ALL SELECT s.id FROM {self.seg} s " \
               f"JOIN files ON files.id = s.file_id WHERE {cond}"  # fmt: skip
         return np.fromiter((r[0] for r in self.db.execute(sql, args + args)), dtype=np.int64)
 

@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,14 @@ NON_FINITE = "the model produced a non-finite vector"
 
 class VideoFileError(ImageDecodeError):
     """A video that cannot be read (damaged, no video stream, no frames, too long); the message says why."""
+
+
+class VideoTooLargeError(VideoFileError):
+    """A video whose frames have more pixels than the caller allows (checked before any frame is decoded)."""
+
+
+class NoPyAVError(VideoFileError):
+    """PyAV is not installed, so no video can be read here (the message names the extra to install)."""
 
 
 @dataclass
@@ -97,7 +106,7 @@ def _pyav():
     try:
         import av
     except ImportError as e:
-        raise VideoFileError(NO_PYAV) from e
+        raise NoPyAVError(NO_PYAV) from e
     return av
 
 
@@ -105,34 +114,39 @@ def _pyav():
 
 
 @dataclass
-class Sampled:
-    """The frames sampled from one video, ready for the embedder."""
+class VideoInfo:
+    """What :func:`iter_samples` learns of a video while decoding it (filled in once it is done)."""
 
-    times: list[float]  # seconds, increasing
-    pixels: list  # per frame: (S, S, 3) uint8, or an RGB image for a model that preprocesses itself
-    cuts: list[bool]  # a scene change lies between the previous sample and this one
-    duration: float  # seconds
-    width: int
-    height: int
+    duration: float = 0.0  # seconds
+    width: int = 0
+    height: int = 0
 
 
-def sample_frames(path: str, opts: VideoOptions, size: int | None, crop: bool = True) -> Sampled:
-    """Decode ``path`` once, keeping a frame every ``opts.every_s`` seconds and the first frame of each scene.
+def iter_samples(
+    path: str, opts: VideoOptions, size: int | None, crop: bool = True, info: VideoInfo | None = None
+) -> Iterator[tuple[float, object, bool]]:
+    """Decode ``path`` once, yielding a frame every ``opts.every_s`` seconds and the first frame of each scene, one
+    at a time (the caller embeds them in batches and keeps only vectors, so a long video never sits in memory).
 
     Args:
-        size: the model's input side (frames resized and centre-cropped to it when ``crop``); None: whole frames.
+        size: the model's input side: frames are shrunk by the decoder so their short side is ``size`` (then
+            centre-cropped to it when ``crop``); None: whole frames.
+        info: filled with the video's duration and size once the last frame is decoded.
+
+    Yields:
+        (seconds, pixels, cut): pixels an (S, S, 3) uint8 array when ``size and crop``, else an RGB image; cut
+        whether a scene change lies between the previous sample and this one.
 
     Raises:
         VideoFileError: unreadable, no video stream, no frames, or too long.
     """
     av = _pyav()
-    out = Sampled([], [], [], 0.0, 0, 0)
+    info = info if info is not None else VideoInfo()
     min_gap = opts.every_s / 4  # a cut adds its first frame unless a cut's frame was taken this recently
+    n = 0
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoFileError("no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             stream.thread_type = "AUTO"
             fps = float(stream.average_rate or 25)
             next_t, last_cut, prev, cut_pending, t = 0.0, -math.inf, None, False, 0.0
@@ -143,40 +157,62 @@ def sample_frames(path: str, opts: VideoOptions, size: int | None, crop: bool = 
                 prev, cut_pending = small, cut_pending or cut
                 at_cut = cut and t - last_cut >= min_gap
                 if t >= next_t - 1e-6 or at_cut:
-                    if len(out.times) >= opts.max_samples:
+                    if n >= opts.max_samples:
                         raise VideoFileError(f"over {opts.max_samples} sampled frames: too long to index")
-                    out.times.append(t)
-                    out.pixels.append(_frame_pixels(frame, size, crop))
-                    out.cuts.append(cut_pending and bool(out.times[:-1]))
+                    yield t, _frame_pixels(frame, size, crop), cut_pending and n > 0
+                    n += 1
                     cut_pending, last_cut = False, t if at_cut else last_cut
                     next_t = (math.floor(t / opts.every_s + 1e-6) + 1) * opts.every_s
-            out.width, out.height = stream.codec_context.width, stream.codec_context.height
-            out.duration = t + 1.0 / fps
+            info.width, info.height = stream.codec_context.width, stream.codec_context.height
+            info.duration = t + 1.0 / fps
     except VideoFileError:
         raise
     except Exception as e:  # FFmpeg's errors (InvalidDataError, ...) and decoders' odd failures
         raise VideoFileError(f"cannot decode the video: {type(e).__name__}: {e}") from e
-    if not out.times:
+    if not n:
         raise VideoFileError("no frames could be decoded")
-    return out
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise VideoFileError("no video stream: the file holds no video to show or index")
+    return container.streams.video[0]
 
 
 def _frame_pixels(frame, size: int | None, crop: bool):
-    img = frame.to_image()  # RGB
+    """The frame for the model: shrunk while decoding to a short side of ``size`` (as a JPEG is drafted for it), then
+    centre-cropped when ``crop``; the whole RGB frame when ``size`` is None."""
+    w, h = frame.width, frame.height
+    if size and min(w, h) > size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_image()
+    else:
+        img = frame.to_image()  # RGB
     return np.asarray(resize_center_crop(img, size), dtype=np.uint8) if size and crop else img
 
 
-def frame_at(path: str, t: float) -> Image.Image:
+def frame_at(path: str, t: float, max_pixels: int | None = None) -> Image.Image:
     """The RGB frame shown at ``t`` seconds (the last one before it when ``t`` is past the end).
 
+    Args:
+        max_pixels: refuse a video whose frames have more pixels than this, from the codec's size, before decoding.
+
     Raises:
-        VideoFileError: unreadable, or no frame decoded.
+        VideoFileError: unreadable, no video stream, or no frame decoded; :class:`VideoTooLargeError` for frames over
+            ``max_pixels``; :class:`NoPyAVError` without PyAV.
     """
     av = _pyav()
     found = None
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
+            w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+            if max_pixels is not None and w * h > max_pixels:
+                raise VideoTooLargeError(
+                    f"its frames are {w}x{h} = {w * h:,} pixels, over this service's limit of {max_pixels:,} "
+                    "(raise --max-pixels / MMFUSION_MAX_PIXELS to allow it)"
+                )
             if stream.time_base and t > 0:
                 container.seek(int(t / float(stream.time_base)), stream=stream, backward=True)
             for frame in container.decode(stream):
@@ -226,12 +262,14 @@ def pool_segments(
         Segments in time order: dicts of start_s, end_s, thumb_s and vector (normalised mean).
     """
     groups: list[list[int]] = [[0]]
+    total = vecs[0].astype(np.float64)  # running sum of the current segment's vectors: linear, not quadratic
     for i in range(1, len(times)):
-        mean = _unit(vecs[groups[-1]].mean(0))
-        if cuts[i] or float(vecs[i] @ mean) < similarity:
+        if cuts[i] or float(vecs[i] @ _unit(total)) < similarity:  # the mean's direction is the sum's
             groups.append([i])
+            total = vecs[i].astype(np.float64)
         else:
             groups[-1].append(i)
+            total = total + vecs[i]
     out = []
     for n, g in enumerate(groups):
         mean = _unit(vecs[g].mean(0))
@@ -312,20 +350,27 @@ class VideoIndexer:
         return vector, self.store.segment_vectors(file_id), Decoded(digest, None, width, height, mime)
 
     def _embed(self, path: str, digest: bytes) -> tuple[np.ndarray, list[dict], Decoded]:
-        enc = self.encoder
-        s = sample_frames(path, self.opts, enc.size, enc.crop)
-        vecs = []
-        for start in range(0, len(s.pixels), self.batch_size):
-            vecs.append(enc.encode_pixels(s.pixels[start : start + self.batch_size], enc.transform))
+        """Embed a video's samples a batch at a time as they are decoded: only their times and vectors are kept."""
+        enc, info = self.encoder, VideoInfo()
+        times, cuts, vecs, batch = [], [], [], []
+        for t, pixels, cut in iter_samples(path, self.opts, enc.size, enc.crop, info):
+            times.append(t)
+            cuts.append(cut)
+            batch.append(pixels)
+            if len(batch) == self.batch_size:
+                vecs.append(enc.encode_pixels(batch, enc.transform))
+                batch = []
+        if batch:
+            vecs.append(enc.encode_pixels(batch, enc.transform))
         z = np.concatenate(vecs).astype(np.float32)  # (N, D)
         self.report.model_calls += len(z)
         if not np.isfinite(z).all():
             raise VideoFileError(NON_FINITE)
         z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-        segments = pool_segments(s.times, z, s.cuts, s.duration, self.opts.similarity)
+        segments = pool_segments(times, z, cuts, info.duration, self.opts.similarity)
         vector = _unit(np.mean([seg["vector"] for seg in segments], axis=0))
         mime = VIDEO_MIME[os.path.splitext(path)[1].lower()]
-        return vector, segments, Decoded(digest, None, s.width, s.height, mime)
+        return vector, segments, Decoded(digest, None, info.width, info.height, mime)
 
 
 # ---- searching ---------------------------------------------------------------------------------------------

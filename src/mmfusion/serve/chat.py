@@ -36,6 +36,7 @@ from .images import (
     image_url_of,
     indexed_frame,
     indexed_id,
+    video_frame_image,
 )
 from .schemas import Body
 
@@ -96,7 +97,7 @@ async def resolve_image(svc, url: str) -> Image.Image:
             if frame is None:
                 raise HTTPException(400, f"{image_id} is a video: name one of its frames as "
                                          f"mmfusion://videos/{image_id}?t=SECONDS")  # fmt: skip
-            return await loop.run_in_executor(None, _decode_frame, row.path, frame[1])
+            return await loop.run_in_executor(None, video_frame_image, row.path, frame[1], s.max_pixels, True)
         if frame is not None:
             raise HTTPException(400, f"{image_id} is an image, not a video: name it as mmfusion://images/{image_id}")
         return await loop.run_in_executor(None, _decode_indexed, row.path, s.max_pixels)
@@ -105,15 +106,6 @@ async def resolve_image(svc, url: str) -> Image.Image:
         data = await loop.run_in_executor(None, fetch_url, url, s.max_body_bytes)
         return await loop.run_in_executor(None, decode_image_bytes, data, s.max_pixels)
     return await loop.run_in_executor(None, decode_data_url, url, s.max_pixels)
-
-
-def _decode_frame(path: str, t: float) -> Image.Image:
-    from ..index.video import VideoFileError, frame_at
-
-    try:
-        return frame_at(path, t)
-    except VideoFileError as e:
-        raise HTTPException(410, f"the indexed video cannot be read any more ({e}); re-run mmfusion index") from e
 
 
 def _decode_indexed(path: str, max_pixels: int) -> Image.Image:

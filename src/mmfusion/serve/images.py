@@ -105,13 +105,37 @@ def indexed_frame(url: str) -> tuple[int, float] | None:
     """(id, seconds) in ``mmfusion://videos/<id>?t=<seconds>`` (the frame an indexed video shows then), or None.
 
     Raises:
-        HTTPException: 422 for an id outside the range of ids.
+        HTTPException: 422 for an id outside the range of ids, or a ``mmfusion://videos/`` reference of another form.
     """
     m = INDEXED_FRAME.match(url.strip())
     if m is None:
+        if url.strip().startswith("mmfusion://videos/"):
+            raise HTTPException(422, f"{url.strip()[:60]} names no frame: write mmfusion://videos/<id>?t=SECONDS "
+                                     "(the time in seconds, such as mmfusion://videos/5?t=12.5)")  # fmt: skip
         return None
     image_id = indexed_id(f"mmfusion://images/{m.group(1)}")
     return image_id, float(m.group(2))
+
+
+def video_frame_image(path: str, t: float, max_pixels: int, gone: bool = False) -> Image.Image:
+    """The frame an indexed video shows at ``t``, for the frame route and chat's ``mmfusion://videos/<id>?t=``.
+
+    Raises:
+        HTTPException: 503 without PyAV; 413 for frames over ``max_pixels`` (checked before decoding); 422 for a
+            video that cannot be read (410 when ``gone``: the caller says the index read it before).
+    """
+    from ..index.video import NoPyAVError, VideoFileError, VideoTooLargeError, frame_at
+
+    try:
+        return frame_at(path, t, max_pixels)
+    except NoPyAVError as e:
+        raise HTTPException(503, f"this service cannot read videos: {e}") from e
+    except VideoTooLargeError as e:
+        raise HTTPException(413, f"the video's frame is too large: {e}") from e
+    except VideoFileError as e:
+        if gone:
+            raise HTTPException(410, f"the indexed video cannot be read any more ({e}); re-run mmfusion index") from e
+        raise HTTPException(422, f"cannot read the video: {e}") from e
 
 
 def is_public(address: str) -> bool:

@@ -17,6 +17,7 @@ from PIL import Image
 from ...data.images import ImageDecodeError
 from ..budgets import check_chars, check_count
 from ..deps import ApiKey, ServiceDep, need_embedder, need_index
+from ..images import video_frame_image
 from ..schemas import MAX_ID, MAX_K, SearchRequest, SearchResponse, SearchTerm
 from ..service import Service
 from ..settings import ServeSettings
@@ -54,7 +55,7 @@ PathId = Annotated[int, FastPath(ge=0, le=MAX_ID, description="an indexed image'
 @router.get("/images/{image_id}")
 async def image_file(image_id: PathId, svc: ServiceDep, key: ApiKey) -> FileResponse:
     """The indexed image with this id (by id only: no path from the request is ever read)."""
-    row = await _row(svc, image_id)
+    row = await _image_row(svc, image_id)
     if not os.path.isfile(row.path):
         raise HTTPException(410, f"image {image_id} is indexed but its file is gone; re-run mmfusion index")
     media = Image.MIME.get((row.format or "").upper(), "application/octet-stream")
@@ -64,7 +65,7 @@ async def image_file(image_id: PathId, svc: ServiceDep, key: ApiKey) -> FileResp
 @router.get("/thumbs/{image_id}")
 async def thumbnail(image_id: PathId, svc: ServiceDep, key: ApiKey) -> Response:
     """A JPEG thumbnail (longest side ``thumb_size``) of the indexed image with this id."""
-    row = await _row(svc, image_id)
+    row = await _image_row(svc, image_id)
     cached = (image_id, row.hash)
     data = svc.thumbs.get(cached)
     if data is None:
@@ -89,19 +90,18 @@ async def video_frame(
     thumb: bool = Query(False, description="a thumbnail (longest side thumb_size) instead of the whole frame"),
 ) -> Response:
     """A JPEG of the frame the indexed video with this id shows at ``t`` seconds (search results name their
-    matched frame)."""
-    from ...index.video import VideoFileError, frame_at
-
+    matched frame). Only thumbnails are cached (small, bounded in bytes by ``thumb_size``); a whole frame is
+    decoded each time, and refused (413) when its pixels are over ``max_pixels``, checked before decoding."""
     row = await _video_row(svc, video_id)
-    cached = (video_id, row.hash, round(t, 3), thumb)
-    data = svc.thumbs.get(cached)
+    cached = (video_id, row.hash, round(t, 3), "frame")
+    data = svc.thumbs.get(cached) if thumb else None
     if data is None:
-        try:
-            img = await asyncio.get_running_loop().run_in_executor(None, frame_at, row.path, t)
-        except VideoFileError as e:
-            raise HTTPException(422, f"cannot read the video: {e}") from e
+        img = await asyncio.get_running_loop().run_in_executor(
+            None, video_frame_image, row.path, t, svc.settings.max_pixels
+        )
         data = _jpeg(img, svc.settings.thumb_size if thumb else None)
-        svc.thumbs.put(cached, data)
+        if thumb:
+            svc.thumbs.put(cached, data)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -192,7 +192,7 @@ async def _terms(svc: Service, req: SearchRequest, image: Image.Image | None = N
 async def _video_row(svc: Service, video_id: int):
     from ...index.store import is_video_format
 
-    row = await _row(svc, video_id)
+    row = await _row(svc, video_id, "video")
     if not is_video_format(row.format):
         raise HTTPException(404, f"{video_id} is an image, not a video: see /images/{video_id}")
     if not os.path.isfile(row.path):
@@ -200,11 +200,21 @@ async def _video_row(svc: Service, video_id: int):
     return row
 
 
-async def _row(svc: Service, image_id: int):
+async def _image_row(svc: Service, image_id: int):
+    from ...index.store import is_video_format
+
+    row = await _row(svc, image_id)
+    if is_video_format(row.format):
+        raise HTTPException(404, f"{image_id} is a video, not an image: see /videos/{image_id} for the file and "
+                                 f"/videos/{image_id}/frame?t=SECONDS for a frame")  # fmt: skip
+    return row
+
+
+async def _row(svc: Service, image_id: int, what: str = "image"):
     ix = need_index(svc)
     rows = await svc.in_index_thread(ix.store.get, [image_id])
     if image_id not in rows:
-        raise HTTPException(404, f"no indexed image has id {image_id}")
+        raise HTTPException(404, f"no indexed {what} has id {image_id}")
     return rows[image_id]
 
 
