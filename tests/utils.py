@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mmfusion.data.shapes import ShapesWorld
@@ -112,3 +113,15 @@ def huge_png_header(path: Path, width: int = 40000, height: int = 40000) -> Path
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core CPU: one torch thread (oversubscribed OpenMP threads run many times slower).
+    A module turns it on by importing it: ``from tests.utils import one_thread``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ import mmfusion  # noqa: E402
 from mmfusion.backends.hf_vqa import HFAnswerer, _StopFlag  # noqa: E402
 from mmfusion.cli.main import main  # noqa: E402
 from mmfusion.interfaces import Answerer  # noqa: E402
+from tests.utils import one_thread  # noqa: E402, F401  (autouse: one torch thread)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]  # fmt: skip
@@ -101,15 +102,6 @@ def noise(h: int, w: int, seed: int) -> Image.Image:
 
 IMAGES = [noise(100, 150, 0), noise(60, 60, 1), noise(200, 90, 2)]
 QUESTIONS = ["How many dogs?", "What is in the picture?", "Describe the image in one sentence please."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and OpenMP threads on a busy 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,17 @@ classifier. Random weights say arbitrary words, so the output is compared with t
 import json
 
 import pytest
-import torch
 
 import mmfusion
 from mmfusion.cli.main import main
 from tests.tiny_generators import ANSWERS, tiny_generators
-from tests.utils import photo, tiny_clip
+from tests.utils import (
+    one_thread,  # noqa: E402, F401  (autouse: one torch thread)
+    photo,
+    tiny_clip,
+)
 
 QUESTION = "what colour is the circle?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,10 @@ from mmfusion.index.query import Term
 from mmfusion.index.rerank import SearchReranker, rerank_results, rerank_text, search_reranked
 from mmfusion.models import load, save_model
 from mmfusion.models.reranker import Reranker, RerankerConfig
-from tests.utils import tiny_clip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.utils import (
+    one_thread,  # noqa: E402, F401  (autouse: one torch thread)
+    tiny_clip,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,13 @@ import mmfusion
 from mmfusion.models import load, save_model
 from mmfusion.models.reranker import Reranker, RerankerConfig
 from mmfusion.train import RunConfig, TrainConfig
-from tests.utils import TINY_MODEL, tiny_clip
+from tests.utils import (
+    TINY_MODEL,
+    one_thread,  # noqa: E402, F401  (autouse: one torch thread)
+    tiny_clip,
+)
 
 HEAD = {"width": 16, "layers": 1, "heads": 2, "align_dim": 8}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one torch thread (two threads oversubscribed run many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_reranker(tmp_path, seed: int = 0, **cfg) -> Reranker:

@@ -15,6 +15,7 @@ from mmfusion.modules.fusions import (
     ModalityDropout,
     build_fusion,
 )
+from tests.utils import one_thread  # noqa: E402, F401  (autouse: one torch thread)
 
 WIDTH = 16
 CLASSES = 5
@@ -25,15 +26,6 @@ CASES = [(name, {}) for name in FUSIONS if name != "late"] + [("late", {"combine
 IDS = [name + "-" + "-".join(kw.values()) if kw else name for name, kw in CASES]
 # parameters that get no gradient when every modality is present: placeholders for missing ones
 NO_GRAD_WHEN_ALL_PRESENT = {"concat": ("placeholders.",), "gated": ("placeholder",)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one thread is fastest, and avoids oversubscription when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(name: str, dims: dict[str, int], **kw) -> Fusion:

@@ -20,6 +20,7 @@ from mmfusion.serve.settings import ServeSettings
 from tests.backends.test_hf_caption import tiny_blip
 from tests.backends.test_hf_vqa import build_tiny_qwen
 from tests.serve.conftest import run_server
+from tests.utils import one_thread  # noqa: E402, F401  (autouse: one torch thread)
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -42,14 +43,6 @@ def ask(text: str | None, url: str, **fields) -> dict:
         {"type": "image_url", "image_url": {"url": url}}
     ]
     return {"messages": [{"role": "user", "content": parts}], **fields}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-import torch
 
 import mmfusion
 from mmfusion.serve.app import create_app
@@ -21,16 +20,10 @@ from tests.tiny_generators import ANSWERS, tiny_generators
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests.utils import one_thread  # noqa: E402, F401  (autouse: one torch thread)
+
 MAX_NEW = 12  # the service's --max-new-tokens in these tests
 QUESTION = "what colour is the circle?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
