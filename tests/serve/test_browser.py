@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 import re
-import shutil
-import subprocess
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +22,11 @@ pytest.importorskip("fastapi")
 from mmfusion.data.shapes import COLOURS, ShapesWorld  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
-from tests.serve.conftest import run_server  # noqa: E402
+from tests.serve.conftest import run_server, shot  # noqa: E402
 
-CHROMIUM = os.environ.get("MMFUSION_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "runs" / "test-artifacts" / "browser"
 NAMES = list(COLOURS)
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (C, 3)
 N_SCENES = 24
-TIMEOUT_MS = 10_000
 
 
 # ---- models that genuinely work on ShapesWorld colours ---------------------------------------------------
@@ -118,40 +111,6 @@ class ColourCaptioner:
 # ---- a browser, and servers ----------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    """The system's Chromium; installed with apt-get when missing and we may (never a Playwright download)."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            try:
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            except subprocess.TimeoutExpired:
-                pytest.skip(f"Chromium is missing and `{' '.join(cmd)}` took over 15 minutes")
-            if done.returncode:
-                pytest.skip(f"Chromium is missing and `{' '.join(cmd)}` failed: {done.stderr.strip()[-300:]}")
-        if Path(CHROMIUM).exists():
-            return CHROMIUM
-    pytest.skip(f"no Chromium at {CHROMIUM}: install it (apt-get install chromium) or set MMFUSION_CHROMIUM")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is missing: pip install -e '.[dev]' (it is in the dev extra)")
-    path = _chromium()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(index dir, {scene name: Scene}, {scene name: png path}) for 24 ShapesWorld test scenes."""
@@ -190,24 +149,6 @@ def servers(world, answerer):
             app = create_app(ServeSettings(db=db, labels=NAMES, **extra), embedder=ColourEmbedder(), **models)
             urls[kind] = stack.enter_context(run_server(app))
         yield urls
-
-
-@pytest.fixture()
-def page(browser, request):
-    size = getattr(request, "param", (1280, 900))
-    context = browser.new_context(viewport={"width": size[0], "height": size[1]})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
 def search(page, text: str) -> list[dict]:

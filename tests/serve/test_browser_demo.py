@@ -17,8 +17,11 @@ from mmfusion.data.images import load_image  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
 from tests.cli.test_demo import DEMO, GALLERY  # noqa: E402
-from tests.serve.conftest import run_server  # noqa: E402
-from tests.serve.test_browser import TIMEOUT_MS, browser, open_card, search, shot  # noqa: E402, F401
+from tests.serve.conftest import run_server, shot  # noqa: E402
+from tests.serve.test_browser import (  # noqa: E402, F401  (browser and page are fixtures used here)
+    open_card,
+    search,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +34,6 @@ def demo(tmp_path_factory):
     settings = ServeSettings(db=str(out / "index"), captioner=str(out / "caption"), answerer=str(out / "vqa"))
     with run_server(create_app(settings)) as url:
         yield out, url
-
-
-@pytest.fixture()
-def page(browser):  # noqa: F811
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _settled(page) -> str:

@@ -15,14 +15,11 @@ pytest.importorskip("av")
 from mmfusion.data.video_gallery import export_video_gallery, read_gallery  # noqa: E402
 from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.settings import ServeSettings  # noqa: E402
-from tests.serve.conftest import run_server  # noqa: E402
+from tests.serve.conftest import run_server, shot  # noqa: E402
 from tests.serve.test_browser import (  # noqa: E402, F401  (browser and page are fixtures used here)
     NAMES,
     ColourEmbedder,
-    browser,
-    page,
     search,
-    shot,
     thumbs_loaded,
 )
 
