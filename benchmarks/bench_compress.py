@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 from datetime import date
 from pathlib import Path
@@ -50,6 +51,7 @@ def distill_part(args) -> dict:
     for seed in args.seeds:
         for arm in args.arms:
             run = ROOT / f"nano-{arm}-s{seed}"
+            shutil.rmtree(run, ignore_errors=True)  # each arm trains from nothing in its own wall-clock
             cfg = RunConfig(preset="clip-nano", train=TrainConfig(time=args.student_time, seed=seed, progress=False),
                             out=str(run))  # fmt: skip
             if arm != "alone":  # inherited: distilled, starting from the teacher's blocks, heads and channels
