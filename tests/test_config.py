@@ -34,3 +34,14 @@ def test_help_shows_defaults_in_a_form_that_can_be_typed_back():
     assert "(default [0.9, 0.98])" in line
     default = line.split("(default ")[1].rstrip(")")
     assert apply_overrides(RunConfig(), [f"--train.betas={default}"]).train.betas == (0.9, 0.98)
+
+
+def test_the_composition_recipe_is_a_clip_training_config_with_hard_negatives():
+    from pathlib import Path
+
+    from mmfusion.config import from_dict, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "clip-composition.yaml"
+    cfg = from_dict(RunConfig, load_yaml(path))
+    assert cfg.task == "clip" and cfg.preset == "clip-tiny"
+    assert cfg.train.hard_negatives == 2 and cfg.train.time == "5m"
