@@ -100,3 +100,8 @@ def test_headline_metrics_of_each_report_kind():
     fusion = {"task": "fusion", "n": 10, "metrics": {"accuracy": 0.5, "macro_f1": 0.25, "balanced_accuracy": 0.5}}
     assert headline_metrics(fusion) == {"task": "fusion", "n": 10, "accuracy": 0.5, "macro_f1": 0.25}
     assert headline_metrics({"task": "other", "metrics": {"f1": 1.0}}) == {}
+
+
+def test_a_bare_name_is_a_model_given_in_code_not_a_missing_folder(tmp_path):
+    assert model_card("colour-histogram", "embedder")["family"] == "other"
+    assert model_card(str(tmp_path / "gone"), "embedder")["family"] == "missing"

@@ -160,6 +160,9 @@ def model_card(source: str | None, role: str) -> dict[str, Any] | None:
     if str(source).startswith("hf:"):
         card.update(family="pretrained", name=str(source), what="a pretrained model (Hugging Face)")
         return card
+    if not Path(source).expanduser().exists() and not _looks_like_path(str(source)):  # a name, not a folder
+        card.update(family="other", name=str(source), what="a model given to the service in code (no run to read)")
+        return card
     if not Path(source).expanduser().exists():
         gone = f"{source} does not exist (moved or deleted?): point the service at the model's folder again"
         card.update(family="missing", name=str(source), what=gone)
@@ -205,3 +208,9 @@ def card_curve(source: str | None) -> Path | None:
         return None
     curve = _run_dir(ckpt) / "plots" / "training.png"
     return curve if curve.is_file() else None
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a model reference names a folder (``runs/clip``, ``./m``, ``~/m``) rather than a bare name (what an
+    index records for a model it was handed as an object)."""
+    return "/" in text or "\\" in text or text.startswith((".", "~"))
