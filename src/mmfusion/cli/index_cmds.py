@@ -297,7 +297,7 @@ def _info_lines(info: dict) -> list[str]:
         f"on disk:  {_human(info['size_on_disk_bytes'])}",
     ]
     for r in info["roots"]:
-        lines.append(f"root:     {r['root']} ({r['images']:,} images)")
+        lines.append(f"root:     {r['root']} ({r['images']:,} file{'' if r['images'] == 1 else 's'})")
     last = info.get("last_run")
     if last:
         lines.append(
