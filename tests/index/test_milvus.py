@@ -126,12 +126,19 @@ def test_pymilvus_missing_names_the_extra(monkeypatch, tmp_path):
         milvus_mod.MilvusVectors(str(tmp_path / "v.db"), "vecs", 4, owner="x", create=True)
 
 
+_HELD: list = []  # ports held to the end of the session (see below)
+
+
 def test_a_server_that_is_not_there_is_a_clear_error():
     import socket
 
-    with socket.socket() as sock:  # a loopback port that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # a loopback port that nothing listens on, and that nothing else may take for the rest of the session: the
+    # failed client's gRPC channel keeps reconnecting in the background, and a later test's listener on the same
+    # port (gloo's, in the two-process loss tests) would receive its HTTP/2 bytes and abort
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port = sock.getsockname()[1]
     with pytest.raises(RuntimeError, match=f"cannot open the Milvus server at http://127.0.0.1:{port}"):
         milvus_mod.MilvusVectors(f"http://127.0.0.1:{port}", "vecs", 4, owner="x")
 
