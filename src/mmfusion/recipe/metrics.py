@@ -48,7 +48,8 @@ def step_metrics(kind: str, out: Path, is_folder: bool = False) -> dict[str, Any
         from ..index import Index
 
         with Index.open(out) as ix:
-            return {"images": ix.store.count()}
+            videos = ix.store.video_counts()["videos"]
+            return {"images": ix.store.count() - videos, **({"videos": videos} if videos else {})}
     return {}
 
 
