@@ -72,12 +72,10 @@ def _eval_embedding(model, args: argparse.Namespace, out: Path) -> int:
 
 
 def _reranker(path: str):
+    from ..models.caption_ranker import as_reranker
     from ..models.checkpoint import load
 
-    model = load(path)
-    if getattr(model, "family", None) != "reranker":
-        raise ValueError(f"--rerank {path} is not a re-ranker: train one (mmfusion train rerank --init.from_clip=RUN)")
-    return model
+    return as_reranker(load(path), f"--rerank {path}")
 
 
 def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
@@ -87,8 +85,10 @@ def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
     from ..interfaces import Embedder
 
     reranker = _reranker(args.rerank) if args.rerank else None
-    if getattr(model, "family", None) == "reranker":  # `eval composition --model RERANK_RUN`
-        reranker = model
+    if getattr(model, "family", None) in ("reranker", "captioner"):  # `eval composition --model RERANK_RUN`
+        from ..models.caption_ranker import as_reranker
+
+        reranker = as_reranker(model)
     if reranker is not None:
         return _compare_composition(reranker, args, out)
     if not isinstance(model, Embedder):
@@ -101,7 +101,8 @@ def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
 
 
 def _compare_composition(reranker, args: argparse.Namespace, out: Path) -> int:
-    """A re-ranker and its CLIP on the same ShapesWorld tests (the re-ranker carries the CLIP it was trained over)."""
+    """A re-ranker and its CLIP on the same ShapesWorld tests (the re-ranker carries the CLIP it was trained over;
+    a captioner, scored by its captions' likelihood, is measured alone)."""
     from ..eval.composition import summary_lines
     from ..eval.report import write_report
     from ..eval.rerank import compare_composition, comparison_lines
@@ -111,7 +112,8 @@ def _compare_composition(reranker, args: argparse.Namespace, out: Path) -> int:
     reports = compare_composition(reranker, n=args.n, split=args.split, out=out, progress=not args.quiet)
     path = write_report(reports, Path(args.json) if args.json else out / "composition_rerank.json")
     print("\n".join(summary_lines(reports["reranker"])))
-    print("\n".join(comparison_lines(reports)))
+    if "clip" in reports:
+        print("\n".join(comparison_lines(reports)))
     print(f"  report: {path}")
     return 0
 

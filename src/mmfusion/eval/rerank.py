@@ -16,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..data.shapes import caption_kind, satisfies
-from ..models.reranker import ImageMemory, Reranker, TextFeatures
+from ..models.reranker import ImageMemory, PairScoring, TextFeatures
 from .composition import DIRECTIONS, CompositionSet, composition_report, score_items, shapes_set
 from .report import RetrievalSet, shapes_config_of
 
 
 @torch.no_grad()
-def image_memory(model: Reranker, images: np.ndarray | Sequence[Image.Image], batch_size: int = 256) -> ImageMemory:
+def image_memory(model: PairScoring, images: np.ndarray | Sequence[Image.Image], batch_size: int = 256) -> ImageMemory:
     """The re-ranker's memory of uint8 images (N, S, S, 3) or PIL images, in batches."""
     parts = []
     for i in range(0, len(images), batch_size):
@@ -35,15 +36,16 @@ def image_memory(model: Reranker, images: np.ndarray | Sequence[Image.Image], ba
 
 
 @torch.no_grad()
-def text_features(model: Reranker, texts: Sequence[str], batch_size: int = 512) -> TextFeatures:
+def text_features(model: PairScoring, texts: Sequence[str], batch_size: int = 512) -> TextFeatures:
     """The re-ranker's features of texts, padded to the longest; each distinct text is encoded once."""
     unique: dict[str, int] = {}
     index = torch.as_tensor([unique.setdefault(t, len(unique)) for t in texts], dtype=torch.long)
     keys = list(unique)
-    tokens = model.clip.tokenize(keys)
+    tokens = model.tokenize(keys)
     feats = [model.encode_texts(tokens[i : i + batch_size]) for i in range(0, len(keys), batch_size)]
     L = max(f.tokens.shape[1] for f in feats)
-    padded = torch.cat([torch.nn.functional.pad(f.tokens, (0, 0, 0, L - f.tokens.shape[1])) for f in feats])
+    # features (T, L, W) or, for a captioner, token ids (T, L): padded along L with zeros (PAD_ID is 0)
+    padded = torch.cat([F.pad(f.tokens, (0, 0) * (f.tokens.dim() - 2) + (0, L - f.tokens.shape[1])) for f in feats])
     return TextFeatures(
         padded[index], torch.cat([f.eot for f in feats])[index], torch.cat([f.embeds for f in feats])[index]
     )
@@ -52,7 +54,7 @@ def text_features(model: Reranker, texts: Sequence[str], batch_size: int = 512) 
 class RerankerScorer:
     """Scores the composition benchmark's (image, text) pairs with a re-ranker (each image and text encoded once)."""
 
-    def __init__(self, model: Reranker):
+    def __init__(self, model: PairScoring):
         self.model = model
 
     def score(self, data: CompositionSet, pairs: np.ndarray) -> np.ndarray:
@@ -62,9 +64,10 @@ class RerankerScorer:
 
 
 def compare_composition(
-    model: Reranker, n: int = 500, split: str = "test", out=None, seed: int = 0, progress: bool = True
+    model: PairScoring, n: int = 500, split: str = "test", out=None, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
-    """The composition benchmark on ShapesWorld for a re-ranker and for its CLIP alone, on the same tests.
+    """The composition benchmark on ShapesWorld for a re-ranker and for its CLIP alone (when it has one: a
+    cross-attention :class:`~mmfusion.models.reranker.Reranker`), on the same tests.
 
     Returns:
         ``{"reranker": report, "clip": report}``, each as :func:`~.composition.composition_report` makes it.
@@ -73,10 +76,10 @@ def compare_composition(
 
     bench = shapes_set(n, split, shapes_config_of(model), seed)
     name = getattr(model, "name", "reranker")
-    reports = {
-        "reranker": composition_report(bench, score_items(RerankerScorer(model), bench), f"{name} (re-ranker)"),
-        "clip": composition_report(bench, score_items(EmbedderScorer(model.clip, progress), bench), f"{name}'s CLIP"),
-    }
+    reports = {"reranker": composition_report(bench, score_items(RerankerScorer(model), bench), f"{name} (re-ranker)")}
+    if getattr(model, "clip", None) is not None:  # a captioner re-ranks without a CLIP of its own
+        clip = EmbedderScorer(model.clip, progress)
+        reports["clip"] = composition_report(bench, score_items(clip, bench), f"{name}'s CLIP")
     if out is not None:
         from . import plots
         from .report import write_report
@@ -88,7 +91,11 @@ def compare_composition(
 
 
 def comparison_lines(reports: dict[str, Any]) -> list[str]:
-    """Per type and direction, the CLIP's accuracy and the re-ranker's."""
+    """Per type and direction, the CLIP's accuracy and the re-ranker's (the re-ranker's alone without a CLIP)."""
+    from .composition import summary_lines
+
+    if "clip" not in reports:
+        return summary_lines(reports["reranker"])
     clip, rr = reports["clip"], reports["reranker"]
     lines = [f"composition on {rr['data']}: CLIP alone -> with the re-ranker (chance 0.50)"]
     for kind, t in rr["types"].items():
@@ -102,7 +109,7 @@ def comparison_lines(reports: dict[str, Any]) -> list[str]:
 
 @torch.no_grad()
 def reranked_precision(
-    reranker: Reranker, ds: RetrievalSet, image_emb: torch.Tensor, text_emb: torch.Tensor, k: int = 20
+    reranker: PairScoring, ds: RetrievalSet, image_emb: torch.Tensor, text_emb: torch.Tensor, k: int = 20
 ) -> dict[str, Any]:
     """Semantic P@1 of text-to-image retrieval with the first stage's top ``k`` re-ordered by ``reranker``.
 
@@ -156,7 +163,7 @@ def reranked_lines(r: dict[str, Any]) -> list[str]:
 
 
 def rerank_retrieval(
-    reranker: Reranker, embedder, data: str = "shapes", n: int = 1000, split: str = "test", k: int = 20
+    reranker: PairScoring, embedder, data: str = "shapes", n: int = 1000, split: str = "test", k: int = 20
 ) -> dict[str, Any]:
     """:func:`reranked_precision` on a retrieval set, the first stage being ``embedder`` (the index's CLIP)."""
     from .report import retrieval_set

@@ -171,13 +171,9 @@ def as_scorer(model_or_scorer) -> PairScorer:
 
 
 def load_reranker(spec: str, cache_size: int = 2048) -> SearchReranker:
-    """A re-ranker checkpoint (a ``mmfusion train rerank`` run) ready to re-rank searches."""
+    """A re-ranker checkpoint ready to re-rank searches: a ``mmfusion train rerank`` run, or a captioner run (scored
+    by its captions' likelihood, :class:`~mmfusion.models.caption_ranker.CaptionRanker`)."""
+    from ..models.caption_ranker import as_reranker
     from ..models.checkpoint import load
 
-    model = load(spec)
-    if getattr(model, "family", None) != "reranker":
-        raise ValueError(
-            f"{spec} is a {getattr(model, 'family', type(model).__name__)} model, not a re-ranker: train one with "
-            "mmfusion train rerank --init.from_clip=CLIP_RUN --out RUN"
-        )
-    return SearchReranker(model, cache_size)
+    return SearchReranker(as_reranker(load(spec), spec), cache_size)

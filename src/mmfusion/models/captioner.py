@@ -135,6 +135,24 @@ class CaptionModel(nn.Module):
         acc = ((logits.argmax(-1) == target) & real).sum() / real.sum().clamp_min(1)
         return loss, {"loss": float(loss.detach()), "token_acc": float(acc)}
 
+    def sequence_logprob(
+        self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(P,) log-probability of each caption ``tokens`` (P, L) (``<sot> ... <eot> <pad>...``) given its image:
+        the sum over its tokens after ``<sot>``, ``<eot>`` included. ``memory`` (B, M, W) is :meth:`image_tokens`;
+        caption ``p`` reads image ``image_index[p]`` (default: image p), whose cross-attention keys and values are
+        computed once however many captions read it."""
+        from ..modules.decoder import KVCache
+
+        L = int((tokens != PAD_ID).sum(dim=1).max())
+        tokens = tokens[:, :L]
+        kv = self.decoder.start(memory).memory
+        if image_index is not None:
+            kv = [(k[image_index], v[image_index]) for k, v in kv]
+        logits = self.decoder(tokens[:, :-1], cache=KVCache(kv))
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (P, L - 1)
+        return (logp * (tokens[:, 1:] != PAD_ID)).sum(dim=1)
+
     def _pixels(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images.to(self.device)

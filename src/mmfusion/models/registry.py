@@ -101,10 +101,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "captioner": FamilySpec(
         "captioner", "image captioner (ViT encoder + text decoder); also answers questions by generation",
         "Captioner", CaptionerConfig, CaptionModel,
-        {"caption": "mmfusion.train.caption_task:CaptionTask", "vqa": "mmfusion.train.vqa_task:GenerativeVQATask"},
+        {"caption": "mmfusion.train.caption_task:CaptionTask", "vqa": "mmfusion.train.vqa_task:GenerativeVQATask",
+         "rerank": "mmfusion.train.rerank_task:CaptionRerankTask"},
         "caption-tiny", text_field="decoder", eval_kinds=("caption", "vqa"),
         next_steps={
             "caption": "mmfusion caption --model {out} IMAGE...",
+            "rerank": "mmfusion search 'a red circle left of a blue square' --db photos.index --rerank {out}",
             "vqa": "mmfusion ask --model {out} IMAGE 'what colour is the circle?'",
         },
     ),

@@ -75,11 +75,31 @@ class TextFeatures:
     embeds: torch.Tensor  # (T, D): the CLIP's normalised text embeddings
 
 
+class PairScoring:
+    """Scoring over memories, for any re-ranker with ``encode_images``, ``encode_texts`` and ``score_pairs`` (the
+    cross-attention :class:`Reranker`, a captioner's likelihood :class:`~.caption_ranker.CaptionRanker`)."""
+
+    @torch.no_grad()
+    def score(self, text: str, images: torch.Tensor | Sequence[Image.Image] | ImageMemory) -> torch.Tensor:
+        """(K,) scores of one caption against K images (preprocessed (K, 3, H, W), PIL images, or their memory)."""
+        memory = images if isinstance(images, ImageMemory) else self.encode_images(images)
+        feats = self.encode_texts([text])
+        idx = torch.arange(len(memory.tokens), device=self.device)
+        return self.score_pairs(memory, feats, idx, torch.zeros_like(idx)).float().cpu()
+
+    @torch.no_grad()
+    def score_memory(self, memory: ImageMemory, texts: TextFeatures, pairs: torch.Tensor, chunk: int | None = None):
+        """(P,) scores of ``pairs`` (P, 2) rows of (image, text) over memories already computed, in chunks."""
+        chunk = chunk or getattr(self, "score_chunk", 4096)
+        out = [self.score_pairs(memory, texts, p[:, 0], p[:, 1]) for p in pairs.to(self.device).split(chunk)]
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
 def _projection(d_in: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, width), nn.LayerNorm(width))
 
 
-class Reranker(nn.Module):
+class Reranker(PairScoring, nn.Module):
     """(image, caption) -> match score, higher for a better match.
 
     Args:
@@ -142,6 +162,9 @@ class Reranker(nn.Module):
     def _towers(self):
         return torch.no_grad() if self.cfg.freeze_clip else torch.enable_grad()
 
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.clip.tokenize(texts)
+
     def encode_images(self, images: torch.Tensor | Sequence[Image.Image]) -> ImageMemory:
         """Preprocessed images (B, 3, H, W), or PIL images -> their memory for the head."""
         x = images if isinstance(images, torch.Tensor) else self.transform(images)
@@ -195,17 +218,3 @@ class Reranker(nn.Module):
         """(B,) scores of image i with caption i."""
         idx = torch.arange(len(images), device=self.device)
         return self.score_pairs(self.encode_images(images), self.encode_texts(tokens), idx, idx)
-
-    @torch.no_grad()
-    def score(self, text: str, images: torch.Tensor | Sequence[Image.Image] | ImageMemory) -> torch.Tensor:
-        """(K,) scores of one caption against K images (preprocessed (K, 3, H, W), PIL images, or their memory)."""
-        memory = images if isinstance(images, ImageMemory) else self.encode_images(images)
-        feats = self.encode_texts([text])
-        idx = torch.arange(len(memory.tokens), device=self.device)
-        return self.score_pairs(memory, feats, idx, torch.zeros_like(idx)).float().cpu()
-
-    @torch.no_grad()
-    def score_memory(self, memory: ImageMemory, texts: TextFeatures, pairs: torch.Tensor, chunk: int = 4096):
-        """(P,) scores of ``pairs`` (P, 2) rows of (image, text) over memories already computed, in chunks."""
-        out = [self.score_pairs(memory, texts, p[:, 0], p[:, 1]) for p in pairs.to(self.device).split(chunk)]
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)

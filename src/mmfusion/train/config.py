@@ -159,6 +159,10 @@ class RerankDataConfig:
     )
     random_images: int = field(2, "per caption, other images from the batch (those it is true of are skipped)")
     text_weight: float = field(1.0, "weight of the caption-to-images loss beside the image-to-captions loss")
+    caption_weight: float = field(
+        1.0, "a captioner trained as a re-ranker (--preset caption-tiny): weight of its captioning loss on the true "
+        "pairs beside the ranking losses, so that it still captions"
+    )  # fmt: skip
     eval_scenes: int = field(200, "held-out ShapesWorld scenes of the composition report after training (0: none)")
 
 

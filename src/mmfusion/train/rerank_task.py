@@ -123,8 +123,8 @@ class RerankTask(TaskDefaults):
                 scenes.append(scene)
             row += [j for j in _others(rng, B, i, rc.random_images) if not _true_of(pairs[j], texts[i], meanings[i])]
             t2i.append(row)
-        mcfg = self.model.cfg.clip
-        pixels = normalize_batch(torch.from_numpy(np.stack(images)), mcfg.image_mean, mcfg.image_std)
+        t = self.model.transform
+        pixels = normalize_batch(torch.from_numpy(np.stack(images)), t.mean, t.std)
         return RerankBatch(pixels, self.model.tokenizer.encode(texts), _padded(i2t), _padded(t2i), meanings, scenes)
 
     def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
@@ -189,13 +189,78 @@ class RerankTask(TaskDefaults):
         return comparison_lines(report) if report else []
 
 
+class CaptionRerankTask(RerankTask):
+    """A captioner trained as a re-ranker (``train rerank --preset caption-tiny``): its log-likelihood of a caption
+    given an image (:class:`~mmfusion.models.caption_ranker.CaptionRanker`) is the score ranked over the same
+    candidates as the cross-attention re-ranker's, beside its captioning loss on the true pairs
+    (``rerank.caption_weight``), so the run stays a captioner that captions, answers if it did, and re-ranks."""
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> CaptionRerankTask:
+        from ..models.captioner import CaptionModel
+        from ..models.checkpoint import load
+
+        if cfg.init.from_captioner:
+            model = load(cfg.init.from_captioner)
+            if getattr(model, "family", None) != "captioner":
+                raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is not a captioner checkpoint")
+        elif cfg.init.from_clip:
+            model = CaptionModel.from_clip(start_from(cfg.init.from_clip, device), cfg.model_config("captioner"),
+                                           freeze=cfg.init.freeze_vision, name=cfg.preset)  # fmt: skip
+        else:
+            raise ValueError(
+                "a captioner re-ranker starts from a trained captioner (--init.from_captioner=RUN, best: it already "
+                "binds colours to shapes) or a CLIP's image encoder (--init.from_clip=RUN)"
+            )
+        if cfg.rerank.random_captions:  # a short caption of another image is likelier than a long true one
+            log.info("a captioner ranks no random captions (their likelihoods compare lengths, not meanings): "
+                     "rerank.random_captions %d -> 0", cfg.rerank.random_captions)  # fmt: skip
+            cfg.rerank.random_captions = 0
+        model = model.to(device)
+        model.meta = {"trained_on": {**trained_on(cfg), "from_captioner": cfg.init.from_captioner,
+                                     "from_clip": cfg.init.from_clip, "task": "rerank"}}  # fmt: skip
+        source = build_pair_source(cfg, model.cfg.vision.image_size)
+        folder_negatives = 0 if isinstance(source, ShapesPairs) else cfg.rerank.hard_negatives
+        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
+                              hard_negatives=folder_negatives)  # fmt: skip
+        return cls(cfg, model, sampler, device)
+
+    def train_step(self, batch: RerankBatch, accum: int,
+                   autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
+        from ..data.tokenizer import PAD_ID
+        from ..models.caption_ranker import CaptionRanker
+
+        ranker = CaptionRanker(self.model)
+        with autocast():
+            memory = ranker.encode_images(batch.images.to(self.device))
+            feats = ranker.encode_texts(batch.tokens.to(self.device))
+            i2t = candidate_loss(ranker, memory, feats, batch.i2t.to(self.device), texts_vary=True)
+            t2i = candidate_loss(ranker, memory, feats, batch.t2i.to(self.device), texts_vary=False)
+            own = torch.arange(len(batch.i2t), device=self.device)  # image i with its caption i
+            words = ((feats.tokens[own] != PAD_ID).sum() - len(own)).clamp_min(1)  # the tokens after <sot>
+            caption = -ranker.score_pairs(memory, feats, own, own).sum() / words
+            loss = i2t.loss + self.cfg.rerank.text_weight * t2i.loss + self.cfg.rerank.caption_weight * caption
+        loss.backward()
+        return {"loss": float(loss.detach()), "caption_loss": float(caption.detach()), "i2t_acc": i2t.accuracy,
+                "t2i_acc": t2i.accuracy}  # fmt: skip
+
+    def evaluate(self, out: Path) -> dict:
+        """The composition benchmark on held-out ShapesWorld scenes, scored by the captioner's likelihood."""
+        from ..eval.rerank import compare_composition
+        from ..models.caption_ranker import CaptionRanker
+
+        if self.cfg.data.source != "shapes" or not self.cfg.rerank.eval_scenes:
+            return {}
+        return compare_composition(CaptionRanker(self.model), n=self.cfg.rerank.eval_scenes, out=out, progress=False)
+
+
 @dataclass
 class CandidateLoss:
     loss: torch.Tensor  # scalar: mean cross-entropy of the true candidate (column 0) over the rows
     accuracy: float  # rows whose true candidate scores highest
 
 
-def candidate_loss(model: Reranker, memory, feats, candidates: torch.Tensor, texts_vary: bool) -> CandidateLoss:
+def candidate_loss(model, memory, feats, candidates: torch.Tensor, texts_vary: bool) -> CandidateLoss:
     """Softmax over each row's candidates (-1: none), the true one in column 0.
 
     Row ``i`` pairs image ``i`` with text candidates (``texts_vary``), or text ``i`` with image candidates."""

@@ -1,0 +1,147 @@
+"""A captioner as a re-ranker: its score is the caption's log-likelihood, the same number its training loss reads;
+any captioner run re-ranks searches and takes the composition benchmark; ``train rerank --preset caption-tiny``
+fine-tunes one to rank, and it stays a captioner."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmfusion
+from mmfusion.data.tokenizer import PAD_ID
+from mmfusion.models.caption_ranker import CaptionRanker, as_reranker
+from mmfusion.train import RunConfig, TrainConfig
+from tests.tiny_generators import CAPTION_TINY, tiny_generators
+from tests.utils import (
+    one_thread,  # noqa: E402, F401  (autouse: one torch thread)
+    tiny_clip,
+)
+
+CAPTIONS = ["a red circle", "a blue square left of a green star", "two shapes: a small red circle and a cross"]
+
+
+@pytest.fixture(scope="module")
+def captioner_run(tmp_path_factory):
+    return tiny_generators(tmp_path_factory.mktemp("gen"))["caption"]
+
+
+def test_the_score_is_the_log_likelihood_the_training_loss_reads(captioner_run):
+    model = mmfusion.load(captioner_run).eval()
+    images = torch.randn(3, 3, 16, 16)
+    tokens = model.tokenizer.encode(CAPTIONS)
+    with torch.no_grad():
+        loss, _ = model.loss(images, tokens)  # mean cross-entropy over every real token after <sot>
+        memory = model.image_tokens(images)
+        logp = model.sequence_logprob(memory, tokens)
+    words = int((tokens != PAD_ID).sum()) - len(tokens)
+    assert logp.shape == (3,) and (logp < 0).all()
+    assert float(-logp.sum() / words) == pytest.approx(float(loss), rel=1e-5)
+    # one image read by several captions: its keys and values computed once, the same numbers
+    with torch.no_grad():
+        shared = model.sequence_logprob(memory[:1], tokens, torch.zeros(3, dtype=torch.long))
+        apart = model.sequence_logprob(memory[[0, 0, 0]], tokens)
+    assert torch.allclose(shared, apart, atol=1e-5)
+
+
+def test_the_ranker_scores_pairs_and_memories_as_the_captioner(captioner_run):
+    model = mmfusion.load(captioner_run).eval()
+    ranker = as_reranker(model)
+    assert isinstance(ranker, CaptionRanker) and ranker.name == model.name
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)) for i in range(4)]
+    got = ranker.score("a red circle", images)
+    with torch.no_grad():
+        tokens = model.tokenizer.encode(["a red circle"] * 4)
+        want = model.sequence_logprob(model.image_tokens(model.transform(images)), tokens)
+    assert torch.allclose(got, want, atol=1e-5)
+    memory, feats = ranker.encode_images(images), ranker.encode_texts(CAPTIONS)
+    pairs = torch.tensor([[0, 0], [3, 1], [2, 2], [1, 1]])
+    assert torch.allclose(ranker.score_memory(memory, feats, pairs, chunk=2),
+                          ranker.score_pairs(memory, feats, pairs[:, 0], pairs[:, 1]), atol=1e-5)  # fmt: skip
+
+
+def test_what_cannot_rerank_is_refused_naming_what_can(tmp_path):
+    clip = mmfusion.load(tiny_clip(tmp_path / "clip"))
+    with pytest.raises(ValueError, match="not a re-ranker: give a captioner run"):
+        as_reranker(clip, "--rerank runs/clip")
+
+
+def test_a_captioner_run_reranks_searches_and_takes_the_composition_benchmark(captioner_run, tmp_path, capsys):
+    from mmfusion.cli.main import main
+    from mmfusion.data.shapes import ShapesWorld
+    from mmfusion.index import Index
+
+    clip = tiny_clip(tmp_path / "clip")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        ShapesWorld().sample("test", i).image.save(photos / f"scene{i}.png")
+    with Index.open(tmp_path / "db", model=clip, write=True) as ix:
+        ix.update([photos], progress=False)
+    assert main(["search", "a red circle", "--db", str(tmp_path / "db"), "--rerank", str(captioner_run), "-k", "4",
+                 "--rerank-k", "6", "--json"]) == 0  # fmt: skip
+    results = json.loads(capsys.readouterr().out)
+    ranker = as_reranker(mmfusion.load(captioner_run).eval())
+    want = ranker.score("a red circle", [Image.open(r["path"]).convert("RGB") for r in results])
+    assert [r["score"] for r in results] == pytest.approx(want.tolist(), abs=1e-4)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+    assert main(["--quiet", "eval", "composition", "--model", str(captioner_run), "--n", "3",
+                 "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "(re-ranker)" in printed and "swap_colour" in printed and "CLIP alone" not in printed
+    report = json.loads((tmp_path / "c" / "composition_rerank.json").read_text())
+    assert set(report) == {"reranker"} and report["reranker"]["types"]["replace_colour"]["i2t"]["n"] == 3
+
+
+def rerank_config(captioner_run, batch_size: int = 6) -> RunConfig:
+    cfg = RunConfig(task="rerank", preset="caption-tiny", model=CAPTION_TINY,
+                    train=TrainConfig(batch_size=batch_size, threads=1))  # fmt: skip
+    cfg.init.from_captioner = str(captioner_run)
+    cfg.data.shapes.image_size = 16
+    return cfg
+
+
+def test_ranking_training_learns_a_batch_and_skips_random_captions(captioner_run):
+    from mmfusion.train.rerank_task import CaptionRerankTask
+
+    cfg = rerank_config(captioner_run)
+    task = CaptionRerankTask.build(cfg, torch.device("cpu"))
+    assert cfg.rerank.random_captions == 0  # a short caption's likelihood is not a meaning's
+    batch = task.prepare(0)
+    assert batch.i2t.shape[1] > 1 and batch.t2i.shape[1] > 1  # hard negatives and changed scenes joined
+    opt = torch.optim.AdamW(task.model.parameters(), lr=3e-3)
+    task.model.train()
+    first = None
+    for _ in range(40):  # one batch learned by heart: gradients reach the captioner through its likelihoods
+        out = task.train_step(batch, 1, contextlib.nullcontext)
+        opt.step()
+        opt.zero_grad()
+        first = first or out
+    assert out["loss"] < 0.3 * first["loss"] and out["caption_loss"] < first["caption_loss"]
+    assert out["i2t_acc"] > first["i2t_acc"] and out["t2i_acc"] > first["t2i_acc"]
+
+
+def test_a_rerank_run_of_a_captioner_saves_a_captioner(captioner_run, tmp_path, capsys):
+    from mmfusion.cli.main import main
+
+    out = tmp_path / "cr"
+    args = ["train", "rerank", "--preset", "caption-tiny", "--init.from_captioner", str(captioner_run),
+            "--steps", "2", "--out", str(out), "--train.batch_size=4", "--train.threads=1",
+            "--train.progress=false", "--rerank.eval_scenes=3", "--data.shapes.image_size=16"]  # fmt: skip
+    assert main(args) == 0
+    assert "swap_colour" in capsys.readouterr().out
+    model = mmfusion.load(out)
+    assert model.family == "captioner" and model.meta["trained_on"]["from_captioner"] == str(captioner_run)
+    assert len(model.caption(torch.randn(1, 3, 16, 16))) == 1  # still a captioner
+
+
+def test_a_captioner_rerank_run_needs_a_start():
+    from mmfusion.train.rerank_task import CaptionRerankTask
+
+    with pytest.raises(ValueError, match="init.from_captioner"):
+        CaptionRerankTask.build(RunConfig(task="rerank", preset="caption-tiny"), torch.device("cpu"))
