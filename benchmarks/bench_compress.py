@@ -47,10 +47,13 @@ def median(rows: list[dict], key: str) -> float:
 
 def distill_part(args) -> dict:
     teacher = mmfusion.load(args.teacher)
-    out: dict = {"teacher": quality(teacher, args.n), "arms": {arm: [] for arm in args.arms}}
+    out: dict = {"teacher": quality(teacher, args.n), "student_time": args.student_time,
+                 "arms": {arm: [] for arm in args.arms}}  # fmt: skip
     for seed in args.seeds:
         for arm in args.arms:
-            run = ROOT / f"nano-{arm}-s{seed}"
+            # the default budget keeps its old folder names; another budget gets its own folders
+            budget = "" if args.student_time == "3m" else f"-{args.student_time}"
+            run = ROOT / f"nano-{arm}{budget}-s{seed}"
             shutil.rmtree(run, ignore_errors=True)  # each arm trains from nothing in its own wall-clock
             cfg = RunConfig(preset="clip-nano", train=TrainConfig(time=args.student_time, seed=seed, progress=False),
                             out=str(run))  # fmt: skip
@@ -61,7 +64,7 @@ def distill_part(args) -> dict:
             row = {"seed": seed, "steps": result.steps, **quality(student, args.n)}
             out["arms"][arm].append(row)
             print(f"distill seed {seed} {arm}: {row}", flush=True)
-    student = mmfusion.load(ROOT / f"nano-{args.arms[0]}-s{args.seeds[0]}")
+    student = mmfusion.load(run)
     out["images_per_s"] = image_rate({"teacher": teacher, "student": student})
     out["median"] = {arm: {k: median(rows, k) for k in (*KEYS, "steps")} for arm, rows in out["arms"].items()}
     return out

@@ -7,7 +7,8 @@ and encoded by the image tower unless cached, the head run) in two states: cold 
 each query: every candidate decoded and encoded) and warm (the same query again: every candidate cached). Medians
 and 90th percentiles in milliseconds; the re-ranking is also split into its image part and its head.
 
-With no ``--reranker``, an untrained one is built over ``--clip`` (speed does not depend on what was learned).
+With no ``--reranker``, an untrained one is built over ``--clip`` (speed does not depend on what was learned); a
+captioner run as ``--reranker`` re-ranks an index built with ``--clip``.
 
 Run: python benchmarks/bench_rerank.py [--clip runs/bench-compress/teacher] [--reranker runs/rerank/tiny-3m]
      [--k 20] [--images 300] [--queries 50] [--threads 2] [--json out.json]
@@ -31,6 +32,7 @@ from mmfusion.data.shapes import ShapesWorld
 from mmfusion.index import Index
 from mmfusion.index.rerank import SearchReranker, rerank_results
 from mmfusion.models import load
+from mmfusion.models.caption_ranker import as_reranker
 from mmfusion.models.reranker import Reranker
 
 
@@ -50,20 +52,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.reranker) if args.reranker else Reranker.from_clip(load(args.clip)).eval()
+    model = as_reranker(load(args.reranker).eval()) if args.reranker else Reranker.from_clip(load(args.clip)).eval()
+    clip = getattr(model, "clip", None) or load(args.clip)  # a captioner re-ranks over --clip's index
     world = ShapesWorld()
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         photos.mkdir()
         for i in range(args.images):
             world.sample("test", i).image.save(photos / f"scene{i:04d}.png")
-        with Index.open(Path(tmp) / "db", model=model.clip, write=True) as ix:
+        with Index.open(Path(tmp) / "db", model=clip, write=True) as ix:
             ix.update([photos], progress=False)
         if args.threads:  # indexing plans its own threads: the searches run with the ones asked for
             torch.set_num_threads(args.threads)
         queries = [world.captions(world.scene("test", 10_000 + i))[0].text for i in range(args.queries)]
         times: dict[str, list[float]] = {k: [] for k in ("search", "cold", "cold_images", "cold_head", "warm")}
-        with Index.open(Path(tmp) / "db", model=model.clip) as ix:
+        with Index.open(Path(tmp) / "db", model=clip) as ix:
             scorer = SearchReranker(model)
             ix.search(queries[0], k=args.k)  # warm-up: model, FAISS, SQLite
             for q in queries:

@@ -56,8 +56,13 @@ def test_the_ranker_scores_pairs_and_memories_as_the_captioner(captioner_run):
     got = ranker.score("a red circle", images)
     with torch.no_grad():
         tokens = model.tokenizer.encode(["a red circle"] * 4)
-        want = model.sequence_logprob(model.image_tokens(model.transform(images)), tokens)
+        memory = model.image_tokens(model.transform(images))
+        want = model.sequence_logprob(memory, tokens, end=False)
+        whole = model.sequence_logprob(memory, tokens)
     assert torch.allclose(got, want, atol=1e-5)
+    # the words alone: not whether the caption would stop there (the end token's log-probability left out)
+    assert (whole < got).all() and not ranker.end and ranker.first_stage_weight > 0
+    assert torch.allclose(CaptionRanker(model, end=True).score("a red circle", images), whole, atol=1e-5)
     memory, feats = ranker.encode_images(images), ranker.encode_texts(CAPTIONS)
     pairs = torch.tensor([[0, 0], [3, 1], [2, 2], [1, 1]])
     assert torch.allclose(ranker.score_memory(memory, feats, pairs, chunk=2),
@@ -86,8 +91,9 @@ def test_a_captioner_run_reranks_searches_and_takes_the_composition_benchmark(ca
                  "--rerank-k", "6", "--json"]) == 0  # fmt: skip
     results = json.loads(capsys.readouterr().out)
     ranker = as_reranker(mmfusion.load(captioner_run).eval())
-    want = ranker.score("a red circle", [Image.open(r["path"]).convert("RGB") for r in results])
-    assert [r["score"] for r in results] == pytest.approx(want.tolist(), abs=1e-4)
+    want = ranker.score("a red circle", [Image.open(r["path"]).convert("RGB") for r in results]).numpy()
+    want += ranker.first_stage_weight * np.array([r["similarity"] for r in results])  # mixed with the first stage
+    assert [r["score"] for r in results] == pytest.approx(want.tolist(), abs=1e-3)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
     assert main(["--quiet", "eval", "composition", "--model", str(captioner_run), "--n", "3",
@@ -96,6 +102,12 @@ def test_a_captioner_run_reranks_searches_and_takes_the_composition_benchmark(ca
     assert "(re-ranker)" in printed and "swap_colour" in printed and "CLIP alone" not in printed
     report = json.loads((tmp_path / "c" / "composition_rerank.json").read_text())
     assert set(report) == {"reranker"} and report["reranker"]["types"]["replace_colour"]["i2t"]["n"] == 3
+
+    assert main(["--quiet", "eval", "retrieval", "--model", str(clip), "--rerank", str(captioner_run), "--rerank-k",
+                 "5", "--n", "12", "--out", str(tmp_path / "r")]) == 0  # fmt: skip
+    assert "re-ranking the top 5 with" in capsys.readouterr().out
+    rerank = json.loads((tmp_path / "r" / "retrieval.json").read_text())["rerank"]
+    assert 0 <= rerank["semantic_P@1"]["after"] <= 1 and rerank["n_texts"] == 60
 
 
 def rerank_config(captioner_run, batch_size: int = 6) -> RunConfig:

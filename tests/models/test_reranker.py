@@ -190,3 +190,14 @@ def test_a_caption_folder_trains_with_word_swap_negatives(tmp_path):
     assert len(batch.tokens) > 4 and len(batch.images) == 4  # word swaps join; no changed scenes without a world
     out = task.train_step(batch, 1, contextlib.nullcontext)
     assert np.isfinite(out["loss"])
+
+
+def test_a_reranker_learns_from_crowded_scenes_past_the_curriculum(tmp_path):
+    from mmfusion.train.rerank_task import RerankTask
+
+    cfg = RunConfig(task="rerank", preset="rerank-tiny", model=HEAD, train=TrainConfig(batch_size=16, threads=1))
+    cfg.init.from_clip = str(tiny_clip(tmp_path / "clip"))
+    task = RerankTask.build(cfg, torch.device("cpu"))
+    assert task.positions(0)[0] == 2 * cfg.data.shapes.curriculum and task.positions(1)[0] == task.positions(0)[0] + 16
+    scenes = task.prepare(0).scenes[:16]  # the stream's first 30,000 scenes hold one object each: nothing to swap
+    assert sum(len(s.objects) > 1 for s in scenes) >= 6

@@ -133,6 +133,9 @@ def reranked_precision(
     t0 = time.perf_counter()
     pairs = torch.stack([top.flatten(), torch.arange(len(texts)).repeat_interleave(k)], dim=1)  # (T*k, 2)
     scores = reranker.score_memory(memory, feats, pairs).view(len(texts), k)  # (T, k)
+    weight = float(getattr(reranker, "first_stage_weight", 0.0))
+    if weight:  # as a search mixes them (index.rerank.rerank_results): plus a share of the first stage's cosine
+        scores = scores + weight * (text_emb @ image_emb.t()).gather(1, top)
     head_ms = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
     best = top[torch.arange(len(texts)), scores.argmax(dim=1)]  # (T,) re-ranked top 1
 

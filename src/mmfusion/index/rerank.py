@@ -50,14 +50,23 @@ class SearchReranker:
     """Scores candidate files with a re-ranker, caching each image's memory by (id, content hash).
 
     Args:
-        model: a :class:`~mmfusion.models.reranker.Reranker`.
+        model: a :class:`~mmfusion.models.reranker.Reranker` or a
+            :class:`~mmfusion.models.caption_ranker.CaptionRanker`.
         cache_size: image memories kept (about 25 KB each for rerank-tiny).
         max_pixels: larger files are not decoded (as the index's limit).
+        first_stage_weight: what the re-ranked score adds of the first stage's score (default: the model's own,
+            0 for a cross-attention re-ranker).
     """
 
-    def __init__(self, model, cache_size: int = 2048, max_pixels: int | None = None):
+    def __init__(
+        self, model, cache_size: int = 2048, max_pixels: int | None = None, first_stage_weight: float | None = None
+    ):
         self.model, self.cache_size, self.max_pixels = model, cache_size, max_pixels
         self.name = getattr(model, "name", "reranker")
+        # a captioner's likelihood is mixed with the first stage's similarity (rerank_results); a cross-attention
+        # re-ranker carries its CLIP's logit inside its score
+        weight = getattr(model, "first_stage_weight", 0.0) if first_stage_weight is None else first_stage_weight
+        self.first_stage_weight = float(weight)
         self._cache: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
         self._lock = threading.Lock()
         self.last_timing: dict[str, float] = {}
@@ -124,8 +133,9 @@ class SearchReranker:
 def rerank_results(
     scorer: PairScorer, rows: Mapping[int, Any], text: str, results: Sequence[SearchResult]
 ) -> list[SearchResult]:
-    """``results`` re-ordered by ``scorer``'s score for ``text``, each with that score (its first-stage score kept
-    as ``similarity`` in the metadata); files that can no longer be read keep their order, after the others.
+    """``results`` re-ordered by ``scorer``'s score for ``text`` (plus ``scorer.first_stage_weight`` times their
+    first-stage score, when it has one), each with that score (its first-stage score kept as ``similarity`` in the
+    metadata); files that can no longer be read keep their order, after the others.
 
     A video is left out: the re-ranker reads one image, not a video's frames, so a video keeps its place (and its
     first-stage score) and the images re-ranked fill the other places. (Scoring its matched frame instead would
@@ -139,6 +149,9 @@ def rerank_results(
     images = [r for r in results if r.id not in rows or not is_video_format(rows[r.id].format)]
     present = [r for r in images if r.id in rows]
     scores = scorer.score_files(text, [rows[r.id] for r in present]) if present else np.zeros(0)
+    weight = float(getattr(scorer, "first_stage_weight", 0.0))
+    if weight:  # the re-ranker's score plus a share of the first stage's (a captioner's likelihood: CaptionRanker)
+        scores = scores + weight * np.array([r.score for r in present])
     scored = [(float(s), r) for s, r in zip(scores, present) if np.isfinite(s)]
     scored.sort(key=lambda x: -x[0])  # stable: equal scores keep the first stage's order
     done = {r.id for _, r in scored}

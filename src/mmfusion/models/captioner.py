@@ -136,12 +136,13 @@ class CaptionModel(nn.Module):
         return loss, {"loss": float(loss.detach()), "token_acc": float(acc)}
 
     def sequence_logprob(
-        self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+        self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None, end: bool = True
     ) -> torch.Tensor:
         """(P,) log-probability of each caption ``tokens`` (P, L) (``<sot> ... <eot> <pad>...``) given its image:
-        the sum over its tokens after ``<sot>``, ``<eot>`` included. ``memory`` (B, M, W) is :meth:`image_tokens`;
-        caption ``p`` reads image ``image_index[p]`` (default: image p), whose cross-attention keys and values are
-        computed once however many captions read it."""
+        the sum over its tokens after ``<sot>``, ``<eot>`` included unless ``end`` is False (the words alone: not
+        whether the caption would stop there). ``memory`` (B, M, W) is :meth:`image_tokens`; caption ``p`` reads
+        image ``image_index[p]`` (default: image p), whose cross-attention keys and values are computed once however
+        many captions read it."""
         from ..modules.decoder import KVCache
 
         L = int((tokens != PAD_ID).sum(dim=1).max())
@@ -151,7 +152,10 @@ class CaptionModel(nn.Module):
             kv = [(k[image_index], v[image_index]) for k, v in kv]
         logits = self.decoder(tokens[:, :-1], cache=KVCache(kv))
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (P, L - 1)
-        return (logp * (tokens[:, 1:] != PAD_ID)).sum(dim=1)
+        counted = tokens[:, 1:] != PAD_ID
+        if not end:
+            counted &= tokens[:, 1:] != EOT_ID
+        return (logp * counted).sum(dim=1)
 
     def _pixels(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):

@@ -92,6 +92,14 @@ class RerankTask(TaskDefaults):
     def dataset_size(self) -> int:
         return len(self.sampler.source)
 
+    def positions(self, step: int) -> tuple[int, int]:
+        """As every task's, but on the ShapesWorld stream past its curriculum: a re-ranker learns on top of trained
+        models, from crowded scenes (the stream's first scenes hold one object: no swap, relation or count to
+        learn), as VQA reads it."""
+        start, count = super().positions(step)
+        source = self.sampler.source
+        return start + (2 * source.world.cfg.curriculum if isinstance(source, ShapesPairs) else 0), count
+
     def prepare(self, step: int) -> RerankBatch:
         """The batch of optimiser step ``step``: a pure function of the step (CPU work)."""
         pairs = self.sampler.batch(*self.positions(step))
@@ -236,9 +244,9 @@ class CaptionRerankTask(RerankTask):
             feats = ranker.encode_texts(batch.tokens.to(self.device))
             i2t = candidate_loss(ranker, memory, feats, batch.i2t.to(self.device), texts_vary=True)
             t2i = candidate_loss(ranker, memory, feats, batch.t2i.to(self.device), texts_vary=False)
-            own = torch.arange(len(batch.i2t), device=self.device)  # image i with its caption i
+            own = torch.arange(len(batch.i2t), device=self.device)  # image i with its caption i: captioning, <eot> too
             words = ((feats.tokens[own] != PAD_ID).sum() - len(own)).clamp_min(1)  # the tokens after <sot>
-            caption = -ranker.score_pairs(memory, feats, own, own).sum() / words
+            caption = -self.model.sequence_logprob(memory.tokens, feats.tokens[own], own).sum() / words
             loss = i2t.loss + self.cfg.rerank.text_weight * t2i.loss + self.cfg.rerank.caption_weight * caption
         loss.backward()
         return {"loss": float(loss.detach()), "caption_loss": float(caption.detach()), "i2t_acc": i2t.accuracy,
