@@ -45,3 +45,15 @@ def test_the_composition_recipe_is_a_clip_training_config_with_hard_negatives():
     cfg = from_dict(RunConfig, load_yaml(path))
     assert cfg.task == "clip" and cfg.preset == "clip-tiny"
     assert cfg.train.hard_negatives == 2 and cfg.train.time == "5m"
+
+
+def test_the_captioner_rerank_recipe_fine_tunes_a_captioner():
+    from pathlib import Path
+
+    from mmfusion.config import from_dict, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "rerank-captioner.yaml"
+    cfg = from_dict(RunConfig, load_yaml(path))
+    assert cfg.task == "rerank" and cfg.preset == "caption-tiny" and cfg.family().name == "captioner"
+    assert cfg.train.lr == 3e-4 and cfg.train.batch_size == 32
+    assert cfg.family().task_adapter("rerank").__name__ == "CaptionRerankTask"
