@@ -201,8 +201,9 @@ def add_parser(sub) -> None:
     e.add_argument("--split", default="test", help="retrieval and composition on ShapesWorld: test or heldout")
     e.add_argument("--per-class", type=int, default=50, help="zero-shot on ShapesWorld: images per class")
     e.add_argument("--templates", help="zero-shot prompts: a file (one per line) or 'a photo of a {}.|a {}'")
-    e.add_argument("--rerank", metavar="RUN", help="a re-ranker (mmfusion train rerank): composition scores with it "
-                   "beside its CLIP; retrieval adds semantic P@1 with the top --rerank-k re-ranked")  # fmt: skip
+    e.add_argument("--rerank", metavar="RUN", help="a re-ranker (mmfusion train rerank) or a captioner run "
+                   "(scored by its captions' likelihood): composition scores with it (beside its CLIP, for a "
+                   "cross-attention one); retrieval adds semantic P@1 with the top --rerank-k re-ranked")  # fmt: skip
     e.add_argument("--rerank-k", type=int, default=20, help="retrieval with --rerank: results re-ranked (default 20)")
     e.add_argument("--json", help="where to write the JSON report")
     e.add_argument("--out", help="folder for the report and plots")

@@ -136,8 +136,9 @@ def add_parser(sub) -> None:
     s.add_argument("--ensemble", action="store_true", help="average text queries over photo prompts")
     s.add_argument("--json", action="store_true", help="print results as JSON")
     s.add_argument("--vectors", metavar="SPEC", help=_VECTORS_HELP + " (another address of the same Milvus)")
-    s.add_argument("--rerank", metavar="RUN", help="re-order the top results with a cross-attention re-ranker "
-                   "(mmfusion train rerank) that reads the query's text against each image")  # fmt: skip
+    s.add_argument("--rerank", metavar="RUN", help="re-order the top results with a re-ranker that reads the query's "
+                   "text against each image: a mmfusion train rerank run, or any captioner run (the likelihood of the "
+                   "query's words given the image, mixed with the first stage's similarity)")  # fmt: skip
     s.add_argument("--rerank-k", type=positive_int, default=20, help="with --rerank: results re-ranked (default 20)")
 
 

@@ -69,7 +69,9 @@ class ServeSettings:
         None, "an Answerer: a run of mmfusion train vqa, or e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct (questions)"
     )
     reranker: str | None = field(
-        None, "a re-ranker run (mmfusion train rerank): searches with rerank=true re-order their top rerank_k by it"
+        None,
+        "a re-ranker run (mmfusion train rerank) or a captioner run (scored by its captions' likelihood): "
+        "searches with rerank=true re-order their top rerank_k by it",
     )
     rerank_k: int = field(20, "results a search with rerank=true re-ranks")
     labels: list[str] = field(factory=list, help="default zero-shot labels offered by the web page")
