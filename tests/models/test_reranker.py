@@ -201,3 +201,20 @@ def test_a_reranker_learns_from_crowded_scenes_past_the_curriculum(tmp_path):
     assert task.positions(0)[0] == 2 * cfg.data.shapes.curriculum and task.positions(1)[0] == task.positions(0)[0] + 16
     scenes = task.prepare(0).scenes[:16]  # the stream's first 30,000 scenes hold one object each: nothing to swap
     assert sum(len(s.objects) > 1 for s in scenes) >= 6
+
+
+def test_kinds_restrict_the_negatives_and_unknown_ones_are_refused(tmp_path):
+    from mmfusion.train.rerank_task import RerankTask
+
+    cfg = RunConfig(task="rerank", preset="rerank-tiny", model=HEAD, train=TrainConfig(batch_size=16, threads=1))
+    cfg.init.from_clip = str(tiny_clip(tmp_path / "clip"))
+    cfg.rerank.kinds = ("swap_relation",)
+    b = RerankTask.build(cfg, torch.device("cpu")).prepare(0)
+    negatives = [t for row in b.i2t.tolist() for t in row[1:] if t >= 16]  # after the batch's own captions
+    assert negatives and all(b.meanings[t].get("relations") for t in negatives)  # only relation swaps
+    changed = [j for row in b.t2i.tolist() for j in row[1:] if j >= 16]
+    assert all(b.meanings[i].get("relations") for i, row in enumerate(b.t2i.tolist()) if any(j >= 16 for j in row))
+    assert changed  # objects of a relation swapping places
+    cfg.rerank.kinds = ("swap_relation", "swap_colours")
+    with pytest.raises(ValueError, match="unknown swap_colours; choose among swap_colour"):
+        RerankTask.build(cfg, torch.device("cpu"))

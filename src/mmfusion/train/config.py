@@ -164,6 +164,11 @@ class RerankDataConfig:
         "pairs beside the ranking losses, so that it still captions"
     )  # fmt: skip
     eval_scenes: int = field(200, "held-out ShapesWorld scenes of the composition report after training (0: none)")
+    kinds: tuple[str, ...] = field(
+        (), "ShapesWorld: the types of hard negatives and changed scenes drawn (swap_colour, swap_shape, "
+        "swap_relation, replace_colour, replace_shape, replace_size, change_count, flip_region); empty: all. A "
+        "second stage can dwell on what the first left unlearned, e.g. [swap_relation, flip_region, change_count]"
+    )  # fmt: skip
 
 
 @dataclass

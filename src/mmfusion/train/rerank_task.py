@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import normalize_batch
-from ..data.negatives import changed_scenes, hard_negative
+from ..data.negatives import NEGATIVE_TYPES, changed_scenes, hard_negative
 from ..data.pairs import Pair, PairSampler, ShapesPairs
 from ..data.scene import Scene
 from ..data.shapes import Caption, satisfies
@@ -72,6 +72,10 @@ class RerankTask(TaskDefaults):
 
     def __init__(self, cfg: RunConfig, model: Reranker, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
+        unknown = sorted(set(cfg.rerank.kinds) - set(NEGATIVE_TYPES))
+        if unknown:
+            raise ValueError(f"rerank.kinds: unknown {', '.join(unknown)}; choose among {', '.join(NEGATIVE_TYPES)}")
+        self.kinds = tuple(cfg.rerank.kinds) or tuple(NEGATIVE_TYPES)
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> RerankTask:
@@ -144,7 +148,7 @@ class RerankTask(TaskDefaults):
             return
         captions = source.world.captions(pair.scene)
         got = [
-            hard_negative(pair.scene, captions, rng, avoid=source.heldout)
+            hard_negative(pair.scene, captions, rng, self.kinds, avoid=source.heldout)
             for _ in range(self.cfg.rerank.hard_negatives)
         ]
         got = [g for g in got if g is not None]
@@ -161,7 +165,7 @@ class RerankTask(TaskDefaults):
             return []
         avoid = self.sampler.source.heldout
         by_kind: dict[str, list] = {}
-        for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, avoid=avoid):
+        for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, self.kinds, avoid=avoid):
             by_kind.setdefault(ch.kind, []).append(ch.scene)
         kinds = list(by_kind)
         out = []

@@ -142,7 +142,11 @@ def _hit(r) -> dict[str, Any]:
 def _rerank_text(svc: Service, req: SearchRequest) -> str:
     """The words a re-ranker reads for ``req``: its text and its text terms of positive weight."""
     if svc.reranker is None:
-        raise HTTPException(400, "this service has no re-ranker: start it with --reranker RUN (mmfusion train rerank)")
+        raise HTTPException(
+            400,
+            "this service has no re-ranker: start it with --reranker RUN (a mmfusion train rerank run, "
+            "or a captioner run)",
+        )
     texts = ([req.text] if req.text else []) + [t.text for t in req.terms if t.text and t.weight > 0]
     if not texts:
         raise HTTPException(400, "rerank=true reads the query's words: give a text (not only images or ids)")
