@@ -65,6 +65,15 @@ def _padded(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def candidate_sampler(cfg: RunConfig, image_size: int) -> PairSampler:
+    """The pairs a re-ranker run reads: ShapesWorld's negatives are drawn by the task from all of a scene's captions
+    (:meth:`RerankTask._scene_negatives`), a caption folder's by the sampler as word swaps."""
+    source = build_pair_source(cfg, image_size)
+    folder_negatives = 0 if isinstance(source, ShapesPairs) else cfg.rerank.hard_negatives
+    return PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
+                       hard_negatives=folder_negatives)  # fmt: skip
+
+
 class RerankTask(TaskDefaults):
     """Batches, loss and checkpoints of a re-ranker run (see :class:`mmfusion.train.trainer.Trainer`)."""
 
@@ -84,11 +93,7 @@ class RerankTask(TaskDefaults):
         clip = start_from(cfg.init.from_clip, device)
         model = Reranker.from_clip(clip, cfg.model_config("reranker"), name=cfg.preset).to(device)
         model.meta = {"trained_on": trained_on(cfg), "from_clip": str(cfg.init.from_clip)}
-        source = build_pair_source(cfg, model.cfg.clip.vision.image_size)
-        # ShapesWorld's negatives are drawn here from all of a scene's captions (below); a folder's by word swaps
-        folder_negatives = 0 if isinstance(source, ShapesPairs) else cfg.rerank.hard_negatives
-        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
-                              hard_negatives=folder_negatives)  # fmt: skip
+        sampler = candidate_sampler(cfg, model.cfg.clip.vision.image_size)
         log.info("re-ranker over %s: %s trainable parameters", cfg.init.from_clip,
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")  # fmt: skip
         return cls(cfg, model, sampler, device)
@@ -231,11 +236,7 @@ class CaptionRerankTask(RerankTask):
         model = model.to(device)
         model.meta = {"trained_on": {**trained_on(cfg), "from_captioner": cfg.init.from_captioner,
                                      "from_clip": cfg.init.from_clip, "task": "rerank"}}  # fmt: skip
-        source = build_pair_source(cfg, model.cfg.vision.image_size)
-        folder_negatives = 0 if isinstance(source, ShapesPairs) else cfg.rerank.hard_negatives
-        sampler = PairSampler(source, cfg.train.seed, cfg.data.augment, first_epoch_in_order(cfg, source),
-                              hard_negatives=folder_negatives)  # fmt: skip
-        return cls(cfg, model, sampler, device)
+        return cls(cfg, model, candidate_sampler(cfg, model.cfg.vision.image_size), device)
 
     def train_step(self, batch: RerankBatch, accum: int,
                    autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
