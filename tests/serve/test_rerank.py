@@ -46,3 +46,16 @@ def test_rerank_without_a_reranker_says_how_to_add_one(served):
     with TestClient(create_app(ServeSettings(db=str(served[1]))), base_url=LOCAL) as c:
         r = c.post("/search", json={"text": "a red circle", "rerank": True})
     assert r.status_code == 400 and "--reranker" in r.json()["error"]["message"]
+
+
+def test_a_captioner_run_is_a_reranker_for_the_service(served, tmp_path):
+    from tests.tiny_generators import tiny_generators
+
+    captioner = tiny_generators(tmp_path)["caption"]
+    _, db = served
+    with TestClient(create_app(ServeSettings(db=str(db), reranker=str(captioner), rerank_k=8)), base_url=LOCAL) as c:
+        got = c.post("/search", json={"text": "a blue square", "k": 4, "rerank": True})
+    assert got.status_code == 200, got.text
+    with Index.open(db) as ix:  # the likelihood of the words plus the first stage's share, as the CLI ranks
+        want = search_reranked(ix, load_reranker(str(captioner)), "a blue square", k=4, rerank_k=8)
+    assert [r["id"] for r in got.json()["results"]] == [r.id for r in want]
