@@ -41,6 +41,17 @@ def test_the_score_is_the_log_likelihood_the_training_loss_reads(captioner_run):
     words = int((tokens != PAD_ID).sum()) - len(tokens)
     assert logp.shape == (3,) and (logp < 0).all()
     assert float(-logp.sum() / words) == pytest.approx(float(loss), rel=1e-5)
+    # against a reference with no mask to get wrong: each next token read from its prefix alone
+    with torch.no_grad():
+        for p in range(3):
+            n = int((tokens[p] != PAD_ID).sum())
+            ref = sum(
+                torch.log_softmax(model.decoder(tokens[p : p + 1, :t], memory=memory[p : p + 1])[0, -1], -1)[
+                    tokens[p, t]
+                ]
+                for t in range(1, n)
+            )
+            assert float(logp[p]) == pytest.approx(float(ref), abs=1e-4)
     # one image read by several captions: its keys and values computed once, the same numbers
     with torch.no_grad():
         shared = model.sequence_logprob(memory[:1], tokens, torch.zeros(3, dtype=torch.long))
@@ -123,7 +134,8 @@ def test_ranking_training_learns_a_batch_and_skips_random_captions(captioner_run
 
     cfg = rerank_config(captioner_run)
     task = CaptionRerankTask.build(cfg, torch.device("cpu"))
-    assert cfg.rerank.random_captions == 0  # a short caption's likelihood is not a meaning's
+    assert task.random_captions == 0  # a short caption's likelihood is not a meaning's
+    assert cfg.rerank.random_captions == 2  # the caller's config is left as it was
     batch = task.prepare(0)
     assert batch.i2t.shape[1] > 1 and batch.t2i.shape[1] > 1  # hard negatives and changed scenes joined
     opt = torch.optim.AdamW(task.model.parameters(), lr=3e-3)
@@ -150,6 +162,18 @@ def test_a_rerank_run_of_a_captioner_saves_a_captioner(captioner_run, tmp_path, 
     model = mmfusion.load(out)
     assert model.family == "captioner" and model.meta["trained_on"]["from_captioner"] == str(captioner_run)
     assert len(model.caption(torch.randn(1, 3, 16, 16))) == 1  # still a captioner
+
+
+def test_a_captioner_rerank_run_from_a_clip_fits_the_tokenizer_to_the_decoder(tmp_path):
+    from mmfusion.train.rerank_task import CaptionRerankTask
+
+    cfg = RunConfig(task="rerank", preset="caption-tiny", model=CAPTION_TINY, train=TrainConfig(batch_size=4))
+    cfg.init.from_clip = str(tiny_clip(tmp_path / "clip"))
+    cfg.data.shapes.image_size = 16
+    task = CaptionRerankTask.build(cfg, torch.device("cpu"))
+    assert task.model.tokenizer.context_length == CAPTION_TINY["decoder"]["context_length"]
+    long = " ".join(["a red circle left of a blue square"] * 8)  # longer than the decoder's context
+    assert task.model.tokenizer.encode([long]).shape[1] == CAPTION_TINY["decoder"]["context_length"]
 
 
 def test_a_captioner_rerank_run_needs_a_start():

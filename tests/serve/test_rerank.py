@@ -1,5 +1,6 @@
 """``POST /search`` with ``rerank=true``: the service's re-ranker re-orders the top results, as the CLI's does."""
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -56,6 +57,16 @@ def test_a_captioner_run_is_a_reranker_for_the_service(served, tmp_path):
     with TestClient(create_app(ServeSettings(db=str(db), reranker=str(captioner), rerank_k=8)), base_url=LOCAL) as c:
         got = c.post("/search", json={"text": "a blue square", "k": 4, "rerank": True})
     assert got.status_code == 200, got.text
+    results = got.json()["results"]
     with Index.open(db) as ix:  # the likelihood of the words plus the first stage's share, as the CLI ranks
         want = search_reranked(ix, load_reranker(str(captioner)), "a blue square", k=4, rerank_k=8)
-    assert [r["id"] for r in got.json()["results"]] == [r.id for r in want]
+        paths = {i: row.path for i, row in ix.store.get([r["id"] for r in results]).items()}
+    assert [r["id"] for r in results] == [r.id for r in want]
+    from PIL import Image
+
+    from mmfusion.models.caption_ranker import as_reranker
+
+    ranker = as_reranker(load(captioner).eval())  # the mix itself: likelihood + weight x the first stage's cosine
+    likelihood = ranker.score("a blue square", [Image.open(paths[r["id"]]).convert("RGB") for r in results]).numpy()
+    mixed = likelihood + ranker.first_stage_weight * np.array([r["metadata"]["similarity"] for r in results])
+    assert [r["score"] for r in results] == pytest.approx(mixed.tolist(), abs=1e-3)

@@ -88,6 +88,8 @@ def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
     if getattr(model, "family", None) in ("reranker", "captioner"):  # `eval composition --model RERANK_RUN`
         from ..models.caption_ranker import as_reranker
 
+        if args.rerank:
+            raise ValueError(f"{args.model} is itself a re-ranker: give it as --model or as --rerank, not both")
         reranker = as_reranker(model)
     if reranker is not None:
         return _compare_composition(reranker, args, out)

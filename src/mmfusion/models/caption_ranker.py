@@ -17,7 +17,9 @@ text-to-image re-ranking the caption is fixed and only the images vary, so its p
 
 A captioner knows which colour goes with which shape but less about what a contrastive CLIP learned well (single
 objects, counts), so a search mixes the two: the re-ranked score is the log-likelihood plus
-``first_stage_weight`` times the first stage's cosine similarity (:func:`mmfusion.index.rerank.rerank_results`).
+``first_stage_weight`` times the first stage's score (:func:`mmfusion.index.rerank.rerank_results`): for a text
+query, its cosine similarity, the scale the weight was chosen on; a query that also holds images, ids or an
+ensemble brings that query's combined score, which the weight was not tuned for.
 """
 
 from __future__ import annotations

@@ -141,12 +141,15 @@ class CaptionModel(nn.Module):
         """(P,) log-probability of each caption ``tokens`` (P, L) (``<sot> ... <eot> <pad>...``) given its image:
         the sum over its tokens after ``<sot>``, ``<eot>`` included unless ``end`` is False (the words alone: not
         whether the caption would stop there). ``memory`` (B, M, W) is :meth:`image_tokens`; caption ``p`` reads
-        image ``image_index[p]`` (default: image p), whose cross-attention keys and values are computed once however
-        many captions read it."""
+        image ``image_index[p]`` (default: image p); the cross-attention keys and values are computed once for each
+        image some caption reads, and for no other."""
         from ..modules.decoder import KVCache
 
         L = int((tokens != PAD_ID).sum(dim=1).max())
         tokens = tokens[:, :L]
+        if image_index is not None:
+            used, image_index = torch.unique(image_index, return_inverse=True)
+            memory = memory[used]
         kv = self.decoder.start(memory).memory
         if image_index is not None:
             kv = [(k[image_index], v[image_index]) for k, v in kv]

@@ -32,6 +32,7 @@ from ..data.tokenizer import Tokenizer
 from ..models.reranker import Reranker
 from .clip_task import build_pair_source, first_epoch_in_order, start_from, trained_on
 from .config import RunConfig
+from .text import run_tokenizer
 from .trainer import TaskDefaults
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class RerankTask(TaskDefaults):
         if unknown:
             raise ValueError(f"rerank.kinds: unknown {', '.join(unknown)}; choose among {', '.join(NEGATIVE_TYPES)}")
         self.kinds = tuple(cfg.rerank.kinds) or tuple(NEGATIVE_TYPES)
+        self.random_captions = cfg.rerank.random_captions  # per image, other images' captions among its candidates
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> RerankTask:
@@ -128,7 +130,7 @@ class RerankTask(TaskDefaults):
                     row.append(len(texts))
                     texts.append(text)
                     meanings.append(meaning)
-            row += [j for j in _others(rng, B, i, rc.random_captions) if not _true_of(p, texts[j], meanings[j])]
+            row += [j for j in _others(rng, B, i, self.random_captions) if not _true_of(p, texts[j], meanings[j])]
             i2t.append(row)
         images, scenes = [p.image for p in pairs], [p.scene for p in pairs]
         t2i = []
@@ -221,22 +223,31 @@ class CaptionRerankTask(RerankTask):
             model = load(cfg.init.from_captioner)
             if getattr(model, "family", None) != "captioner":
                 raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is not a captioner checkpoint")
+            if getattr(model, "precision", "").startswith("int8"):
+                raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is kept as int8; fine-tune the "
+                                 "fp32 checkpoint it came from")  # fmt: skip
+            if cfg.model or cfg.init.freeze_vision:
+                log.warning("init.from_captioner: the captioner keeps its own architecture and trains whole; "
+                            "model overrides and init.freeze_vision are not applied")  # fmt: skip
         elif cfg.init.from_clip:
             model = CaptionModel.from_clip(start_from(cfg.init.from_clip, device), cfg.model_config("captioner"),
                                            freeze=cfg.init.freeze_vision, name=cfg.preset)  # fmt: skip
+            # the CLIP's tokenizer, at the decoder's context length (a longer caption is cut, not an error)
+            model.tokenizer = run_tokenizer(model.tokenizer, list, model.cfg.decoder, "model.decoder")
         else:
             raise ValueError(
                 "a captioner re-ranker starts from a trained captioner (--init.from_captioner=RUN, best: it already "
                 "binds colours to shapes) or a CLIP's image encoder (--init.from_clip=RUN)"
             )
-        if cfg.rerank.random_captions:  # a short caption of another image is likelier than a long true one
-            log.info("a captioner ranks no random captions (their likelihoods compare lengths, not meanings): "
-                     "rerank.random_captions %d -> 0", cfg.rerank.random_captions)  # fmt: skip
-            cfg.rerank.random_captions = 0
         model = model.to(device)
         model.meta = {"trained_on": {**trained_on(cfg), "from_captioner": cfg.init.from_captioner,
                                      "from_clip": cfg.init.from_clip, "task": "rerank"}}  # fmt: skip
-        return cls(cfg, model, candidate_sampler(cfg, model.cfg.vision.image_size), device)
+        task = cls(cfg, model, candidate_sampler(cfg, model.cfg.vision.image_size), device)
+        if task.random_captions:  # a short caption of another image is likelier than a long true one
+            log.info("a captioner ranks no random captions (their likelihoods compare lengths, not meanings): "
+                     "rerank.random_captions %d is not used", task.random_captions)  # fmt: skip
+            task.random_captions = 0
+        return task
 
     def train_step(self, batch: RerankBatch, accum: int,
                    autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:  # fmt: skip
