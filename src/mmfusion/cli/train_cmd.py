@@ -27,6 +27,8 @@ examples:
   mmfusion train caption --init.from_clip=runs/clip --init.freeze_vision=true --time 5m
   mmfusion train vqa --time 10m                               # the vqa-tiny answerer on ShapesWorld questions
   mmfusion train vqa --preset caption-tiny --init.from_clip=runs/clip --time 10m   # answers generated
+  mmfusion train rerank --init.from_clip=runs/clip --time 3m  # a cross-attention re-ranker over a CLIP
+  mmfusion train rerank --config recipes/rerank-captioner.yaml --init.from_captioner=runs/caption   # a captioner
   mmfusion train video --time 3m                              # TimeSformer (video-tiny) on ShapesWorld actions
   mmfusion train video --model.encoder.attention=pool --time 3m --out runs/video-pool   # frame-pooling baseline
   mmfusion train video --data runs/video-data --epochs 30     # video files + labels.jsonl (data shapes --video)
@@ -158,7 +160,8 @@ def add_parser(sub) -> None:
         "--preset",
         help="model preset (see `mmfusion models`); default per task: "
         + ", ".join(f"{spec.default_preset} ({task})" for task, spec in tasks.items())
-        + ". `train vqa --preset caption-tiny` answers by generation through a caption decoder",
+        + ". `train vqa --preset caption-tiny` answers by generation through a caption decoder; `train rerank "
+        "--preset caption-tiny` fine-tunes a captioner to re-rank by its captions' likelihood",
     )
     t.add_argument(
         "--strategy", help="fusion: early/late/... strategy (concat, late, attention, cross_attention, gated, "

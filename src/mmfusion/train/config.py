@@ -188,7 +188,9 @@ class InitConfig:
         "its towers (and tokenizer) for rerank"
     )  # fmt: skip
     from_captioner: str | None = field(
-        None, "generative VQA: a trained captioner to fine-tune on questions (its encoder, decoder and tokenizer)"
+        None,
+        "a trained captioner to fine-tune (its encoder, decoder and tokenizer): on questions (train vqa --preset "
+        "caption-tiny), or to re-rank (train rerank --preset caption-tiny)",
     )
     freeze_vision: bool = field(False, "keep the image encoder fixed (train the rest only)")
 
