@@ -83,11 +83,10 @@ def _eval_composition(model, args: argparse.Namespace, out: Path) -> int:
     from ..eval.composition import evaluate_composition, summary_lines
     from ..eval.report import write_report
     from ..interfaces import Embedder
+    from ..models.caption_ranker import RERANKING_FAMILIES, as_reranker
 
     reranker = _reranker(args.rerank) if args.rerank else None
-    if getattr(model, "family", None) in ("reranker", "captioner"):  # `eval composition --model RERANK_RUN`
-        from ..models.caption_ranker import as_reranker
-
+    if getattr(model, "family", None) in RERANKING_FAMILIES:  # `eval composition --model RERANK_RUN`
         if args.rerank:
             raise ValueError(f"{args.model} is itself a re-ranker: give it as --model or as --rerank, not both")
         reranker = as_reranker(model)

@@ -36,6 +36,7 @@ from .reranker import ImageMemory, PairScoring, TextFeatures
 # the first stage's cosine counts this many nats of the caption's likelihood: about twice clip-tiny's logit scale
 # (26), chosen on ShapesWorld's validation split (semantic P@1 of the top 20 re-ranked; benchmarks/bench_rerank.py)
 FIRST_STAGE_WEIGHT = 50.0
+RERANKING_FAMILIES = ("reranker", "captioner")  # what as_reranker takes
 
 
 class CaptionRanker(PairScoring):
@@ -69,10 +70,6 @@ class CaptionRanker(PairScoring):
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         return self.captioner.tokenizer.encode(texts)
 
-    def eval(self) -> CaptionRanker:
-        self.captioner.eval()
-        return self
-
     def encode_images(self, images: torch.Tensor | Sequence[Image.Image]) -> ImageMemory:
         """Preprocessed images (B, 3, H, W), or PIL images -> their patch tokens (no embedding: ``embeds`` empty)."""
         x = images if isinstance(images, torch.Tensor) else self.transform(images)
@@ -99,10 +96,8 @@ def as_reranker(model, spec: str = "the model"):
     """What re-ranks, from a loaded checkpoint: a cross-attention :class:`~.reranker.Reranker` as it is, a captioner
     as a :class:`CaptionRanker` (anything else is refused, naming what fits)."""
     family = getattr(model, "family", None)
-    if family == "reranker":
-        return model
-    if family == "captioner":
-        return CaptionRanker(model)
+    if family in RERANKING_FAMILIES:
+        return CaptionRanker(model) if family == "captioner" else model
     raise ValueError(
         f"{spec} is a {family or type(model).__name__} model, not a re-ranker: give a captioner run (mmfusion train "
         "caption, or train rerank --preset caption-tiny) or a cross-attention re-ranker (mmfusion train rerank "

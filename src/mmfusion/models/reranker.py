@@ -79,6 +79,8 @@ class PairScoring:
     """Scoring over memories, for any re-ranker with ``encode_images``, ``encode_texts`` and ``score_pairs`` (the
     cross-attention :class:`Reranker`, a captioner's likelihood :class:`~.caption_ranker.CaptionRanker`)."""
 
+    score_chunk = 4096  # pairs scored per pass by score_memory
+
     @torch.no_grad()
     def score(self, text: str, images: torch.Tensor | Sequence[Image.Image] | ImageMemory) -> torch.Tensor:
         """(K,) scores of one caption against K images (preprocessed (K, 3, H, W), PIL images, or their memory)."""
@@ -90,7 +92,7 @@ class PairScoring:
     @torch.no_grad()
     def score_memory(self, memory: ImageMemory, texts: TextFeatures, pairs: torch.Tensor, chunk: int | None = None):
         """(P,) scores of ``pairs`` (P, 2) rows of (image, text) over memories already computed, in chunks."""
-        chunk = chunk or getattr(self, "score_chunk", 4096)
+        chunk = chunk or self.score_chunk
         out = [self.score_pairs(memory, texts, p[:, 0], p[:, 1]) for p in pairs.to(self.device).split(chunk)]
         return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
