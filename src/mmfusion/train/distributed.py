@@ -110,9 +110,16 @@ def device_for(ctx: DistContext, name: str) -> str:
     return name
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = False) -> None:
+    """Leave the process group. ``finished`` (every process ended its work normally): first wait for the
+    others, so that no process closes its connections while a peer still runs (rank 0 writes the model and
+    plots after the last step); a gloo process tearing down ahead of its peers was seen to abort in CI.
+    After a failure there is no waiting: the peer may be gone, and the launcher ends the job."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

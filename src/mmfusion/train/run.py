@@ -37,10 +37,13 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     adapter = spec.task_adapter(cfg.task)  # before any data is made: a wrong preset fails at once
     set_threads(cfg.train.threads)
     ctx = setup(cfg.train.device, cfg.train.dist_backend)
+    finished = False
     try:
-        return _train(cfg, resume, spec, adapter, ctx)
+        result = _train(cfg, resume, spec, adapter, ctx)
+        finished = True
+        return result
     finally:
-        teardown()
+        teardown(finished)
 
 
 def _train(cfg: RunConfig, resume: bool, spec, adapter, ctx: DistContext) -> TrainResult:
