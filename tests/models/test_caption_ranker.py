@@ -164,6 +164,23 @@ def test_a_rerank_run_of_a_captioner_saves_a_captioner(captioner_run, tmp_path, 
     assert len(model.caption(torch.randn(1, 3, 16, 16))) == 1  # still a captioner
 
 
+def test_a_captioner_rerank_run_may_give_its_decoder_the_image_tokens_positions(captioner_run, caplog):
+    from mmfusion.train.rerank_task import CaptionRerankTask
+
+    cfg = rerank_config(captioner_run)
+    cfg.model = {"decoder": {"memory_positions": True}}
+    task = CaptionRerankTask.build(cfg, torch.device("cpu"))
+    assert task.model.cfg.decoder.memory_positions and task.model.decoder.memory_pos is not None
+    assert "not applied" not in caplog.text  # the one override a loaded captioner takes
+    original = mmfusion.load(captioner_run).eval()
+    images, tokens = torch.randn(2, 3, 16, 16), original.tokenizer.encode(CAPTIONS[:2])
+    with torch.no_grad():  # it starts as the captioner it loaded
+        assert torch.allclose(task.model.eval()(images, tokens), original(images, tokens), atol=1e-6)
+    cfg.model = {"decoder": {"memory_positions": True, "layers": 5}}
+    CaptionRerankTask.build(cfg, torch.device("cpu"))
+    assert "not applied" in caplog.text
+
+
 def test_a_captioner_rerank_run_from_a_clip_fits_the_tokenizer_to_the_decoder(tmp_path):
     from mmfusion.train.rerank_task import CaptionRerankTask
 

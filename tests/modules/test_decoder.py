@@ -131,3 +131,29 @@ def test_bad_prompts_are_refused(decoder, memory):
         generate(decoder, memory, prompt=torch.tensor([[SOT, 6]] * 2), **kw)
     with pytest.raises(ValueError, match="no room"):
         generate(decoder, memory, prompt=torch.full((3, 24), SOT), **kw)
+
+
+def test_memory_positions_start_as_the_decoder_was_and_then_tell_where_a_token_lies():
+    torch.manual_seed(0)
+    dec = TextDecoder(DecoderConfig(vocab_size=50, context_length=24, width=32, layers=2, heads=4), memory_width=24)
+    memory = torch.randn(2, 1 + 9, 24, generator=torch.Generator().manual_seed(2))  # a class token and a 3x3 grid
+    tokens = torch.randint(4, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    before = dec(tokens, memory=memory)
+    dec.add_memory_positions()
+    assert dec.cfg.memory_positions and dec.memory_pos is not None
+    assert torch.equal(dec(tokens, memory=memory), before)  # zero-initialised: a trained decoder is unchanged
+    with torch.no_grad():
+        dec.memory_pos.weight.normal_()
+    moved = memory.clone()
+    moved[:, [1, 3]] = memory[:, [3, 1]]  # two image tokens trade places
+    plain = TextDecoder(DecoderConfig(vocab_size=50, context_length=24, width=32, layers=2, heads=4), 24)
+    plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("memory_pos")})
+    assert torch.allclose(plain(tokens, memory=moved), plain(tokens, memory=memory), atol=1e-5)  # a set of tokens
+    assert not torch.allclose(dec(tokens, memory=moved), dec(tokens, memory=memory), atol=1e-3)  # a grid of them
+    cache = dec.start(memory)  # generation reads the same positions
+    assert torch.allclose(dec(tokens, cache=cache), dec(tokens, memory=memory), atol=1e-5)
+    rebuilt = TextDecoder(dec.cfg, 24)
+    rebuilt.load_state_dict(dec.state_dict())  # the config alone rebuilds the layer a checkpoint holds
+    assert torch.equal(rebuilt(tokens, memory=memory), dec(tokens, memory=memory))
+    with pytest.raises(ValueError, match="square grid"):
+        dec(tokens, memory=memory[:, :8])

@@ -12,6 +12,7 @@ same logits (tested), and ``generate(use_cache=False)`` keeps the slow path for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import field
+from .encoders import sincos_2d
 from .layers import MLP, Attention
 
 
@@ -34,6 +36,11 @@ class DecoderConfig:
     heads: int = field(4, "attention heads")
     mlp_ratio: float = field(2.0, "hidden width of the MLP as a multiple of width")
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = field("gelu", "MLP activation")
+    memory_positions: bool = field(
+        False,
+        "add each image token's 2-D grid position to it before the cross-attention (as DETR adds them to its "
+        "memory): the words can ask where an object lies, not only what it is (which is left of which)",
+    )
 
 
 class KVCache:
@@ -131,6 +138,9 @@ class TextDecoder(nn.Module):
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.memory_proj = nn.Sequential(nn.LayerNorm(memory_width), nn.Linear(memory_width, cfg.width))
+        self.memory_pos: nn.Linear | None = None
+        if cfg.memory_positions:
+            self.add_memory_positions()
         self.blocks = nn.ModuleList(
             DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act) for _ in range(cfg.layers)
         )
@@ -146,9 +156,29 @@ class TextDecoder(nn.Module):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
+    def add_memory_positions(self) -> None:
+        """Give the image tokens their grid positions (``memory_positions``): a linear map of fixed 2-D sine-cosine
+        features, zero-initialised, so a trained decoder given them computes exactly what it did until training
+        moves the map."""
+        self.cfg.memory_positions = True
+        if self.memory_pos is None:
+            self.memory_pos = nn.Linear(self.cfg.width, self.cfg.width, bias=False).to(self.pos_embed.device)
+            nn.init.zeros_(self.memory_pos.weight)
+
+    def _memory_positions(self, m: torch.Tensor) -> torch.Tensor:
+        """(M, width) position features of image tokens laid out as a class token and a square grid, row-major."""
+        M = m.shape[1]
+        grid = math.isqrt(M - 1)
+        if M < 2 or grid * grid != M - 1:
+            raise ValueError(f"memory_positions needs a class token and a square grid of image tokens, got {M} tokens")
+        table = torch.cat([torch.zeros(1, self.cfg.width), sincos_2d(grid, self.cfg.width)])
+        return table.to(device=m.device, dtype=m.dtype)
+
     def start(self, memory: torch.Tensor) -> KVCache:
         """A cache for generating from image tokens (B, M, memory_width): their keys and values, once."""
         m = self.memory_proj(memory)
+        if self.memory_pos is not None:
+            m = m + self.memory_pos(self._memory_positions(m))
         return KVCache([b.cross.memory_kv(m) for b in self.blocks])
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None, cache: KVCache | None = None):

@@ -14,6 +14,7 @@ unless ``model.freeze_clip=false``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,9 +227,7 @@ class CaptionRerankTask(RerankTask):
             if getattr(model, "precision", "").startswith("int8"):
                 raise ValueError(f"init.from_captioner: {cfg.init.from_captioner} is kept as int8; fine-tune the "
                                  "fp32 checkpoint it came from")  # fmt: skip
-            if cfg.model or cfg.init.freeze_vision:
-                log.warning("init.from_captioner: the captioner keeps its own architecture and trains whole; "
-                            "model overrides and init.freeze_vision are not applied")  # fmt: skip
+            _add_memory_positions(model, cfg)
         elif cfg.init.from_clip:
             model = CaptionModel.from_clip(start_from(cfg.init.from_clip, device), cfg.model_config("captioner"),
                                            freeze=cfg.init.freeze_vision, name=cfg.preset)  # fmt: skip
@@ -276,6 +275,21 @@ class CaptionRerankTask(RerankTask):
         if self.cfg.data.source != "shapes" or not self.cfg.rerank.eval_scenes:
             return {}
         return compare_composition(CaptionRanker(self.model), n=self.cfg.rerank.eval_scenes, out=out, progress=False)
+
+
+def _add_memory_positions(model, cfg: RunConfig) -> None:
+    """A captioner loaded whole keeps its architecture; the one change it takes is ``model.decoder.
+    memory_positions=true`` (zero-initialised: the fine-tune starts from the captioner as it was)."""
+    overrides = copy.deepcopy(cfg.model)
+    decoder = overrides.get("decoder")
+    if isinstance(decoder, dict) and decoder.pop("memory_positions", False):
+        model.decoder.add_memory_positions()
+        log.info("init.from_captioner: the decoder's cross-attention now reads the image tokens' positions")
+    if decoder == {}:
+        del overrides["decoder"]
+    if overrides or cfg.init.freeze_vision:
+        log.warning("init.from_captioner: the captioner keeps its own architecture and trains whole; model overrides "
+                    "other than decoder.memory_positions and init.freeze_vision are not applied")  # fmt: skip
 
 
 @dataclass
