@@ -146,8 +146,28 @@ def test_ranking_training_learns_a_batch_and_skips_random_captions(captioner_run
         opt.step()
         opt.zero_grad()
         first = first or out
-    assert out["loss"] < 0.3 * first["loss"] and out["caption_loss"] < first["caption_loss"]
+    rank = [o["loss"] - o["caption_loss"] for o in (first, out)]  # the ranking terms
+    assert rank[1] < 0.3 * rank[0] and out["caption_loss"] < first["caption_loss"]
     assert out["i2t_acc"] > first["i2t_acc"] and out["t2i_acc"] > first["t2i_acc"]
+
+
+def test_a_captioner_ranks_each_negative_against_the_caption_it_was_made_from(captioner_run):
+    """A likelihood compares texts of one length: every i2t pair is a caption true of the image and one edit of it
+    false of the image, on that image; every negative of the rows has its pair."""
+    from mmfusion.data.shapes import satisfies
+    from mmfusion.train.rerank_task import CaptionRerankTask
+
+    task = CaptionRerankTask.build(rerank_config(captioner_run), torch.device("cpu"))
+    batch = task.prepare(3)
+    pairs = batch.i2t_pairs.tolist()
+    assert pairs and {f for _, _, f in pairs} == {c for row in batch.i2t.tolist() for c in row[1:] if c >= 0}
+    words = lambda t: batch.meanings[t] and task.model.tokenizer.decode(batch.tokens[t].tolist()).split()  # noqa: E731
+    for image, true, false in pairs:
+        scene = batch.scenes[image]
+        assert satisfies(scene, batch.meanings[true]) and not satisfies(scene, batch.meanings[false])
+        a, b = words(true), words(false)  # the same words, swapped or but where the edit was
+        swapped = sorted(a) == sorted(b)
+        assert swapped or (abs(len(a) - len(b)) <= 1 and sum(x != y for x, y in zip(a, b, strict=False)) <= 3)
 
 
 def test_a_rerank_run_of_a_captioner_saves_a_captioner(captioner_run, tmp_path, capsys):

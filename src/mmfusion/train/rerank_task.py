@@ -47,6 +47,9 @@ class RerankBatch:
     t2i: torch.Tensor  # (B, C') per caption, image candidates: column 0 its image; -1 where none
     meanings: list[dict | None] = field(default_factory=list)  # per text, when known (what the tests check)
     scenes: list[Scene | None] = field(default_factory=list)  # per image, when known
+    # (P, 3) image, the caption a negative was made from, the negative: for scores that compare texts only of one
+    # length and wording (a captioner's likelihood); made when the task asks (``RerankTask.pairwise``)
+    i2t_pairs: torch.Tensor | None = None
 
 
 def _true_of(pair: Pair, text: str, meaning: dict | None) -> bool:
@@ -80,6 +83,7 @@ class RerankTask(TaskDefaults):
     """Batches, loss and checkpoints of a re-ranker run (see :class:`mmfusion.train.trainer.Trainer`)."""
 
     name = "rerank"
+    pairwise = False  # also each negative beside the caption it was made from (RerankBatch.i2t_pairs)
 
     def __init__(self, cfg: RunConfig, model: Reranker, sampler: PairSampler, device: torch.device):
         self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, device
@@ -116,21 +120,29 @@ class RerankTask(TaskDefaults):
         """The batch of optimiser step ``step``: a pure function of the step (CPU work)."""
         pairs = self.sampler.batch(*self.positions(step))
         rng = np.random.default_rng([self.cfg.train.seed, 29, step])
-        for p in pairs:
-            self._scene_negatives(p, rng)
+        sources = [self._scene_negatives(p, rng) for p in pairs]
         rc, B = self.cfg.rerank, len(pairs)
         texts = [p.captions[0] for p in pairs]
         meanings = [(p.meanings or [None])[0] for p in pairs]
-        i2t = []
+        i2t, i2t_pairs = [], []
         for i, p in enumerate(pairs):
             row = [i]
-            seen = {texts[i]}
-            for text, meaning in zip(p.negatives, p.negative_meanings or [None] * len(p.negatives)):
-                if text not in seen and not _true_of(p, text, meaning):  # a slot no edit filled holds a true one
-                    seen.add(text)
-                    row.append(len(texts))
-                    texts.append(text)
-                    meanings.append(meaning)
+            seen, made_from = {texts[i]}, {texts[i]: i}
+            negs = zip(p.negatives, p.negative_meanings or [None] * len(p.negatives),
+                       sources[i] or [(texts[i], meanings[i])] * len(p.negatives))  # fmt: skip
+            for text, meaning, (source, source_meaning) in negs:
+                if text in seen or _true_of(p, text, meaning):  # a slot no edit filled holds a true one
+                    continue
+                seen.add(text)
+                row.append(len(texts))
+                texts.append(text)
+                meanings.append(meaning)
+                if self.pairwise:
+                    if source not in made_from:
+                        made_from[source] = len(texts)
+                        texts.append(source)
+                        meanings.append(source_meaning)
+                    i2t_pairs.append([i, made_from[source], row[-1]])
             row += [j for j in _others(rng, B, i, self.random_captions) if not _true_of(p, texts[j], meanings[j])]
             i2t.append(row)
         images, scenes = [p.image for p in pairs], [p.scene for p in pairs]
@@ -145,15 +157,20 @@ class RerankTask(TaskDefaults):
             t2i.append(row)
         t = self.model.transform
         pixels = normalize_batch(torch.from_numpy(np.stack(images)), t.mean, t.std)
-        return RerankBatch(pixels, self.model.tokenizer.encode(texts), _padded(i2t), _padded(t2i), meanings, scenes)
+        pairwise = torch.tensor(i2t_pairs, dtype=torch.long).view(-1, 3) if self.pairwise else None
+        return RerankBatch(pixels, self.model.tokenizer.encode(texts), _padded(i2t), _padded(t2i), meanings, scenes,
+                           pairwise)  # fmt: skip
 
-    def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
+    def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> list[tuple[str, dict]]:
         """ShapesWorld: ``rerank.hard_negatives`` negatives drawn from all the scene's captions, a type first and
         then an edit of that type (as the benchmark draws them; one random caption rarely has a swap to make), the
-        pair's caption becoming the one the first negative was made from (the closest comparison)."""
+        pair's caption becoming the one the first negative was made from (the closest comparison).
+
+        Returns:
+            Per negative, the caption it was made from and its meaning (empty where the sampler made them)."""
         source = self.sampler.source
         if not isinstance(source, ShapesPairs) or pair.scene is None:
-            return
+            return []
         captions = source.world.captions(pair.scene)
         got = [
             hard_negative(pair.scene, captions, rng, self.kinds, avoid=source.heldout)
@@ -164,6 +181,7 @@ class RerankTask(TaskDefaults):
             pair.captions, pair.meanings = [got[0][0].text], [got[0][0].meaning]
         pair.negatives = [n.text for _, n in got]
         pair.negative_meanings = [n.meaning for _, n in got]
+        return [(c.text, c.meaning) for c, _ in got]
 
     def _changed(self, pair: Pair, meaning: dict | None, rng: np.random.Generator) -> list:
         """Up to ``rerank.changed_scenes`` scenes minimally changed so that the pair's caption is false of them, each
@@ -213,7 +231,10 @@ class CaptionRerankTask(RerankTask):
     """A captioner trained as a re-ranker (``train rerank --preset caption-tiny``): its log-likelihood of a caption
     given an image (:class:`~mmfusion.models.caption_ranker.CaptionRanker`) is the score ranked over the same
     candidates as the cross-attention re-ranker's, beside its captioning loss on the true pairs
-    (``rerank.caption_weight``), so the run stays a captioner that captions, answers if it did, and re-ranks."""
+    (``rerank.caption_weight``), so the run stays a captioner that captions, answers if it did, and re-ranks.
+    Per image, each hard negative is ranked against the caption it was made from (:func:`pair_loss`)."""
+
+    pairwise = True  # a likelihood compares texts of one length: each negative against the caption it edits
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None) -> CaptionRerankTask:
@@ -257,7 +278,7 @@ class CaptionRerankTask(RerankTask):
         with autocast():
             memory = ranker.encode_images(batch.images.to(self.device))
             feats = ranker.encode_texts(batch.tokens.to(self.device))
-            i2t = candidate_loss(ranker, memory, feats, batch.i2t.to(self.device), texts_vary=True)
+            i2t = pair_loss(ranker, memory, feats, batch.i2t_pairs.to(self.device))
             t2i = candidate_loss(ranker, memory, feats, batch.t2i.to(self.device), texts_vary=False)
             own = torch.arange(len(batch.i2t), device=self.device)  # image i with its caption i: captioning, <eot> too
             words = ((feats.tokens[own] != PAD_ID).sum() - len(own)).clamp_min(1)  # the tokens after <sot>
@@ -296,6 +317,17 @@ def _add_memory_positions(model, cfg: RunConfig) -> None:
 class CandidateLoss:
     loss: torch.Tensor  # scalar: mean cross-entropy of the true candidate (column 0) over the rows
     accuracy: float  # rows whose true candidate scores highest
+
+
+def pair_loss(model, memory, feats, pairs: torch.Tensor) -> CandidateLoss:
+    """Each negative against the caption it was made from, on the same image: a two-way softmax per pair (``pairs``
+    (P, 3): image, true text, negative text). Texts that differ only where the edit was compare fairly under a
+    likelihood; a negative made from a shorter caption would otherwise win by its length."""
+    if not len(pairs):  # no negative in the batch (a folder without word swaps): nothing to rank
+        return CandidateLoss(memory.tokens.sum() * 0.0, 0.0)
+    img, true, false = pairs.unbind(1)
+    margin = (model.score_pairs(memory, feats, img, true) - model.score_pairs(memory, feats, img, false)).float()
+    return CandidateLoss(F.softplus(-margin).mean(), float((margin > 0).float().mean()))
 
 
 def candidate_loss(model, memory, feats, candidates: torch.Tensor, texts_vary: bool) -> CandidateLoss:
