@@ -218,3 +218,29 @@ def test_kinds_restrict_the_negatives_and_unknown_ones_are_refused(tmp_path):
     cfg.rerank.kinds = ("swap_relation", "swap_colours")
     with pytest.raises(ValueError, match="unknown swap_colours; choose among swap_colour"):
         RerankTask.build(cfg, torch.device("cpu"))
+
+
+def test_a_type_listed_more_often_is_drawn_more_often(tmp_path):
+    """kinds = 3 x replace_colour + replace_shape: about three colour edits to each shape edit, in the hard
+    negative captions and in the changed scenes alike."""
+    from mmfusion.train.rerank_task import RerankTask
+
+    cfg = RunConfig(task="rerank", preset="rerank-tiny", model=HEAD, train=TrainConfig(batch_size=16, threads=1))
+    cfg.init.from_clip = str(tiny_clip(tmp_path / "clip"))
+    cfg.rerank.kinds = ("replace_colour", "replace_colour", "replace_colour", "replace_shape")
+    task = RerankTask.build(cfg, torch.device("cpu"))
+    task.pairwise = True  # each negative beside the caption it edits
+    texts, scenes = {"colour": 0, "shape": 0}, {"colour": 0, "shape": 0}
+    for step in range(3):
+        b = task.prepare(step)
+        for _, true, false in b.i2t_pairs.tolist():
+            for a, n in zip(b.meanings[true]["objects"], b.meanings[false]["objects"], strict=True):
+                texts["colour"] += a.get("colour") != n.get("colour")
+                texts["shape"] += a.get("shape") != n.get("shape")
+        for i, row in enumerate(b.t2i.tolist()):
+            for j in (j for j in row[1:] if j >= 16):
+                for a, n in zip(b.scenes[i].objects, b.scenes[j].objects, strict=True):
+                    scenes["colour"] += a.colour != n.colour
+                    scenes["shape"] += a.shape != n.shape
+    for counts in (texts, scenes):
+        assert counts["shape"] > 0 and counts["colour"] > 1.8 * counts["shape"], counts

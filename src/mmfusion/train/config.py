@@ -166,8 +166,9 @@ class RerankDataConfig:
     eval_scenes: int = field(200, "held-out ShapesWorld scenes of the composition report after training (0: none)")
     kinds: tuple[str, ...] = field(
         (), "ShapesWorld: the types of hard negatives and changed scenes drawn (swap_colour, swap_shape, "
-        "swap_relation, replace_colour, replace_shape, replace_size, change_count, flip_region); empty: all. A "
-        "second stage can dwell on what the first left unlearned, e.g. [swap_relation, flip_region, change_count]"
+        "swap_relation, replace_colour, replace_shape, replace_size, change_count, flip_region); empty: all, "
+        "equally. A type listed twice is drawn twice as often, e.g. [swap_relation, swap_relation, change_count, ...] "
+        "dwells on what is slowest to learn"
     )  # fmt: skip
 
 

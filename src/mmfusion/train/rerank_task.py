@@ -191,12 +191,15 @@ class RerankTask(TaskDefaults):
             return []
         avoid = self.sampler.source.heldout
         by_kind: dict[str, list] = {}
-        for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, self.kinds, avoid=avoid):
+        distinct = tuple(dict.fromkeys(self.kinds))
+        for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, distinct, avoid=avoid):
             by_kind.setdefault(ch.kind, []).append(ch.scene)
         kinds = list(by_kind)
         out = []
         for _ in range(min(k, sum(len(v) for v in by_kind.values()))):
-            options = by_kind[kinds[int(rng.integers(len(kinds)))]]
+            weights = np.array([self.kinds.count(kk) for kk in kinds], dtype=float)  # listed twice: twice as often
+            pick = rng.integers(len(kinds)) if len(set(weights)) == 1 else rng.choice(len(kinds), p=weights / weights.sum())
+            options = by_kind[kinds[int(pick)]]
             out.append(options.pop(int(rng.integers(len(options)))))
             kinds = [kk for kk in kinds if by_kind[kk]]
         return out
