@@ -121,6 +121,22 @@ def test_a_captioner_run_reranks_searches_and_takes_the_composition_benchmark(ca
     assert 0 <= rerank["semantic_P@1"]["after"] <= 1 and rerank["n_texts"] == 60
 
 
+def test_the_first_stage_share_can_be_swept_on_the_validation_split(captioner_run, tmp_path):
+    """A share so large that the cosine decides gives the first stage's own P@1; the re-ranker's own share gives
+    its figure; none gives the likelihood alone."""
+    from mmfusion.eval.rerank import rerank_retrieval
+
+    clip = mmfusion.load(tiny_clip(tmp_path / "clip")).eval()
+    ranker = as_reranker(mmfusion.load(captioner_run).eval())
+    r = rerank_retrieval(ranker, clip, n=12, split="val", k=5, weights=[0, ranker.first_stage_weight, 1e9])
+    by = r["semantic_P@1_by_weight"]
+    assert by[str(1e9)] == r["semantic_P@1"]["before"]
+    assert by[str(ranker.first_stage_weight)] == r["semantic_P@1"]["after"]
+    ranker.first_stage_weight = 0.0
+    assert rerank_retrieval(ranker, clip, n=12, split="val", k=5)["semantic_P@1"]["after"] == by["0"]
+    assert "semantic_P@1_by_weight" not in rerank_retrieval(ranker, clip, n=12, split="val", k=5)
+
+
 def rerank_config(captioner_run, batch_size: int = 6) -> RunConfig:
     cfg = RunConfig(task="rerank", preset="caption-tiny", model=CAPTION_TINY,
                     train=TrainConfig(batch_size=batch_size, threads=1))  # fmt: skip

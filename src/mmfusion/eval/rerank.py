@@ -109,7 +109,12 @@ def comparison_lines(reports: dict[str, Any]) -> list[str]:
 
 @torch.no_grad()
 def reranked_precision(
-    reranker: PairScoring, ds: RetrievalSet, image_emb: torch.Tensor, text_emb: torch.Tensor, k: int = 20
+    reranker: PairScoring,
+    ds: RetrievalSet,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    k: int = 20,
+    weights: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Semantic P@1 of text-to-image retrieval with the first stage's top ``k`` re-ordered by ``reranker``.
 
@@ -117,10 +122,13 @@ def reranked_precision(
         ds: a retrieval set with scenes and meanings (ShapesWorld).
         image_emb, text_emb: the first stage's normalised embeddings of ``ds``'s images and captions (flattened).
         k: how many of the first stage's results are re-ranked.
+        weights: shares of the first stage's cosine to try besides the re-ranker's own ``first_stage_weight``
+            (how it was chosen: on the validation split, ``benchmarks/bench_rerank_weight.py``).
 
     Returns:
         ``semantic_P@1`` before and after, by caption kind, and ``head_ms_per_query``: the re-ranker's cost per
-        caption once the images' memories exist (what a search pays on top of encoding its K images).
+        caption once the images' memories exist (what a search pays on top of encoding its K images); with
+        ``weights``, ``semantic_P@1_by_weight``.
     """
     if ds.scenes is None or ds.meanings is None:
         raise ValueError(f"{ds.source} does not say what its captions mean: re-ranked precision needs ShapesWorld")
@@ -132,12 +140,17 @@ def reranked_precision(
     feats = text_features(reranker, texts)
     t0 = time.perf_counter()
     pairs = torch.stack([top.flatten(), torch.arange(len(texts)).repeat_interleave(k)], dim=1)  # (T*k, 2)
-    scores = reranker.score_memory(memory, feats, pairs).view(len(texts), k)  # (T, k)
-    weight = float(getattr(reranker, "first_stage_weight", 0.0))
-    if weight:  # as a search mixes them (index.rerank.rerank_results): plus a share of the first stage's cosine
-        scores = scores + weight * (text_emb @ image_emb.t()).gather(1, top)
+    raw = reranker.score_memory(memory, feats, pairs).view(len(texts), k)  # (T, k)
+    cosine = (text_emb @ image_emb.t()).gather(1, top)
+
+    def reranked(weight: float) -> torch.Tensor:
+        """(T,) the re-ranked top 1: as a search mixes them (index.rerank.rerank_results), the re-ranker's score
+        plus a share of the first stage's cosine."""
+        scores = raw + weight * cosine if weight else raw
+        return top[torch.arange(len(texts)), scores.argmax(dim=1)]
+
+    best = reranked(float(getattr(reranker, "first_stage_weight", 0.0)))
     head_ms = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
-    best = top[torch.arange(len(texts)), scores.argmax(dim=1)]  # (T,) re-ranked top 1
 
     def precision(first: torch.Tensor) -> tuple[float, dict[str, float]]:
         ok = np.array([satisfies(ds.scenes[int(i)], m) for i, m in zip(first.tolist(), meanings)], dtype=float)
@@ -146,7 +159,9 @@ def reranked_precision(
 
     before, before_by = precision(top[:, 0])
     after, after_by = precision(best)
+    by_weight = {str(w): round(precision(reranked(float(w)))[0], 4) for w in weights}
     return {
+        **({"semantic_P@1_by_weight": by_weight} if weights else {}),
         "rerank_k": k,
         "reranker": getattr(reranker, "name", "reranker"),
         "semantic_P@1": {"before": round(before, 4), "after": round(after, 4)},
@@ -166,7 +181,13 @@ def reranked_lines(r: dict[str, Any]) -> list[str]:
 
 
 def rerank_retrieval(
-    reranker: PairScoring, embedder, data: str = "shapes", n: int = 1000, split: str = "test", k: int = 20
+    reranker: PairScoring,
+    embedder,
+    data: str = "shapes",
+    n: int = 1000,
+    split: str = "test",
+    k: int = 20,
+    weights: Sequence[float] = (),
 ) -> dict[str, Any]:
     """:func:`reranked_precision` on a retrieval set, the first stage being ``embedder`` (the index's CLIP)."""
     from .report import retrieval_set
@@ -174,4 +195,5 @@ def rerank_retrieval(
 
     ds = retrieval_set(data, n, split, shapes_config_of(embedder))
     texts = [c for caps in ds.captions for c in caps]
-    return reranked_precision(reranker, ds, embed_images(embedder, ds.images), embed_texts(embedder, texts), k)
+    image_emb, text_emb = embed_images(embedder, ds.images), embed_texts(embedder, texts)
+    return reranked_precision(reranker, ds, image_emb, text_emb, k, weights)

@@ -34,7 +34,7 @@ from .captioner import CaptionModel
 from .reranker import ImageMemory, PairScoring, TextFeatures
 
 # the first stage's cosine counts this many nats of the caption's likelihood: about twice clip-tiny's logit scale
-# (26), chosen on ShapesWorld's validation split (semantic P@1 of the top 20 re-ranked; benchmarks/bench_rerank.py)
+# (26), chosen on ShapesWorld's validation split (semantic P@1 of the top 20 re-ranked; benchmarks/bench_rerank_weight.py)
 FIRST_STAGE_WEIGHT = 50.0
 RERANKING_FAMILIES = ("reranker", "captioner")  # what as_reranker takes
 
