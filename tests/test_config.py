@@ -52,8 +52,12 @@ def test_the_captioner_rerank_recipe_fine_tunes_a_captioner():
 
     from mmfusion.config import from_dict, load_yaml
 
+    from mmfusion.data.negatives import NEGATIVE_TYPES
+
     path = Path(__file__).resolve().parents[1] / "recipes" / "rerank-captioner.yaml"
     cfg = from_dict(RunConfig, load_yaml(path))
     assert cfg.task == "rerank" and cfg.preset == "caption-tiny" and cfg.family().name == "captioner"
     assert cfg.train.lr == 3e-4 and cfg.train.batch_size == 32
     assert cfg.family().task_adapter("rerank").__name__ == "CaptionRerankTask"
+    assert cfg.model_config().decoder.memory_positions  # a captioner loaded whole takes this one override
+    assert cfg.rerank.kinds.count("swap_relation") == 4 and set(cfg.rerank.kinds) <= set(NEGATIVE_TYPES)
