@@ -118,7 +118,7 @@ def test_free_text_gets_word_swap_negatives_and_a_true_filler_when_none_exists()
     swapped = next(p for p in samples if "cat" in p.captions[0])
     plain = next(p for p in samples if p is not swapped)
     assert swapped.negatives[0] != swapped.captions[0] and sorted(swapped.negatives[0].split()) != []
-    assert swapped.negative_meanings == [None]
+    assert swapped.negative_meanings == [None] and [c.text for c in swapped.negative_sources] == swapped.captions
     assert plain.negatives == plain.captions  # nothing to swap in "a photo"
     m = matches([swapped, plain], "meaning")
     assert m.tolist() == [[True, False, False, False], [False, False, True, True]]
@@ -155,4 +155,8 @@ def test_negatives_edit_any_of_the_images_captions_so_swaps_come_often():
         neg, meaning = p.negatives[0], p.negative_meanings[0]
         assert neg not in {c.text for c in p.all_captions} and not satisfies(p.scene, meaning)
         swaps += any(sorted(neg.split()) == sorted(c.text.split()) for c in p.all_captions)
+        source = p.negative_sources[0]  # what a likelihood ranks the negative against: the caption it edits
+        assert source in p.all_captions and satisfies(p.scene, source.meaning)
+        a, b = source.text.split(), neg.split()
+        assert sorted(a) == sorted(b) or (abs(len(a) - len(b)) <= 1 and sum(x != y for x, y in zip(a, b)) <= 3)
     assert swaps >= 30

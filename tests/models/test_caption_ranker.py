@@ -200,7 +200,7 @@ def test_a_rerank_run_of_a_captioner_saves_a_captioner(captioner_run, tmp_path, 
     assert len(model.caption(torch.randn(1, 3, 16, 16))) == 1  # still a captioner
 
 
-def test_a_captioner_rerank_run_may_give_its_decoder_the_image_tokens_positions(captioner_run, caplog):
+def test_a_captioner_rerank_run_may_give_its_decoder_the_image_tokens_positions(captioner_run, caplog, tmp_path):
     from mmfusion.train.rerank_task import CaptionRerankTask
 
     cfg = rerank_config(captioner_run)
@@ -215,6 +215,23 @@ def test_a_captioner_rerank_run_may_give_its_decoder_the_image_tokens_positions(
     cfg.model = {"decoder": {"memory_positions": True, "layers": 5}}
     CaptionRerankTask.build(cfg, torch.device("cpu"))
     assert "not applied" in caplog.text
+
+    from mmfusion.models.checkpoint import save_model
+
+    with torch.no_grad():  # a learned map is saved and rebuilt from the checkpoint's config
+        task.model.decoder.memory_pos.weight.normal_()
+    save_model(task.model, tmp_path / "pos" / "model")
+    loaded = mmfusion.load(tmp_path / "pos").eval()
+    assert loaded.cfg.decoder.memory_positions
+    with torch.no_grad():
+        want = task.model(images, tokens)
+        assert torch.allclose(loaded(images, tokens), want, atol=1e-6)
+        assert not torch.allclose(original(images, tokens), want, atol=1e-3)
+    assert loaded.caption(images) == task.model.caption(images)
+    caplog.clear()
+    cfg.init.from_captioner, cfg.model = str(tmp_path / "pos"), {"decoder": {"memory_positions": False}}
+    CaptionRerankTask.build(cfg, torch.device("cpu"))
+    assert "not applied" in caplog.text  # a learned map is not taken away
 
 
 def test_a_captioner_rerank_run_from_a_clip_fits_the_tokenizer_to_the_decoder(tmp_path):

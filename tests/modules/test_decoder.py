@@ -150,8 +150,13 @@ def test_memory_positions_start_as_the_decoder_was_and_then_tell_where_a_token_l
     plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("memory_pos")})
     assert torch.allclose(plain(tokens, memory=moved), plain(tokens, memory=memory), atol=1e-5)  # a set of tokens
     assert not torch.allclose(dec(tokens, memory=moved), dec(tokens, memory=memory), atol=1e-3)  # a grid of them
-    cache = dec.start(memory)  # generation reads the same positions
-    assert torch.allclose(dec(tokens, cache=cache), dec(tokens, memory=memory), atol=1e-5)
+    kw = {"sot_id": SOT, "eot_id": EOT, "pad_id": PAD, "max_new_tokens": 12}
+    with torch.no_grad():
+        dec.token_embed.weight.mul_(20)  # decisive logits, so that a wrong position would change the tokens
+    for options in ({}, {"num_beams": 3}):  # cached keys and values carry the positions, beams reorder them
+        assert generate(dec.eval(), memory, **kw, **options) == generate(dec, memory, use_cache=False, **kw, **options)
+    plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("memory_pos")})
+    assert generate(dec, memory, **kw) != generate(plain.eval(), memory, **kw)  # the positions change the words
     rebuilt = TextDecoder(dec.cfg, 24)
     rebuilt.load_state_dict(dec.state_dict())  # the config alone rebuilds the layer a checkpoint holds
     assert torch.equal(rebuilt(tokens, memory=memory), dec(tokens, memory=memory))

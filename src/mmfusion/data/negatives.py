@@ -243,9 +243,9 @@ def hard_negative(
 ) -> tuple[Caption, Negative] | None:
     """One random hard negative for a scene (NegCLIP-style training): a type, then a caption that has one of
     that type, then one of them; None when no caption of the scene has any."""
-    kinds = list(kinds)
-    for k in rng.permutation(len(kinds)):
-        pairs = [(c, n) for c in captions for n in caption_negatives(scene, c, [kinds[k]], avoid)]
+    kinds = list(kinds)  # a type listed twice is tried first twice as often, and tried once
+    for kind in dict.fromkeys(kinds[k] for k in rng.permutation(len(kinds))):
+        pairs = [(c, n) for c in captions for n in caption_negatives(scene, c, [kind], avoid)]
         if pairs:
             return pairs[int(rng.integers(len(pairs)))]
     return None

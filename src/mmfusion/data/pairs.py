@@ -32,6 +32,7 @@ class Pair:
     meanings: list[dict | None] | None = None  # what each caption says, likewise
     negatives: list[str] = field(default_factory=list)  # captions edited to be false of the image
     negative_meanings: list[dict] = field(default_factory=list)
+    negative_sources: list[Caption] = field(default_factory=list)  # the caption each negative was edited from
     all_captions: list[Caption] | None = None  # every caption the data has for the image (hard negatives edit them)
 
     @property
@@ -218,15 +219,19 @@ class PairSampler:
         editable = [c for c in pair.all_captions or captions if c.meaning is not None] if known else captions
         for _ in range(self.n_negatives):
             j = int(rng.integers(len(captions)))
+            source = captions[j]
             if known:
                 got = hard_negative(pair.scene, editable or captions, rng, avoid=heldout)
-                text, meaning = (got[1].text, got[1].meaning) if got else (captions[j].text, captions[j].meaning)
+                if got:
+                    source = got[0]
+                text, meaning = (got[1].text, got[1].meaning) if got else (source.text, source.meaning)
             else:
-                options = text_negatives(captions[j].text)
+                options = text_negatives(source.text)
                 pick = options[int(rng.integers(len(options)))] if options else None
-                text, meaning = (pick.text, None) if pick else (captions[j].text, None)
+                text, meaning = (pick.text, None) if pick else (source.text, None)
             pair.negatives.append(text)
             pair.negative_meanings.append(meaning)
+            pair.negative_sources.append(source)
 
     def batch(self, start: int, size: int) -> list[Pair]:
         """Samples ``start .. start+size-1``."""

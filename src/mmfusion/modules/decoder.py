@@ -162,13 +162,15 @@ class TextDecoder(nn.Module):
         moves the map."""
         self.cfg.memory_positions = True
         if self.memory_pos is None:
-            self.memory_pos = nn.Linear(self.cfg.width, self.cfg.width, bias=False).to(self.pos_embed.device)
+            self.memory_pos = nn.Linear(self.cfg.width, self.cfg.width, bias=False).to(
+                device=self.pos_embed.device, dtype=self.pos_embed.dtype
+            )
             nn.init.zeros_(self.memory_pos.weight)
 
     def _memory_positions(self, m: torch.Tensor) -> torch.Tensor:
         """(M, width) position features of image tokens laid out as a class token and a square grid, row-major."""
         M = m.shape[1]
-        grid = math.isqrt(M - 1)
+        grid = math.isqrt(max(M - 1, 0))
         if M < 2 or grid * grid != M - 1:
             raise ValueError(f"memory_positions needs a class token and a square grid of image tokens, got {M} tokens")
         table = torch.cat([torch.zeros(1, self.cfg.width), sincos_2d(grid, self.cfg.width)])

@@ -117,9 +117,13 @@ def teardown(finished: bool = False) -> None:
     After a failure there is no waiting: the peer may be gone, and the launcher ends the job."""
     if not dist.is_initialized():
         return
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        if finished:
+            dist.barrier()  # bounded by the group's timeout (rank 0 may still be evaluating): then leave anyway
+    except RuntimeError as e:
+        log.warning("leaving the process group without waiting for the others: %s", e)
+    finally:
+        dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

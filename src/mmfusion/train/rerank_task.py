@@ -120,7 +120,8 @@ class RerankTask(TaskDefaults):
         """The batch of optimiser step ``step``: a pure function of the step (CPU work)."""
         pairs = self.sampler.batch(*self.positions(step))
         rng = np.random.default_rng([self.cfg.train.seed, 29, step])
-        sources = [self._scene_negatives(p, rng) for p in pairs]
+        for p in pairs:
+            self._scene_negatives(p, rng)
         rc, B = self.cfg.rerank, len(pairs)
         texts = [p.captions[0] for p in pairs]
         meanings = [(p.meanings or [None])[0] for p in pairs]
@@ -129,8 +130,8 @@ class RerankTask(TaskDefaults):
             row = [i]
             seen, made_from = {texts[i]}, {texts[i]: i}
             negs = zip(p.negatives, p.negative_meanings or [None] * len(p.negatives),
-                       sources[i] or [(texts[i], meanings[i])] * len(p.negatives))  # fmt: skip
-            for text, meaning, (source, source_meaning) in negs:
+                       p.negative_sources or [Caption(texts[i], meanings[i])] * len(p.negatives))  # fmt: skip
+            for text, meaning, made in negs:
                 if text in seen or _true_of(p, text, meaning):  # a slot no edit filled holds a true one
                     continue
                 seen.add(text)
@@ -138,11 +139,11 @@ class RerankTask(TaskDefaults):
                 texts.append(text)
                 meanings.append(meaning)
                 if self.pairwise:
-                    if source not in made_from:
-                        made_from[source] = len(texts)
-                        texts.append(source)
-                        meanings.append(source_meaning)
-                    i2t_pairs.append([i, made_from[source], row[-1]])
+                    if made.text not in made_from:
+                        made_from[made.text] = len(texts)
+                        texts.append(made.text)
+                        meanings.append(made.meaning)
+                    i2t_pairs.append([i, made_from[made.text], row[-1]])
             row += [j for j in _others(rng, B, i, self.random_captions) if not _true_of(p, texts[j], meanings[j])]
             i2t.append(row)
         images, scenes = [p.image for p in pairs], [p.scene for p in pairs]
@@ -161,16 +162,13 @@ class RerankTask(TaskDefaults):
         return RerankBatch(pixels, self.model.tokenizer.encode(texts), _padded(i2t), _padded(t2i), meanings, scenes,
                            pairwise)  # fmt: skip
 
-    def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> list[tuple[str, dict]]:
+    def _scene_negatives(self, pair: Pair, rng: np.random.Generator) -> None:
         """ShapesWorld: ``rerank.hard_negatives`` negatives drawn from all the scene's captions, a type first and
         then an edit of that type (as the benchmark draws them; one random caption rarely has a swap to make), the
-        pair's caption becoming the one the first negative was made from (the closest comparison).
-
-        Returns:
-            Per negative, the caption it was made from and its meaning (empty where the sampler made them)."""
+        pair's caption becoming the one the first negative was made from (the closest comparison)."""
         source = self.sampler.source
         if not isinstance(source, ShapesPairs) or pair.scene is None:
-            return []
+            return
         captions = source.world.captions(pair.scene)
         got = [
             hard_negative(pair.scene, captions, rng, self.kinds, avoid=source.heldout)
@@ -181,7 +179,7 @@ class RerankTask(TaskDefaults):
             pair.captions, pair.meanings = [got[0][0].text], [got[0][0].meaning]
         pair.negatives = [n.text for _, n in got]
         pair.negative_meanings = [n.meaning for _, n in got]
-        return [(c.text, c.meaning) for c, _ in got]
+        pair.negative_sources = [c for c, _ in got]
 
     def _changed(self, pair: Pair, meaning: dict | None, rng: np.random.Generator) -> list:
         """Up to ``rerank.changed_scenes`` scenes minimally changed so that the pair's caption is false of them, each
@@ -306,9 +304,12 @@ def _add_memory_positions(model, cfg: RunConfig) -> None:
     memory_positions=true`` (zero-initialised: the fine-tune starts from the captioner as it was)."""
     overrides = copy.deepcopy(cfg.model)
     decoder = overrides.get("decoder")
-    if isinstance(decoder, dict) and decoder.pop("memory_positions", False):
+    wanted = decoder.pop("memory_positions", None) if isinstance(decoder, dict) else None
+    if wanted is True:
         model.decoder.add_memory_positions()
         log.info("init.from_captioner: the decoder's cross-attention now reads the image tokens' positions")
+    elif wanted is not None and (wanted is not False or model.decoder.memory_pos is not None):
+        decoder["memory_positions"] = wanted  # a value it cannot take (true or false; a learned map stays)
     if decoder == {}:
         del overrides["decoder"]
     if overrides or cfg.init.freeze_vision:
