@@ -51,7 +51,6 @@ def test_the_captioner_rerank_recipe_fine_tunes_a_captioner():
     from pathlib import Path
 
     from mmfusion.config import from_dict, load_yaml
-
     from mmfusion.data.negatives import NEGATIVE_TYPES
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "rerank-captioner.yaml"

@@ -223,8 +223,9 @@ class PairSampler:
             if known:
                 got = hard_negative(pair.scene, editable or captions, rng, avoid=heldout)
                 if got:
-                    source = got[0]
-                text, meaning = (got[1].text, got[1].meaning) if got else (source.text, source.meaning)
+                    source, text, meaning = got[0], got[1].text, got[1].meaning
+                else:
+                    text, meaning = source.text, source.meaning
             else:
                 options = text_negatives(source.text)
                 pick = options[int(rng.integers(len(options)))] if options else None

@@ -12,6 +12,7 @@ same logits (tested), and ``generate(use_cache=False)`` keeps the slow path for 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,13 @@ class DecoderConfig:
         "add each image token's 2-D grid position to it before the cross-attention (as DETR adds them to its "
         "memory): the words can ask where an object lies, not only what it is (which is left of which)",
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _position_table(grid: int, width: int) -> torch.Tensor:
+    """(1 + grid * grid, width): zeros for the class token, then the grid's 2-D sine-cosine features (made once per
+    shape, not on every decoder pass)."""
+    return torch.cat([torch.zeros(1, width), sincos_2d(grid, width)])
 
 
 class KVCache:
@@ -173,8 +181,7 @@ class TextDecoder(nn.Module):
         grid = math.isqrt(max(M - 1, 0))
         if M < 2 or grid * grid != M - 1:
             raise ValueError(f"memory_positions needs a class token and a square grid of image tokens, got {M} tokens")
-        table = torch.cat([torch.zeros(1, self.cfg.width), sincos_2d(grid, self.cfg.width)])
-        return table.to(device=m.device, dtype=m.dtype)
+        return _position_table(grid, self.cfg.width).to(device=m.device, dtype=m.dtype)
 
     def start(self, memory: torch.Tensor) -> KVCache:
         """A cache for generating from image tokens (B, M, memory_width): their keys and values, once."""

@@ -129,9 +129,7 @@ class RerankTask(TaskDefaults):
         for i, p in enumerate(pairs):
             row = [i]
             seen, made_from = {texts[i]}, {texts[i]: i}
-            negs = zip(p.negatives, p.negative_meanings or [None] * len(p.negatives),
-                       p.negative_sources or [Caption(texts[i], meanings[i])] * len(p.negatives))  # fmt: skip
-            for text, meaning, made in negs:
+            for text, meaning, made in zip(p.negatives, p.negative_meanings, p.negative_sources, strict=True):
                 if text in seen or _true_of(p, text, meaning):  # a slot no edit filled holds a true one
                     continue
                 seen.add(text)
@@ -192,14 +190,11 @@ class RerankTask(TaskDefaults):
         distinct = tuple(dict.fromkeys(self.kinds))
         for ch in changed_scenes(pair.scene, Caption(pair.captions[0], meaning), rng, distinct, avoid=avoid):
             by_kind.setdefault(ch.kind, []).append(ch.scene)
-        kinds = list(by_kind)
         out = []
         for _ in range(min(k, sum(len(v) for v in by_kind.values()))):
-            weights = np.array([self.kinds.count(kk) for kk in kinds], dtype=float)  # listed twice: twice as often
-            pick = rng.integers(len(kinds)) if len(set(weights)) == 1 else rng.choice(len(kinds), p=weights / weights.sum())
-            options = by_kind[kinds[int(pick)]]
+            drawn = [kk for kk in self.kinds if by_kind.get(kk)]  # as hard_negative draws: listed twice, twice as often
+            options = by_kind[drawn[int(rng.integers(len(drawn)))]]
             out.append(options.pop(int(rng.integers(len(options)))))
-            kinds = [kk for kk in kinds if by_kind[kk]]
         return out
 
     def train_step(self, batch: RerankBatch, accum: int,
